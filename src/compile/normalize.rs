@@ -1,0 +1,1 @@
+//! Path normalization (LANGUAGE.md §3).

@@ -1,0 +1,1 @@
+//! The compiled router (LANGUAGE.md §3).

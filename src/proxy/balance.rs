@@ -1,0 +1,1 @@
+//! Load balancing (LANGUAGE.md §5).

@@ -1,0 +1,3 @@
+//! Upstream I/O: connection pools, balancing, health, forwarding.
+
+pub mod balance;
