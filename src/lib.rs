@@ -20,3 +20,4 @@
 pub mod config;
 pub mod compile;
 pub mod proxy;
+pub mod routes;

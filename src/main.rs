@@ -1,1 +1,209 @@
-fn main() {}
+//! The `tollgate` command line: run, check, fmt, routes, demo.
+//!
+//! This is the only place that prints reports and picks exit codes:
+//! 0 success, 1 invalid config (or `fmt --check` found changes), 2 usage or
+//! I/O error.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use tollgate::config::diagnostics::{self, Diagnostic, Diagnostics};
+use tollgate::config::source::SourceMap;
+use tollgate::config::validate::load_config;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "An API gateway with an NGINX-shaped config language")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the config.
+    Run {
+        /// The config file.
+        #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
+        config: PathBuf,
+    },
+    /// Parse, validate and compile a config; print every diagnostic.
+    Check {
+        #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Format config files canonically (in place; `-` reads stdin).
+    Fmt {
+        /// Only check: exit 1 and name the files that would change.
+        #[arg(long)]
+        check: bool,
+        files: Vec<PathBuf>,
+    },
+    /// Print the compiled routing table.
+    Routes {
+        #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Human,
+    Json,
+    Github,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Check { config, format } => check(&config, format),
+        Command::Fmt { check, files } => fmt(check, &files),
+        Command::Routes { config } => routes(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn color_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+fn print_human(diags: &[Diagnostic], sources: &SourceMap) {
+    let width = 100;
+    eprint!("{}", diagnostics::render_human(diags, sources, color_on_stderr(), width));
+}
+
+fn check(path: &Path, format: Format) -> ExitCode {
+    let (config, loaded, diags) = match load_config(path) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let list = diags.sorted();
+    match format {
+        Format::Human => {
+            print_human(&list, &loaded.sources);
+            summary(path, &diags, config.as_ref());
+        }
+        Format::Json => {
+            let json = diagnostics::to_json(&list, &loaded.sources);
+            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into()));
+        }
+        Format::Github => print!("{}", diagnostics::to_github(&list, &loaded.sources)),
+    }
+    if config.is_some() && !diags.has_errors() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn summary(path: &Path, diags: &Diagnostics, config: Option<&tollgate::config::model::Config>) {
+    let (e, w) = (diags.error_count(), diags.warning_count());
+    let plural = |n: usize, s: &str| format!("{n} {s}{}", if n == 1 { "" } else { "s" });
+    match config {
+        Some(c) if e == 0 => {
+            let locations: usize = c.servers.iter().map(|s| s.locations.len()).sum();
+            eprintln!(
+                "{}: ok ({}, {}, {}{})",
+                path.display(),
+                plural(c.servers.len(), "server"),
+                plural(locations, "location"),
+                plural(c.upstreams.len(), "upstream"),
+                if w > 0 { format!(", {}", plural(w, "warning")) } else { String::new() }
+            );
+        }
+        _ => eprintln!("{}: {}, {}", path.display(), plural(e, "error"), plural(w, "warning")),
+    }
+}
+
+fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("error: name the files to format (or `-` for stdin)");
+        return ExitCode::from(2);
+    }
+    let mut changed = Vec::new();
+    let mut failed = false;
+    for f in files {
+        let stdin = f.as_os_str() == "-";
+        let text = if stdin {
+            let mut s = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+                eprintln!("error: cannot read stdin: {e}");
+                return ExitCode::from(2);
+            }
+            s
+        } else {
+            match std::fs::read_to_string(f) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot read `{}`: {e}", f.display());
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        match tollgate::config::format::format_source(&text) {
+            Ok(out) => {
+                if stdin {
+                    if !check {
+                        let _ = std::io::stdout().write_all(out.as_bytes());
+                    } else if out != text {
+                        changed.push(f.clone());
+                    }
+                } else if out != text {
+                    changed.push(f.clone());
+                    if !check {
+                        if let Err(e) = std::fs::write(f, out) {
+                            eprintln!("error: cannot write `{}`: {e}", f.display());
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+            }
+            Err(diags) => {
+                failed = true;
+                let mut sources = SourceMap::new();
+                sources.add(f.clone(), text.into());
+                print_human(&diags.sorted(), &sources);
+            }
+        }
+    }
+    if check {
+        for f in &changed {
+            println!("{}", f.display());
+        }
+        if !changed.is_empty() {
+            eprintln!("{} file(s) would be reformatted", changed.len());
+            return ExitCode::from(1);
+        }
+    }
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+fn routes(path: &Path) -> ExitCode {
+    let (config, loaded, diags) = match load_config(path) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let Some(config) = config else {
+        print_human(&diags.sorted(), &loaded.sources);
+        return ExitCode::from(1);
+    };
+    print!("{}", tollgate::routes::table(&config));
+    ExitCode::SUCCESS
+}
+
+fn run(path: &Path) -> ExitCode {
+    eprintln!("error: `run` is not built yet ({})", path.display());
+    ExitCode::from(2)
+}

@@ -12,3 +12,5 @@ pub mod model;
 pub mod parse;
 pub mod schema;
 pub mod source;
+pub mod validate;
+pub mod value;
