@@ -21,3 +21,6 @@ pub mod config;
 pub mod compile;
 pub mod proxy;
 pub mod routes;
+pub mod gateway;
+pub mod server;
+pub mod demo;

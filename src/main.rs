@@ -43,6 +43,8 @@ enum Command {
         check: bool,
         files: Vec<PathBuf>,
     },
+    /// Run the bundled demo: three small services and the gateway in front.
+    Demo,
     /// Print the compiled routing table.
     Routes {
         #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
@@ -70,6 +72,10 @@ fn main() -> ExitCode {
         Command::Fmt { check, files } => fmt(check, &files),
         Command::Routes { config } => routes(&config),
         Command::Run { config } => run(&config),
+        Command::Demo => {
+            init_logging();
+            exit(tollgate::demo::run())
+        }
     }
 }
 
@@ -203,7 +209,30 @@ fn routes(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color_on_stderr())
+        .try_init();
+}
+
+fn exit(r: Result<i32, tollgate::server::ServeError>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                tollgate::server::ServeError::Invalid(_) => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
+        }
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
-    eprintln!("error: `run` is not built yet ({})", path.display());
-    ExitCode::from(2)
+    init_logging();
+    exit(tollgate::server::run(path))
 }

@@ -1,3 +1,6 @@
 //! Upstream I/O: connection pools, balancing, health, forwarding.
 
+pub mod aggregate;
 pub mod balance;
+pub mod forward;
+pub mod vars;

@@ -1,0 +1,127 @@
+//! The immutable snapshot that serving runs on: the contract between
+//! `compile` and `server`.
+//!
+//! A [`Gateway`] holds the validated config, the compiled router and the
+//! upstream pools. It is built once per (re)load by [`compile`] and swapped
+//! atomically; a request loads it once and never sees two configs. State
+//! that must outlive a reload (upstream health) is carried from the previous
+//! snapshot where its block is unchanged.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::compile::router::{Router, RouterBuilder, RouterError, ServerNameSpec};
+use crate::config::model::{Config, Handler, Modifier, ServerName, Upstream};
+use crate::proxy::balance::{Algorithm, PeerSpec, Peers};
+
+/// Why a validated config could not be compiled (rare: the checker reports
+/// nearly everything first).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    #[error("upstream `{upstream}`: cannot resolve `{server}`: {reason}")]
+    Resolve {
+        upstream: String,
+        server: String,
+        reason: String,
+    },
+}
+
+/// One upstream block, compiled: its servers' addresses and balancing state.
+#[derive(Debug)]
+pub struct UpstreamPool {
+    pub name: String,
+    /// Resolved address of each server, index = peer index.
+    pub addrs: Vec<SocketAddr>,
+    /// `host:port` as written, sent as `Host` (index = peer index).
+    pub hosts: Vec<String>,
+    pub peers: Peers,
+    /// The block as validated, to decide whether state carries over.
+    pub def: Upstream,
+}
+
+/// The running config.
+#[derive(Debug)]
+pub struct Gateway {
+    pub generation: u64,
+    pub loaded_at: std::time::SystemTime,
+    pub config: Arc<Config>,
+    pub router: Router,
+    /// Index = index in `config.upstreams`.
+    pub upstreams: Vec<Arc<UpstreamPool>>,
+    pub started: Instant,
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    (h, port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "no address".to_string())
+}
+
+/// Compile a validated config into a snapshot. `previous` lends upstream
+/// health state for unchanged blocks.
+pub fn compile(config: Config, generation: u64, previous: Option<&Gateway>) -> Result<Gateway, CompileError> {
+    let mut b = RouterBuilder::new();
+    for s in &config.servers {
+        let listens: Vec<(SocketAddr, bool)> = s.listens.iter().map(|l| (l.addr, l.default_server)).collect();
+        let mut names: Vec<ServerNameSpec> = s
+            .names
+            .iter()
+            .map(|n| match n {
+                ServerName::Exact(x) => ServerNameSpec::Exact(x.clone()),
+                ServerName::LeadingWildcard(x) => ServerNameSpec::LeadingWildcard(x.clone()),
+                ServerName::TrailingWildcard(x) => ServerNameSpec::TrailingWildcard(x.clone()),
+                ServerName::Regex(r) => ServerNameSpec::Regex(r.clone()),
+            })
+            .collect();
+        if names.is_empty() {
+            names.push(ServerNameSpec::Exact(String::new()));
+        }
+        let si = b.server(&listens, &names);
+        for l in &s.locations {
+            let slash_redirect = matches!(l.modifier, Modifier::Prefix | Modifier::PrefixNoRegex)
+                && l.pattern.ends_with('/')
+                && l.pattern.len() > 1
+                && matches!(l.handler, Handler::Proxy(_));
+            b.location(si, l.modifier, &l.pattern, slash_redirect)?;
+        }
+    }
+    let router = b.build()?;
+    let mut upstreams = Vec::new();
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let mut addrs = Vec::new();
+        for s in &u.servers {
+            let a = resolve(&s.host, s.port).map_err(|reason| CompileError::Resolve {
+                upstream: u.name.clone(),
+                server: s.address.clone(),
+                reason,
+            })?;
+            addrs.push(a);
+        }
+        let prev = previous
+            .and_then(|p| p.upstreams.iter().find(|x| x.name == u.name))
+            .map(|p| &p.peers);
+        let peers = Peers::new_with_state(u.servers.iter().map(PeerSpec::from), Algorithm::from(&u.balance), prev);
+        let _ = i;
+        upstreams.push(Arc::new(UpstreamPool {
+            name: u.name.clone(),
+            hosts: u.servers.iter().map(|s| s.address.clone()).collect(),
+            addrs,
+            peers,
+            def: u.clone(),
+        }));
+    }
+    Ok(Gateway {
+        generation,
+        loaded_at: std::time::SystemTime::now(),
+        config: Arc::new(config),
+        router,
+        upstreams,
+        started: previous.map(|p| p.started).unwrap_or_else(Instant::now),
+    })
+}
