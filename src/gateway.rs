@@ -33,13 +33,34 @@ pub enum CompileError {
 #[derive(Debug)]
 pub struct UpstreamPool {
     pub name: String,
-    /// Resolved address of each server, index = peer index.
-    pub addrs: Vec<SocketAddr>,
+    /// Resolved address of each server, index = peer index; re-resolved in
+    /// place for `resolve` servers.
+    pub addrs: Vec<arc_swap::ArcSwap<SocketAddr>>,
     /// `host:port` as written, sent as `Host` (index = peer index).
     pub hosts: Vec<String>,
     pub peers: Peers,
     /// The block as validated, to decide whether state carries over.
     pub def: Upstream,
+    /// Health-check and re-resolve tasks, stopped when the pool is dropped
+    /// (after the last request of its generation ends).
+    pub tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl UpstreamPool {
+    /// The current address of peer `i`.
+    pub fn addr(&self, i: usize) -> Option<SocketAddr> {
+        self.addrs.get(i).map(|a| **a.load())
+    }
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
 }
 
 /// The running config.
@@ -54,7 +75,7 @@ pub struct Gateway {
     pub started: Instant,
 }
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     (h, port)
         .to_socket_addrs()
@@ -101,7 +122,7 @@ pub fn compile(config: Config, generation: u64, previous: Option<&Gateway>) -> R
                 server: s.address.clone(),
                 reason,
             })?;
-            addrs.push(a);
+            addrs.push(arc_swap::ArcSwap::from_pointee(a));
         }
         let prev = previous
             .and_then(|p| p.upstreams.iter().find(|x| x.name == u.name))
@@ -114,6 +135,7 @@ pub fn compile(config: Config, generation: u64, previous: Option<&Gateway>) -> R
             addrs,
             peers,
             def: u.clone(),
+            tasks: std::sync::Mutex::new(Vec::new()),
         }));
     }
     Ok(Gateway {

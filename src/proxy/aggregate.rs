@@ -70,7 +70,7 @@ async fn one_call(
                 .pick(&PickContext::new(Instant::now()).tried(&tried))
                 .ok_or("no upstream server available")?;
             let p = pick.peer();
-            (pool.addrs[p].to_string(), pool.hosts[p].clone(), Some(pick), Some(pool.clone()))
+            (pool.addr(p).map(|a| a.to_string()).unwrap_or_default(), pool.hosts[p].clone(), Some(pick), Some(pool.clone()))
         }
         ProxyTarget::Address { host, port } => (format!("{host}:{port}"), format!("{host}:{port}"), None, None),
     };

@@ -512,7 +512,7 @@ fn idempotent(m: &Method) -> bool {
 
 async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
     let settings = &ctx.loc.settings;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // Body size: refuse up front when announced, cut when streamed.
     let limit = settings.client_max_body_size;
     let content_length: Option<u64> = parts
@@ -537,7 +537,14 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
     };
     let target = upstream_target(ctx, p);
     let mut headers = parts.headers.clone();
+    let upgrade = upgrade_protocol(&parts.headers);
     strip_hop_by_hop(&mut headers);
+    if let Some(proto) = &upgrade {
+        // A protocol upgrade (WebSocket) is the one hop-by-hop exchange that
+        // must cross: it is re-added and the tunnel set up on 101.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
     headers.remove(header::HOST);
     let peer_ip = ctx.conn.peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -620,7 +627,7 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
                     break;
                 };
                 let i = pick.peer();
-                (pool.addrs[i].to_string(), pool.hosts[i].clone(), Some(pick))
+                (pool.addr(i).map(|a| a.to_string()).unwrap_or_default(), pool.hosts[i].clone(), Some(pick))
             }
             None => match &p.target {
                 ProxyTarget::Address { host, port } => (format!("{host}:{port}"), format!("{host}:{port}"), None),
@@ -654,8 +661,24 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
                 pool.peers.report(pk.peer(), o, Instant::now());
             }
         };
-        let retry_allowed = !had_body && attempt + 1 < max_tries;
+        let retry_allowed = !had_body && upgrade.is_none() && attempt + 1 < max_tries;
         match result {
+            Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() => {
+                report(Outcome::Success);
+                let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                if let Some(client_side) = client_side {
+                    tokio::spawn(tunnel(client_side, upstream_side));
+                }
+                let (mut rparts, _) = resp.into_parts();
+                let keep_upgrade = rparts.headers.get(header::UPGRADE).cloned();
+                strip_hop_by_hop(&mut rparts.headers);
+                rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Some(u) = keep_upgrade {
+                    rparts.headers.insert(header::UPGRADE, u);
+                }
+                return Ok(Response::from_parts(rparts, empty()));
+            }
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
                 let retry_status = (status == 502 && next.http_502) || (status == 503 && next.http_503) || (status == 504 && next.http_504);
@@ -692,6 +715,35 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
         }
     }
     Err(last_err)
+}
+
+/// The `Upgrade` protocol of a request that asks for one (`Connection:
+/// upgrade` and an `Upgrade` header), HTTP/1.1 only.
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks { h.get(header::UPGRADE).cloned() } else { None }
+}
+
+/// Copy bytes both ways between the upgraded client and upstream
+/// connections until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (c, u) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::debug!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade failed");
+            return;
+        }
+    };
+    let mut c = hyper_util::rt::TokioIo::new(c);
+    let mut u = hyper_util::rt::TokioIo::new(u);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+        tracing::debug!(error = %e, "tunnel closed with an error");
+    }
 }
 
 fn upstream_response(resp: Response<Incoming>, settings: &LocationSettings) -> Response<Body> {

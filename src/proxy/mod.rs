@@ -3,4 +3,5 @@
 pub mod aggregate;
 pub mod balance;
 pub mod forward;
+pub mod health;
 pub mod vars;

@@ -108,6 +108,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     let shutdown_timeout = gw.config.shutdown_timeout;
     let files = gw.config.files.clone();
     let limits = limits_by_addr(&gw.config);
+    crate::proxy::health::start(&gw);
     let shared = Arc::new(Shared::new(gw));
     let graceful = Arc::new(GracefulShutdown::new());
     let mut listeners: HashMap<SocketAddr, ListenerHandle> = HashMap::new();
@@ -173,6 +174,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                         tracing::info!(addr = %a, "listener closed");
                     }
                 }
+                crate::proxy::health::start(&new);
                 shared.gateway.store(Arc::new(new));
                 tracing::info!(generation, trigger = why, "reload applied");
                 let _ = outcome_tx.send(ReloadOutcome::Applied { generation });
