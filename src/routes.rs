@@ -19,7 +19,8 @@ pub struct Route {
     pub policies: Vec<String>,
 }
 
-fn server_label(config: &Config, i: usize) -> String {
+/// `listen,... name,...` for a server (tables, logs).
+pub fn server_label(config: &Config, i: usize) -> String {
     let s = &config.servers[i];
     let listens: Vec<String> = s.listens.iter().map(|l| l.addr.to_string()).collect();
     let names: Vec<String> = s

@@ -24,6 +24,9 @@ pub struct Config {
     pub rate_limits: Vec<RateLimitDef>,
     pub caches: Vec<CacheDef>,
     pub servers: Vec<Server>,
+    /// Top-level location settings (what a request that matches no server
+    /// or location gets: its access log, its request id header).
+    pub defaults: LocationSettings,
     /// Every file read (top file first): what the reload watcher watches.
     pub files: Vec<PathBuf>,
 }
@@ -336,6 +339,8 @@ pub struct Server {
     pub real_ip: RealIp,
     /// Server-level `return` (runs before location matching, as NGINX).
     pub server_return: Option<Return>,
+    /// Server-level location settings (for requests no location matches).
+    pub settings: LocationSettings,
     pub locations: Vec<Location>,
 }
 

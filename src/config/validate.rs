@@ -1842,6 +1842,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
         rate_limits: Vec::new(),
         caches: Vec::new(),
         servers: Vec::new(),
+        defaults: LocationSettings::default(),
         files,
     };
     let main_jwt_uses = std::mem::take(&mut cx.jwt_claim_uses);
@@ -1850,6 +1851,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
     apply_client(&mut base_limits, &mut base_real_ip, &items);
     let mut base = LocationSettings::default();
     apply_level(&mut base, &items);
+    config.defaults = base.clone();
     let mut once: HashMap<&'static str, Span> = HashMap::new();
     let mut server_items = Vec::new();
     for item in &items {
@@ -2073,6 +2075,7 @@ fn assemble_server(
         limits,
         real_ip,
         server_return,
+        settings: server_settings,
         locations,
     })
 }

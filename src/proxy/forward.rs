@@ -213,10 +213,85 @@ fn remote_addr(server: &Server, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     result
 }
 
-/// Serve one request.
+/// What the access log and metrics learn while a request is served.
+struct Outcome_ {
+    route: String,
+    server: String,
+    request_id: String,
+    remote_addr: String,
+    log: crate::config::model::AccessLog,
+    upstream: Option<UpstreamInfo>,
+}
+
+/// The upstream exchange of a proxied request, for the access log.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamInfo {
+    pub addr: String,
+    pub status: Option<u16>,
+    pub duration: Duration,
+}
+
+/// Serve one request: route it, run its location, and log it when the
+/// response body ends.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let time = std::time::SystemTime::now();
     let gw = shared.gateway.load_full();
-    let default_id_header = "x-request-id";
+    let method = req.method().to_string();
+    let (path, query) = match req.uri().path_and_query() {
+        Some(pq) => (pq.path().to_string(), pq.query().unwrap_or("").to_string()),
+        None => (req.uri().to_string(), String::new()),
+    };
+    let header = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let (user_agent, referer) = (header(header::USER_AGENT), header(header::REFERER));
+    let trace = crate::observe::trace::TraceContext::from_header(
+        req.headers().get("traceparent").and_then(|v| v.to_str().ok()),
+    );
+    let mut out = Outcome_ {
+        route: "none".into(),
+        server: String::new(),
+        request_id: String::new(),
+        remote_addr: conn.peer.ip().to_string(),
+        log: gw.config.defaults.access_log.clone(),
+        upstream: None,
+    };
+    let resp = serve_request(&shared, &gw, conn, req, &trace, &mut out).await;
+    let record = crate::observe::access_log::Record {
+        start,
+        time,
+        request_id: out.request_id,
+        remote_addr: out.remote_addr,
+        method,
+        path,
+        query,
+        status: resp.status().as_u16(),
+        route: out.route,
+        server: out.server,
+        trace_id: trace.trace_id.clone(),
+        upstream_addr: out.upstream.as_ref().map(|u| u.addr.clone()),
+        upstream_status: out.upstream.as_ref().and_then(|u| u.status),
+        upstream_duration: out.upstream.as_ref().map(|u| u.duration),
+        auth: None,
+        rate_limit: None,
+        cache: None,
+        user_agent,
+        referer,
+        log: out.log,
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, crate::observe::access_log::LoggedBody::new(body, record).boxed())
+}
+
+async fn serve_request(
+    shared: &Shared,
+    gw: &Arc<Gateway>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    trace: &crate::observe::trace::TraceContext,
+    out: &mut Outcome_,
+) -> Response<Body> {
+    let default_id_header = gw.config.defaults.request_id_header.clone();
+    let default_id_header = default_id_header.as_str();
     // The Host: exactly one on HTTP/1.1, else the authority (h2).
     let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
     let host_raw: Option<String> = match hosts.len() {
@@ -224,37 +299,38 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         1 => hosts[0].to_str().ok().map(str::to_string),
         _ => None,
     };
-    let fresh_id = || {
-        req.headers()
-            .get(default_id_header)
-            .and_then(sane_id)
-            .map(str::to_string)
-            .unwrap_or_else(new_request_id)
-    };
+    out.request_id = req
+        .headers()
+        .get(default_id_header)
+        .and_then(sane_id)
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    let early_id = out.request_id.clone();
+    let bad = |id: &str| error_response(StatusCode::BAD_REQUEST, "Bad request", id, default_id_header);
     if hosts.len() > 1 || (req.version() == http::Version::HTTP_11 && host_raw.is_none()) {
-        return error_response(StatusCode::BAD_REQUEST, "Bad request", &fresh_id(), default_id_header);
+        return bad(&early_id);
     }
     let host_raw = host_raw.unwrap_or_default();
-    let host = host_only(&host_raw);
-    if host.is_none() {
-        return error_response(StatusCode::BAD_REQUEST, "Bad request", &fresh_id(), default_id_header);
-    }
-    let host = host.unwrap_or_default();
+    let Some(host) = host_only(&host_raw) else {
+        return bad(&early_id);
+    };
     let Some(pq) = req.uri().path_and_query().cloned() else {
-        return error_response(StatusCode::BAD_REQUEST, "Bad request", &fresh_id(), default_id_header);
+        return bad(&early_id);
     };
     let raw_path = pq.path();
     if !raw_path.starts_with('/') {
-        return error_response(StatusCode::BAD_REQUEST, "Bad request", &fresh_id(), default_id_header);
+        return bad(&early_id);
     }
     let path = match normalize_path(raw_path) {
         Ok(p) => p.into_owned(),
-        Err(_) => return error_response(StatusCode::BAD_REQUEST, "Bad request", &fresh_id(), default_id_header),
+        Err(_) => return bad(&early_id),
     };
     let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
-        return error_response(StatusCode::NOT_FOUND, "Not found", &fresh_id(), default_id_header);
+        return error_response(StatusCode::NOT_FOUND, "Not found", &early_id, default_id_header);
     };
     let server = &gw.config.servers[si];
+    out.server = crate::routes::server_label(&gw.config, si);
+    out.log = server.settings.access_log.clone();
     let (li, captures, named) = match gw.router.lookup(si, &path) {
         Lookup::Found { location, captures } => {
             let loc = &server.locations[location];
@@ -273,8 +349,12 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
             (location, caps, named)
         }
         Lookup::RedirectSlash { location } => {
-            let settings = &server.locations[location].settings;
+            let loc = &server.locations[location];
+            out.route = loc.route.clone();
+            out.log = loc.settings.access_log.clone();
+            let settings = &loc.settings;
             let id = request_id(&req, settings);
+            out.request_id = id.clone();
             let mut target = encode_path(&format!("{path}/"));
             if let Some(q) = pq.query() {
                 target.push('?');
@@ -287,13 +367,17 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
             return resp;
         }
         Lookup::NotFound => {
-            return error_response(StatusCode::NOT_FOUND, "Not found", &fresh_id(), default_id_header);
+            return error_response(StatusCode::NOT_FOUND, "Not found", &early_id, default_id_header);
         }
     };
     let loc = &server.locations[li];
+    out.route = loc.route.clone();
+    out.log = loc.settings.access_log.clone();
     let settings = &loc.settings;
     let id = request_id(&req, settings);
+    out.request_id = id.clone();
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
+    out.remote_addr = remote.to_string();
     let server_name = server
         .names
         .iter()
@@ -330,19 +414,20 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         Handler::Return(r) => return_response(r, &vars),
         Handler::Proxy(p) => {
             let ctx = ProxyCtx {
-                gw: &gw,
+                gw,
                 loc,
                 vars: &vars,
                 host_raw: &host_raw,
                 conn,
                 path: &path,
+                trace,
             };
-            match proxy(&shared, &ctx, p, req).await {
+            match proxy(shared, &ctx, p, req, &mut out.upstream).await {
                 Ok(r) => r,
                 Err(e) => error_response(e.status(), &e.to_string(), &id, &settings.request_id_header),
             }
         }
-        Handler::Aggregate(a) => crate::proxy::aggregate::run(&shared, &gw, a, &vars, settings, &headers_snapshot).await,
+        Handler::Aggregate(a) => crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &headers_snapshot).await,
     };
     finish_response(&mut resp, settings, &vars);
     resp
@@ -427,6 +512,7 @@ struct ProxyCtx<'a> {
     host_raw: &'a str,
     conn: ConnInfo,
     path: &'a str,
+    trace: &'a crate::observe::trace::TraceContext,
 }
 
 /// The path and query sent upstream (LANGUAGE.md §4, §13.3).
@@ -510,7 +596,13 @@ fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
-async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn proxy(
+    shared: &Shared,
+    ctx: &ProxyCtx<'_>,
+    p: &ProxyPass,
+    req: Request<Incoming>,
+    info: &mut Option<UpstreamInfo>,
+) -> Result<Response<Body>, ProxyError> {
     let settings = &ctx.loc.settings;
     let (mut parts, body) = req.into_parts();
     // Body size: refuse up front when announced, cut when streamed.
@@ -560,6 +652,7 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
     set(&mut headers, "x-forwarded-proto", ctx.vars.scheme);
     set(&mut headers, "x-forwarded-host", ctx.host_raw);
     set(&mut headers, "x-real-ip", &ctx.vars.remote_addr.to_string());
+    set(&mut headers, "traceparent", &ctx.trace.header());
     if let (Ok(n), Ok(v)) = (
         HeaderName::try_from(settings.request_id_header.as_str()),
         HeaderValue::try_from(ctx.vars.request_id),
@@ -655,7 +748,26 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
             Ok(r) => r,
             Err(_) => return Err(ProxyError::BadRequest),
         };
+        let sent_at = Instant::now();
         let result = tokio::time::timeout(read_timeout, client.request(up_req)).await;
+        *info = Some(UpstreamInfo {
+            addr: authority.clone(),
+            status: match &result {
+                Ok(Ok(r)) => Some(r.status().as_u16()),
+                _ => None,
+            },
+            duration: sent_at.elapsed(),
+        });
+        if let (Some(pool), Some(pk)) = (&pool, &pick) {
+            crate::observe::metrics::METRICS
+                .upstream_requests
+                .get_or_create(&crate::observe::metrics::UpstreamLabels {
+                    upstream: pool.name.clone(),
+                    server: pool.hosts[pk.peer()].clone(),
+                    status: info.as_ref().and_then(|i| i.status).unwrap_or(0),
+                })
+                .inc();
+        }
         let report = |o: Outcome| {
             if let (Some(pool), Some(pk)) = (&pool, &pick) {
                 pool.peers.report(pk.peer(), o, Instant::now());

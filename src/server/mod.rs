@@ -25,7 +25,10 @@ use crate::config::diagnostics::{self, Diagnostics};
 use crate::config::model::{ClientLimits, Config};
 use crate::config::validate::load_config;
 use crate::gateway::{Gateway, compile};
+use crate::observe::metrics::{METRICS, ResultLabels};
 use crate::proxy::forward::{ConnInfo, Shared, handle};
+
+pub mod admin;
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,10 +119,37 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
         let h = start_listener(*addr, lim.clone(), shared.clone(), graceful.clone()).await?;
         listeners.insert(*addr, h);
     }
-    let (outcome_tx, _outcome_rx) = watch::channel(ReloadOutcome::Applied { generation: 1 });
+    let (outcome_tx, outcome_rx) = watch::channel(ReloadOutcome::Applied { generation: 1 });
+    let (ready_tx, ready_rx) = watch::channel(true);
+    let _ = &ready_tx;
     tracing::info!(generation = 1, "serving {}", path.display());
+    METRICS.config_generation.set(1);
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
+    let admin_ctx = admin::AdminCtx {
+        shared: shared.clone(),
+        reload_tx: reload_tx.clone(),
+        outcome: outcome_rx.clone(),
+        ready: ready_rx.clone(),
+    };
+    let mut admin_task: Option<(crate::config::model::Admin, watch::Sender<bool>)> = None;
+    let start_admin = |a: &crate::config::model::Admin| {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let a2 = a.clone();
+        let ctx = admin_ctx.clone();
+        async move {
+            match admin::start(&a2, ctx, stop_rx).await {
+                Ok(_) => Some((a2, stop_tx)),
+                Err(e) => {
+                    tracing::error!(addr = %a2.listen, error = %e, "cannot start the admin listener");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(a) = shared.gateway.load().config.admin.clone() {
+        admin_task = start_admin(&a).await;
+    }
     let _watcher = watch_files(&files, reload_tx.clone());
     #[cfg(unix)]
     {
@@ -162,6 +192,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     }
                 }
                 if let Some(reason) = bind_error {
+                    METRICS.reloads.get_or_create(&ResultLabels { result: "rejected".into() }).inc();
                     tracing::error!(generation, reason = %reason, trigger = why, "reload rejected");
                     let _ = outcome_tx.send(ReloadOutcome::Rejected { generation, reason });
                     continue;
@@ -175,11 +206,26 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     }
                 }
                 crate::proxy::health::start(&new);
+                let new_admin = new.config.admin.clone();
                 shared.gateway.store(Arc::new(new));
+                crate::observe::access_log::reopen_all();
+                let admin_changed = admin_task.as_ref().map(|(a, _)| a.listen) != new_admin.as_ref().map(|a| a.listen)
+                    || admin_task.as_ref().map(|(a, _)| &a.allow) != new_admin.as_ref().map(|a| &a.allow);
+                if admin_changed {
+                    if let Some((_, stop)) = admin_task.take() {
+                        let _ = stop.send(true);
+                    }
+                    if let Some(a) = &new_admin {
+                        admin_task = start_admin(a).await;
+                    }
+                }
+                METRICS.reloads.get_or_create(&ResultLabels { result: "applied".into() }).inc();
+                METRICS.config_generation.set(generation as i64);
                 tracing::info!(generation, trigger = why, "reload applied");
                 let _ = outcome_tx.send(ReloadOutcome::Applied { generation });
             }
             Err(e) => {
+                METRICS.reloads.get_or_create(&ResultLabels { result: "rejected".into() }).inc();
                 tracing::error!(generation, trigger = why, "reload rejected, the previous config keeps serving:\n{e}");
                 let _ = outcome_tx.send(ReloadOutcome::Rejected {
                     generation,
@@ -272,10 +318,12 @@ async fn start_listener(
             builder.http2().timer(TokioTimer::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
             let fut = graceful.watch(conn);
+            METRICS.connections_active.inc();
             tokio::spawn(async move {
                 if let Err(e) = fut.await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
+                METRICS.connections_active.dec();
                 drop(permit);
             });
         }

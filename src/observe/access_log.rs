@@ -1,0 +1,305 @@
+//! The access log (LANGUAGE.md §10, §13.14): one line per request, written
+//! off the request path.
+//!
+//! Lines go through a bounded channel to one writer thread per target; when
+//! the channel is full the line is dropped and counted
+//! (`gateway_access_log_dropped_total`), never waited for. Files are
+//! reopened on reload, so log rotation works with `mv` + `SIGHUP`.
+//!
+//! A line is written when the response body has been sent (or the client
+//! went away), so `bytes_sent` and `duration_ms` cover the whole exchange:
+//! [`LoggedBody`] wraps the response body and finishes the record.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{LazyLock, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::config::model::{AccessLog, AccessLogFormat, LogTarget};
+use crate::observe::metrics::{METRICS, RequestLabels, RouteLabels};
+
+const QUEUE: usize = 16 * 1024;
+
+enum Msg {
+    Line(String),
+    Reopen,
+}
+
+struct Writer {
+    tx: SyncSender<Msg>,
+}
+
+static WRITERS: LazyLock<Mutex<HashMap<LogTarget, Writer>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn open(target: &LogTarget) -> Box<dyn Write + Send> {
+    match target {
+        LogTarget::Stdout => Box::new(std::io::stdout()),
+        LogTarget::Stderr => Box::new(std::io::stderr()),
+        LogTarget::File(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                tracing::error!(path = %p.display(), error = %e, "cannot open access log; lines are discarded");
+                Box::new(std::io::sink())
+            }
+        },
+    }
+}
+
+fn writer_loop(target: LogTarget, rx: Receiver<Msg>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, open(&target));
+    while let Ok(first) = rx.recv() {
+        let mut msg = Some(first);
+        while let Some(m) = msg.take() {
+            match m {
+                Msg::Line(l) => {
+                    let _ = out.write_all(l.as_bytes());
+                    let _ = out.write_all(b"\n");
+                }
+                Msg::Reopen => {
+                    let _ = out.flush();
+                    out = std::io::BufWriter::with_capacity(64 * 1024, open(&target));
+                }
+            }
+            msg = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+fn sender(target: &LogTarget) -> Option<SyncSender<Msg>> {
+    let mut w = WRITERS.lock().ok()?;
+    if let Some(x) = w.get(target) {
+        return Some(x.tx.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let t = target.clone();
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || writer_loop(t, rx))
+        .ok()?;
+    w.insert(target.clone(), Writer { tx: tx.clone() });
+    Some(tx)
+}
+
+/// Reopen every log file (on reload).
+pub fn reopen_all() {
+    if let Ok(w) = WRITERS.lock() {
+        for x in w.values() {
+            let _ = x.tx.try_send(Msg::Reopen);
+        }
+    }
+}
+
+fn emit(target: &LogTarget, line: String) {
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<(LogTarget, SyncSender<Msg>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let tx = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((_, tx)) = c.iter().find(|(t, _)| t == target) {
+            return Some(tx.clone());
+        }
+        let tx = sender(target)?;
+        c.push((target.clone(), tx.clone()));
+        Some(tx)
+    });
+    if let Some(tx) = tx {
+        match tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                METRICS.access_log_dropped.inc();
+            }
+        }
+    }
+}
+
+/// What is known about a request when its response starts; finished (and
+/// written) when the body ends.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub start: Instant,
+    pub time: SystemTime,
+    pub request_id: String,
+    pub remote_addr: String,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub status: u16,
+    pub route: String,
+    pub server: String,
+    pub trace_id: String,
+    pub upstream_addr: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub upstream_duration: Option<Duration>,
+    pub auth: Option<&'static str>,
+    pub rate_limit: Option<&'static str>,
+    pub cache: Option<&'static str>,
+    pub user_agent: String,
+    pub referer: String,
+    pub log: AccessLog,
+}
+
+impl Record {
+    fn finish(&self, bytes: u64) {
+        let elapsed = self.start.elapsed();
+        METRICS
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                method: self.method.clone(),
+                status: self.status,
+            })
+            .inc();
+        METRICS
+            .duration
+            .get_or_create(&RouteLabels { route: self.route.clone() })
+            .observe(elapsed.as_secs_f64());
+        let AccessLog::On { target, format } = &self.log else { return };
+        let line = match format {
+            AccessLogFormat::Json => self.json(bytes, elapsed),
+            AccessLogFormat::Combined => self.combined(bytes),
+        };
+        emit(target, line);
+    }
+
+    fn json(&self, bytes: u64, elapsed: Duration) -> String {
+        let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "time": httpdate_rfc3339(self.time),
+            "request_id": self.request_id,
+            "remote_addr": self.remote_addr,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status,
+            "bytes_sent": bytes,
+            "duration_ms": ms(elapsed),
+            "upstream_addr": self.upstream_addr,
+            "upstream_status": self.upstream_status,
+            "upstream_duration_ms": self.upstream_duration.map(ms),
+            "route": self.route,
+            "server": self.server,
+            "trace_id": self.trace_id,
+            "policies": {"auth": self.auth, "rate_limit": self.rate_limit, "cache": self.cache},
+        })
+        .to_string()
+    }
+
+    fn combined(&self, bytes: u64) -> String {
+        let q = if self.query.is_empty() { String::new() } else { format!("?{}", self.query) };
+        format!(
+            "{} - - [{}] \"{} {}{} HTTP/1.1\" {} {} \"{}\" \"{}\"",
+            self.remote_addr,
+            httpdate::fmt_http_date(self.time),
+            self.method,
+            self.path,
+            q,
+            self.status,
+            bytes,
+            if self.referer.is_empty() { "-" } else { &self.referer },
+            if self.user_agent.is_empty() { "-" } else { &self.user_agent },
+        )
+    }
+}
+
+/// RFC 3339 UTC time with milliseconds.
+pub fn httpdate_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// A response body that counts what it sends and writes the access log
+/// line when it ends or is dropped.
+pub struct LoggedBody<B> {
+    inner: B,
+    bytes: u64,
+    record: Option<Box<Record>>,
+}
+
+impl<B> LoggedBody<B> {
+    pub fn new(inner: B, record: Record) -> Self {
+        LoggedBody {
+            inner,
+            bytes: 0,
+            record: Some(Box::new(record)),
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.finish(self.bytes);
+        }
+    }
+}
+
+impl<B> Drop for LoggedBody<B> {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl<B> HttpBody for LoggedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.done(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(httpdate_rfc3339(t), "2023-11-14T22:13:20.123Z");
+    }
+}

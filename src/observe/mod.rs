@@ -1,0 +1,9 @@
+//! Observability: access log lines, Prometheus metrics, W3C trace context.
+//!
+//! Nothing here blocks a request: access log lines go through a bounded
+//! channel to a writer thread (dropped and counted when it is full), and
+//! metrics are atomics behind pre-registered families.
+
+pub mod access_log;
+pub mod metrics;
+pub mod trace;

@@ -1,0 +1,77 @@
+//! W3C trace context (`traceparent`): continue the caller's trace with the
+//! gateway's own span id, or start a new trace.
+
+/// A parsed or freshly started trace context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: String,
+    /// The gateway's span, sent upstream as the parent.
+    pub span_id: String,
+    pub flags: String,
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl TraceContext {
+    /// From an incoming `traceparent` (version 00 layout; unknown versions
+    /// are read the same way, as the spec asks), or a new trace.
+    pub fn from_header(value: Option<&str>) -> TraceContext {
+        if let Some(v) = value {
+            let parts: Vec<&str> = v.trim().split('-').collect();
+            if parts.len() >= 4
+                && is_hex(parts[0], 2)
+                && parts[0] != "ff"
+                && is_hex(parts[1], 32)
+                && parts[1] != "0".repeat(32)
+                && is_hex(parts[2], 16)
+                && parts[2] != "0".repeat(16)
+                && is_hex(parts[3], 2)
+                && (parts[0] != "00" || parts.len() == 4)
+            {
+                return TraceContext {
+                    trace_id: parts[1].to_string(),
+                    span_id: new_span_id(),
+                    flags: parts[3].to_string(),
+                };
+            }
+        }
+        TraceContext {
+            trace_id: format!("{:032x}", fastrand::u128(1..)),
+            span_id: new_span_id(),
+            flags: "01".to_string(),
+        }
+    }
+
+    /// The `traceparent` sent upstream.
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+fn new_span_id() -> String {
+    format!("{:016x}", fastrand::u64(1..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_a_valid_trace() {
+        let t = TraceContext::from_header(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(t.span_id, "00f067aa0ba902b7");
+        assert!(t.header().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    }
+
+    #[test]
+    fn starts_a_new_one_on_garbage() {
+        for bad in ["", "zz", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-ABC-1-01"] {
+            let t = TraceContext::from_header(Some(bad));
+            assert_eq!(t.trace_id.len(), 32);
+            assert_eq!(t.span_id.len(), 16);
+        }
+    }
+}
