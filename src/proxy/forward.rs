@@ -94,6 +94,8 @@ pub enum ProxyError {
     BadGateway,
     #[error("Gateway timeout")]
     Timeout,
+    #[error("Request timeout")]
+    BodyTimeout,
 }
 
 impl ProxyError {
@@ -105,6 +107,7 @@ impl ProxyError {
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadGateway => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
@@ -306,7 +309,14 @@ async fn serve_request(
         .map(str::to_string)
         .unwrap_or_else(new_request_id);
     let early_id = out.request_id.clone();
-    let bad = |id: &str| error_response(StatusCode::BAD_REQUEST, "Bad request", id, default_id_header);
+    let bad = |id: &str| {
+        let mut r = error_response(StatusCode::BAD_REQUEST, "Bad request", id, default_id_header);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    if !framing_ok(req.headers()) {
+        return bad(&early_id);
+    }
     if hosts.len() > 1 || (req.version() == http::Version::HTTP_11 && host_raw.is_none()) {
         return bad(&early_id);
     }
@@ -421,6 +431,7 @@ async fn serve_request(
                 conn,
                 path: &path,
                 trace,
+                body_timeout: server.limits.body_timeout,
             };
             match proxy(shared, &ctx, p, req, &mut out.upstream).await {
                 Ok(r) => r,
@@ -431,6 +442,22 @@ async fn serve_request(
     };
     finish_response(&mut resp, settings, &vars);
     resp
+}
+
+/// Request framing that cannot be smuggled (RFC 9112 §6): at most one
+/// `Content-Length`, no `Content-Length` with `Transfer-Encoding`, and a
+/// `Transfer-Encoding` that is exactly `chunked` on one line. Anything
+/// else is a 400 and the connection is closed.
+fn framing_ok(h: &HeaderMap) -> bool {
+    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
+    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if cl > 1 || (cl == 1 && !te.is_empty()) || te.len() > 1 {
+        return false;
+    }
+    match te.first() {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|s| s.trim().eq_ignore_ascii_case("chunked")),
+    }
 }
 
 fn host_only(raw: &str) -> Option<String> {
@@ -513,6 +540,7 @@ struct ProxyCtx<'a> {
     conn: ConnInfo,
     path: &'a str,
     trace: &'a crate::observe::trace::TraceContext,
+    body_timeout: Duration,
 }
 
 /// The path and query sent upstream (LANGUAGE.md §4, §13.3).
@@ -618,12 +646,14 @@ async fn proxy(
     let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     let has_body = chunked || content_length.is_some_and(|n| n > 0);
     let mut body: Option<Body> = if has_body {
-        let b: Body = if limit > 0 {
-            http_body_util::Limited::new(body, limit as usize).boxed()
-        } else {
-            body.map_err(|e| Box::new(e) as BoxError).boxed()
-        };
-        Some(b)
+        let b = crate::proxy::body::ClientBody::start(body, limit, ctx.body_timeout)
+            .await
+            .map_err(|e| match e {
+                crate::proxy::body::BodyError::TooLarge => ProxyError::BodyTooLarge,
+                crate::proxy::body::BodyError::Timeout => ProxyError::BodyTimeout,
+                crate::proxy::body::BodyError::Malformed(_) => ProxyError::BadRequest,
+            })?;
+        Some(b.boxed())
     } else {
         None
     };
@@ -805,6 +835,15 @@ async fn proxy(
                 return Ok(upstream_response(resp, settings));
             }
             Ok(Err(e)) => {
+                // The client's body failing is the client's fault, not the
+                // upstream's: answer for it and leave the peer's health alone.
+                if let Some(be) = crate::proxy::body::body_error_in(&e) {
+                    return Err(match be {
+                        crate::proxy::body::BodyError::TooLarge => ProxyError::BodyTooLarge,
+                        crate::proxy::body::BodyError::Timeout => ProxyError::BodyTimeout,
+                        crate::proxy::body::BodyError::Malformed(_) => ProxyError::BadRequest,
+                    });
+                }
                 report(Outcome::Failure);
                 let connect = e.is_connect();
                 tracing::warn!(upstream = %authority, error = %e, "upstream request failed");

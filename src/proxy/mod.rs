@@ -2,6 +2,7 @@
 
 pub mod aggregate;
 pub mod balance;
+pub mod body;
 pub mod forward;
 pub mod health;
 pub mod vars;

@@ -314,6 +314,7 @@ async fn start_listener(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
+                .half_close(true)
                 .max_buf_size((limits.max_header_size as usize).max(8192));
             builder.http2().timer(TokioTimer::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
