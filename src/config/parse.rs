@@ -317,8 +317,7 @@ impl Walker<'_> {
         // A directive name at the start of a later line, at the directive's
         // own indentation, is almost surely the next directive: the `;`
         // before it is missing. Split there and say so.
-        loop {
-            let Some(i) = self.split_point(&d) else { break };
+        while let Some(i) = self.split_point(&d) {
             let rest = d.args.split_off(i);
             let last = d.args.last().map(|a| a.span).unwrap_or(d.name_span);
             self.missing_semi(&d, last);
