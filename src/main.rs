@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use tollgate::config::diagnostics::{self, Diagnostic, Diagnostics};
+use tollgate::config::diagnostics::{self, Diagnostic, Severity};
 use tollgate::config::source::SourceMap;
 use tollgate::config::validate::load_config;
 
@@ -94,7 +94,7 @@ fn check(path: &Path, format: Format) -> ExitCode {
     match format {
         Format::Human => {
             print_human(&list, &loaded.sources);
-            summary(path, &diags, config.as_ref());
+            summary(path, &list, config.as_ref());
         }
         Format::Json => {
             let json = diagnostics::to_json(&list, &loaded.sources);
@@ -105,8 +105,11 @@ fn check(path: &Path, format: Format) -> ExitCode {
     if config.is_some() && !diags.has_errors() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn summary(path: &Path, diags: &Diagnostics, config: Option<&tollgate::config::model::Config>) {
-    let (e, w) = (diags.error_count(), diags.warning_count());
+/// One line after the human report. Counts what was printed (the sorted,
+/// deduplicated list), not what validation pushed.
+fn summary(path: &Path, diags: &[Diagnostic], config: Option<&tollgate::config::model::Config>) {
+    let e = diags.iter().filter(|d| d.severity == Severity::Error).count();
+    let w = diags.len() - e;
     let plural = |n: usize, s: &str| format!("{n} {s}{}", if n == 1 { "" } else { "s" });
     match config {
         Some(c) if e == 0 => {
@@ -159,12 +162,11 @@ fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
                     }
                 } else if out != text {
                     changed.push(f.clone());
-                    if !check {
-                        if let Err(e) = std::fs::write(f, out) {
+                    if !check
+                        && let Err(e) = std::fs::write(f, out) {
                             eprintln!("error: cannot write `{}`: {e}", f.display());
                             return ExitCode::from(2);
                         }
-                    }
                 }
             }
             Err(diags) => {

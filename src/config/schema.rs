@@ -143,6 +143,9 @@ pub struct ServerDraft {
     pub items: Vec<Item>,
     /// Spans of server-level arguments that use `$jwt_claim_*`.
     pub jwt_claim_uses: Vec<Span>,
+    /// A `listen` was written, valid or not (so that an invalid one is not
+    /// also reported as missing).
+    pub listen_written: bool,
 }
 
 /// A `location` before inheritance is resolved.
@@ -161,6 +164,9 @@ pub struct LocationDraft {
     /// Name spans of the handler directives written in the location
     /// (`proxy_pass`, `return`, `aggregate`), valid or not.
     pub handlers: Vec<Span>,
+    /// An unknown directive that looks like a misspelled handler
+    /// (`proxy_passs`): already reported, so no "no handler" on top.
+    pub misspelled_handler: bool,
 }
 
 const MAIN: &[Ctx] = &[Ctx::Main];

@@ -41,6 +41,7 @@ pub fn validate(
         capture_count: 0,
         in_regex_location: false,
         jwt_claim_uses: Vec::new(),
+        reported_claim_uses: HashSet::new(),
         check_files: true,
     };
     let top = flatten_http(&loaded.directives, &mut cx);
@@ -121,6 +122,8 @@ pub struct Cx<'a> {
     capture_count: usize,
     in_regex_location: bool,
     jwt_claim_uses: Vec<Span>,
+    /// Inherited `$jwt_claim_*` uses already reported (once per span).
+    reported_claim_uses: HashSet<Span>,
     /// Check that referenced files are readable.
     check_files: bool,
 }
@@ -183,6 +186,7 @@ impl Cx<'_> {
             return Some(i);
         }
         let suggestion = did_you_mean(&name, list.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+        self.mark_suggested_used(kind, suggestion.as_deref());
         let help = match suggestion {
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("define it at the top level: `{} {name} {{ ... }}`", kind.word()),
@@ -202,20 +206,28 @@ impl Cx<'_> {
         None
     }
 
+    /// A misspelled use whose suggestion names a definition: count that
+    /// definition as used, so that one typo gives one diagnostic, not also
+    /// an "unused" warning on the definition it meant.
+    fn mark_suggested_used(&mut self, kind: DefKind, suggestion: Option<&str>) {
+        if let Some(i) = suggestion.and_then(|s| self.defs_of(kind).iter().position(|(n, _)| n == s)) {
+            self.used.insert((kind, i));
+        }
+    }
+
     /// Walk the directives of one context: the generic checks of the table,
     /// then each directive's own `check`.
     pub fn walk(&mut self, ds: &[&Directive], ctx: Ctx) -> Vec<Item> {
         let mut out = Vec::new();
         for d in ds {
-            if let Some(spec) = self.spec_for(d, ctx) {
-                if let Some(setting) = (spec.check)(self, d) {
+            if let Some(spec) = self.spec_for(d, ctx)
+                && let Some(setting) = (spec.check)(self, d) {
                     out.push(Item {
                         setting,
                         span: d.span,
                         name_span: d.name_span,
                     });
                 }
-            }
         }
         out
     }
@@ -335,7 +347,18 @@ impl Cx<'_> {
     }
 
     fn bad_arg(&mut self, code: &'static str, arg: &Arg, msg: impl Into<String>, help: impl Into<String>) {
-        self.push(Diagnostic::error(code, arg.span, msg).label("invalid value").help(help));
+        self.bad_arg_labeled(code, arg, msg, "invalid value", help);
+    }
+
+    fn bad_arg_labeled(
+        &mut self,
+        code: &'static str,
+        arg: &Arg,
+        msg: impl Into<String>,
+        label: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        self.push(Diagnostic::error(code, arg.span, msg).label(label).help(help));
     }
 
     fn size(&mut self, arg: &Arg) -> Option<u64> {
@@ -416,21 +439,60 @@ impl Cx<'_> {
                             };
                             self.push(Diagnostic::error("unknown_variable", arg.span, msg).label("no such capture").help(help));
                         }
-                        Var::JwtClaim(_) => self.jwt_claim_uses.push(arg.span),
                         _ => {}
                     }
+                }
+                if t.vars().any(|v| matches!(v, Var::JwtClaim(_))) {
+                    let spans = self.claim_spans(arg);
+                    self.jwt_claim_uses.extend(spans);
                 }
                 ok.then_some(t)
             }
             Err(errors) => {
                 for e in errors {
                     let span = self.arg_sub_span(arg, e.start, e.end);
-                    let code = if e.message.starts_with("environment variable") { "unset_env" } else { "unknown_variable" };
-                    self.push(Diagnostic::error(code, span, e.message).label("here").help(e.help));
+                    let (code, label) = if e.message.starts_with("environment variable") {
+                        ("unset_env", "not set in the environment")
+                    } else {
+                        ("unknown_variable", "cannot be evaluated here")
+                    };
+                    self.push(Diagnostic::error(code, span, e.message).label(label).help(e.help));
                 }
                 None
             }
         }
+    }
+
+    /// The spans of the `$jwt_claim_*` variables in an argument.
+    fn claim_spans(&self, arg: &Arg) -> Vec<Span> {
+        let v = arg.value.as_str();
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some(p) = v[from..].find("jwt_claim_").map(|p| p + from) {
+            let start = match (v[..p].ends_with('$'), v[..p].ends_with("${")) {
+                (true, _) => p - 1,
+                (_, true) => p - 2,
+                _ => {
+                    from = p + 1;
+                    continue;
+                }
+            };
+            let mut end = p + "jwt_claim_".len();
+            while end < v.len() && (v.as_bytes()[end].is_ascii_alphanumeric() || v.as_bytes()[end] == b'_') {
+                end += 1;
+            }
+            if v.as_bytes()[start + 1] == b'{' && v.as_bytes().get(end) == Some(&b'}') {
+                end += 1;
+            }
+            if !arg.literal_dollars.contains(&start) {
+                out.push(self.arg_sub_span(arg, start, end));
+            }
+            from = end;
+        }
+        if out.is_empty() {
+            out.push(arg.span);
+        }
+        out
     }
 
     /// The span of bytes `start..end` of an argument's value; exact for bare
@@ -454,15 +516,14 @@ impl Cx<'_> {
             let dir = self.sources.path(arg.span.file).parent().map(Path::to_path_buf).unwrap_or_default();
             dir.join(p)
         };
-        if must_exist && self.check_files {
-            if let Err(e) = std::fs::File::open(&full) {
+        if must_exist && self.check_files
+            && let Err(e) = std::fs::File::open(&full) {
                 self.push(
                     Diagnostic::error("unreadable_file", arg.span, format!("cannot read `{}`", full.display()))
                         .label(e.to_string())
                         .help("check the path; it is relative to the directory of this config file"),
                 );
             }
-        }
         full
     }
 
@@ -537,10 +598,16 @@ pub(crate) fn server(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let main_uses = std::mem::take(&mut cx.jwt_claim_uses);
     let items = cx.walk(&children, Ctx::Server);
     let jwt_claim_uses = std::mem::replace(&mut cx.jwt_claim_uses, main_uses);
-    Some(Setting::Server(ServerDraft { items, jwt_claim_uses }))
+    let listen_written = d.children().iter().any(|c| c.name == "listen");
+    Some(Setting::Server(ServerDraft {
+        items,
+        jwt_claim_uses,
+        listen_written,
+    }))
 }
 
 pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
+    let glued_uri;
     let (modifier, uri) = if d.args.len() == 2 {
         let m = match d.args[0].text().as_str() {
             "=" => Modifier::Exact,
@@ -555,7 +622,8 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         (m, &d.args[1])
     } else {
         let a = &d.args[0];
-        if matches!(a.text().as_str(), "=" | "^~" | "~" | "~*") {
+        let t = a.text();
+        if matches!(t.as_str(), "=" | "^~" | "~" | "~*") {
             cx.push(
                 Diagnostic::error("wrong_argument_count", a.span, "location has a modifier but no URI")
                     .label("missing URI after this")
@@ -563,7 +631,18 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             );
             return None;
         }
-        (Modifier::Prefix, a)
+        // NGINX also takes the modifier glued to the URI: `location =/x`,
+        // `location ~*\.png$`, `location ^~/static/`.
+        let glued = [("~*", Modifier::RegexCaseless), ("^~", Modifier::PrefixNoRegex), ("~", Modifier::Regex), ("=", Modifier::Exact)]
+            .into_iter()
+            .find(|(m, _)| t.starts_with(m));
+        match glued {
+            Some((m, modifier)) => {
+                glued_uri = arg_tail(a, m.len());
+                (modifier, &glued_uri)
+            }
+            None => (Modifier::Prefix, a),
+        }
     };
     let pattern = uri.text();
     let mut regex = None;
@@ -606,6 +685,9 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         .filter(|c| matches!(c.name.as_str(), "proxy_pass" | "return" | "aggregate"))
         .map(|c| c.name_span)
         .collect();
+    let misspelled_handler = d.children().iter().any(|c| {
+        !schema::is_known_directive(&c.name) && did_you_mean(&c.name, ["proxy_pass", "return", "aggregate"]).is_some()
+    });
     for extra in handlers.iter().skip(1) {
         cx.push(
             Diagnostic::error("multiple_handlers", *extra, "location has two handlers")
@@ -623,7 +705,40 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         items,
         jwt_claim_uses,
         handlers,
+        misspelled_handler,
     }))
+}
+
+/// `a` without its first `n` bytes (an ASCII prefix such as a modifier), with
+/// a span that stays exact where [`Cx::arg_sub_span`] can be exact.
+fn arg_tail(a: &Arg, n: usize) -> Arg {
+    let value = a.value.get(n..).unwrap_or("").to_string();
+    let literal_dollars = a.literal_dollars.iter().filter(|o| **o >= n).map(|o| o - n).collect();
+    match a.quote {
+        None => Arg {
+            raw: value.clone(),
+            value,
+            literal_dollars,
+            quote: None,
+            span: a.span.sub(n, a.span.len()),
+        },
+        // Quoted without escapes: the value is the source text between the quotes.
+        Some(_) if a.raw.len() == a.value.len() + 2 => Arg {
+            raw: value.clone(),
+            value,
+            literal_dollars,
+            quote: None,
+            span: a.span.sub(n + 1, a.span.len() - 1),
+        },
+        // Escapes shift offsets: keep the whole argument as the span.
+        Some(q) => Arg {
+            value,
+            literal_dollars,
+            raw: a.raw.clone(),
+            quote: Some(q),
+            span: a.span,
+        },
+    }
 }
 
 /// `HOST:PORT` (port required unless `default_port`).
@@ -656,6 +771,9 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let mut resolve_ttl = Duration::from_secs(30);
     let mut ok = true;
     let members = cx.members(d, Ctx::Upstream);
+    // A `hash $jwt_claim_*` key is checked at each location using this
+    // upstream, not as a top-level use.
+    let saved_claims = std::mem::take(&mut cx.jwt_claim_uses);
     for m in &members {
         if m.name == "resolve_ttl" {
             resolve_ttl = cx.duration(&m.args[0]).unwrap_or(resolve_ttl);
@@ -704,6 +822,7 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             _ => {}
         }
     }
+    cx.jwt_claim_uses = saved_claims;
     if servers.is_empty() && ok {
         cx.push(
             Diagnostic::error("empty_upstream", d.args[0].span, format!("upstream `{name}` has no servers"))
@@ -718,8 +837,8 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 .help("remove `backup` from at least one server"),
         );
     }
-    if let Some((b @ (Balance::IpHash | Balance::Hash { .. }), span)) = &balance {
-        if servers.iter().any(|s| s.backup) {
+    if let Some((b @ (Balance::IpHash | Balance::Hash { .. }), span)) = &balance
+        && servers.iter().any(|s| s.backup) {
             let _ = b;
             cx.push(
                 Diagnostic::error("backup_with_hash", *span, "`backup` servers cannot be used with hash balancing")
@@ -727,7 +846,6 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     .help("as in NGINX: drop `backup` or use another balancing method"),
             );
         }
-    }
     Some(Setting::Upstream(Upstream {
         name,
         span: d.args[0].span,
@@ -879,7 +997,13 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     if let Some((_, alg)) = JWT_ALGS.iter().find(|(n, _)| *n == t) {
                         algorithms.push(*alg);
                     } else if t.eq_ignore_ascii_case("none") {
-                        cx.bad_arg("jwt_alg_none", a, "`none` is never accepted", "unsigned tokens are not authentication; list real algorithms");
+                        cx.bad_arg_labeled(
+                            "jwt_alg_none",
+                            a,
+                            "JWT algorithm `none` is never accepted",
+                            "this would accept unsigned tokens",
+                            "unsigned tokens are not authentication: remove `none` and list real algorithms",
+                        );
                     } else {
                         let help = match did_you_mean(&t, JWT_ALGS.iter().map(|(n, _)| *n)) {
                             Some(s) => format!("did you mean `{s}`?"),
@@ -955,6 +1079,10 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         return None;
     }
     match keys.len() {
+        0 if d.children().iter().any(|c| matches!(c.name.as_str(), "key_file" | "secret" | "jwks_file" | "jwks_url")) => {
+            // Written but invalid (say, an unset `$env_`): already reported.
+            return None;
+        }
         0 => {
             cx.push(
                 Diagnostic::error("missing_directive", name_span, format!("`auth_jwt {name}` has no key"))
@@ -978,7 +1106,8 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let hmac = algorithms.iter().any(|a| a.is_hmac());
     let asym = algorithms.iter().any(|a| !a.is_hmac());
     let is_secret = matches!(source, JwtKeySource::Secret(_));
-    if (hmac && !is_secret) || (asym && is_secret) || (hmac && asym) {
+    let fits = if is_secret { hmac && !asym } else { asym && !hmac };
+    if !fits {
         cx.push(
             Diagnostic::error("jwt_key_mismatch", alg_span.unwrap_or(name_span), "the algorithms do not fit the key")
                 .label(if is_secret { "an HMAC secret only verifies HS256/384/512" } else { "a public key cannot verify HS* tokens" })
@@ -1036,6 +1165,10 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
     }
     cx.jwt_claim_uses = saved;
     let Some(rate) = rate else {
+        if d.children().iter().any(|c| c.name == "rate") {
+            // Written but invalid (or misplaced): already reported.
+            return None;
+        }
         cx.push(
             Diagnostic::error("missing_directive", d.args[0].span, format!("`rate_limit {name}` has no rate"))
                 .label("no `rate` inside")
@@ -1136,6 +1269,9 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         }
     }
     let Some((addr, span)) = listen else {
+        if d.children().iter().any(|c| c.name == "listen") {
+            return None;
+        }
         cx.push(
             Diagnostic::error("missing_directive", d.name_span, "`admin` has no `listen`")
                 .label("no `listen` inside")
@@ -1247,14 +1383,8 @@ pub(crate) fn server_name(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let mut names = Vec::new();
     for a in &d.args {
         let t = a.text();
-        if let Some(re) = t.strip_prefix('~') {
-            let sub = Arg {
-                value: re.to_string(),
-                literal_dollars: Vec::new(),
-                raw: re.to_string(),
-                quote: None,
-                span: a.span.sub(1, a.span.len()),
-            };
+        if t.starts_with('~') {
+            let sub = arg_tail(a, 1);
             if let Some(r) = cx.regex(&sub, true) {
                 names.push(ServerName::Regex(r));
             }
@@ -1323,7 +1453,10 @@ pub(crate) fn real_ip_header(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
 }
 
 /// `http[s]://NAME_OR_HOST:PORT[/URI]` → (tls, target, uri text and its offset).
-fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<(bool, ProxyTarget, Option<(&'u str, usize)>)> {
+/// `(tls, target, URI part and its byte offset in the argument)`.
+type UrlParts<'u> = (bool, ProxyTarget, Option<(&'u str, usize)>);
+
+fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<UrlParts<'u>> {
     let (tls, rest, off) = if let Some(r) = text.strip_prefix("http://") {
         (false, r, 7)
     } else if let Some(r) = text.strip_prefix("https://") {
@@ -1332,12 +1465,26 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<(bool, Pr
         cx.bad_arg("invalid_url", a, format!("`{text}` is not an http:// or https:// URL"), "write `proxy_pass http://UPSTREAM;` or `http://HOST:PORT/URI`");
         return None;
     };
-    let (authority, uri) = match rest.find('/') {
+    // The authority ends at the first `/`, or where a variable starts the
+    // URI: NGINX accepts `proxy_pass http://backend$request_uri;`.
+    let split = rest
+        .char_indices()
+        .find(|&(i, c)| c == '/' || (c == '$' && !a.literal_dollars.contains(&(off + i))))
+        .map(|(i, _)| i);
+    let (authority, uri) = match split {
         Some(i) => (&rest[..i], Some((&rest[i..], off + i))),
         None => (rest, None),
     };
-    if authority.contains('$') {
-        cx.bad_arg("unsupported", a, "variables in the upstream host are not supported", "name an `upstream` or write `host:port`");
+    let var_follows = split.is_some_and(|i| rest[i..].starts_with('$'));
+    let known_host = cx.defs.upstreams.iter().any(|(n, _)| n == authority) || host_port(authority, None).is_some();
+    if var_follows && !known_host {
+        let host_end = rest.find('/').unwrap_or(rest.len());
+        let span = cx.arg_sub_span(a, off, off + host_end);
+        cx.push(
+            Diagnostic::error("unsupported", span, "variables in the upstream host are not supported")
+                .label("the host is built from a variable")
+                .help("name an `upstream` or write `host:port`; variables may follow in the URI part"),
+        );
         return None;
     }
     if cx.defs.upstreams.iter().any(|(n, _)| n == authority) {
@@ -1355,6 +1502,7 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<(bool, Pr
         Some((host, port)) => Some((tls, ProxyTarget::Address { host, port }, uri)),
         None => {
             let suggestion = did_you_mean(authority, cx.defs.upstreams.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+            cx.mark_suggested_used(DefKind::Upstream, suggestion.as_deref());
             let span = cx.arg_sub_span(a, off, off + authority.len());
             cx.push(
                 Diagnostic::error("unknown_upstream", span, format!("unknown upstream `{authority}`"))
@@ -1433,10 +1581,11 @@ pub(crate) fn rewrite(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         match f.text().as_str() {
             "break" => brk = true,
             "last" | "redirect" | "permanent" => {
-                cx.bad_arg(
+                cx.bad_arg_labeled(
                     "unsupported_rewrite_flag",
                     f,
                     format!("`rewrite ... {}` is not supported in v1", f.text()),
+                    "unsupported flag",
                     "use `break` (the rewritten path is sent upstream), or `return 301|302 URL;` for redirects",
                 );
                 return None;
@@ -1449,7 +1598,13 @@ pub(crate) fn rewrite(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     }
     let repl_text = d.args[1].text();
     if repl_text.starts_with("http://") || repl_text.starts_with("https://") {
-        cx.bad_arg("unsupported_rewrite_flag", &d.args[1], "a rewrite to a URL is a redirect, not supported in v1", "use `return 302 URL;`");
+        cx.bad_arg_labeled(
+            "unsupported_rewrite_flag",
+            &d.args[1],
+            "a rewrite to a URL is a redirect, not supported in v1",
+            "redirect target",
+            "use `return 302 URL;`",
+        );
         return None;
     }
     let saved = (cx.capture_count, cx.named_captures.clone());
@@ -1490,15 +1645,17 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             continue;
         }
         let shadows = value::VAR_NAMES.contains(&n.as_str())
+            || (n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
             || cx.named_captures.contains(&n)
             || ["arg_", "http_", "cookie_", "jwt_claim_", "env_"].iter().any(|p| n.starts_with(p));
         if shadows {
             ok = false;
-            cx.bad_arg(
+            cx.bad_arg_labeled(
                 "call_shadows_variable",
                 &m.args[0],
                 format!("call `{n}` has the name of a variable"),
-                format!("rename the call: `${n}.field` would be ambiguous with the variable `${n}`"),
+                format!("`${n}` is already a variable"),
+                format!("rename the call (e.g. `{n}_call`): `${n}.field` would be ambiguous with the variable `${n}`"),
             );
             continue;
         }
@@ -1543,11 +1700,10 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                                     .label("self-reference")
                                     .help("a call can only use fields of other calls"),
                             );
-                        } else if let Some(i) = call_names.iter().position(|c| c == call) {
-                            if !deps.contains(&i) {
+                        } else if let Some(i) = call_names.iter().position(|c| c == call)
+                            && !deps.contains(&i) {
                                 deps.push(i);
                             }
-                        }
                     }
                 }
                 calls.push(AggregateCall {
@@ -1877,26 +2033,22 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::ErrorLog(e) => config.error_log = e.clone(),
             Setting::ShutdownTimeout(d) => config.shutdown_timeout = *d,
             Setting::Admin(a) => config.admin = Some(a.clone()),
-            Setting::Upstream(u) => {
-                if cx.defs.upstreams.get(config.upstreams.len()).is_some_and(|(n, s)| *n == u.name && *s == u.span) {
+            Setting::Upstream(u)
+                if cx.defs.upstreams.get(config.upstreams.len()).is_some_and(|(n, s)| *n == u.name && *s == u.span) => {
                     config.upstreams.push(u.clone());
                 }
-            }
-            Setting::JwtDef(j) => {
-                if cx.defs.jwt.get(config.jwt.len()).is_some_and(|(n, s)| *n == j.name && *s == j.span) {
+            Setting::JwtDef(j)
+                if cx.defs.jwt.get(config.jwt.len()).is_some_and(|(n, s)| *n == j.name && *s == j.span) => {
                     config.jwt.push(j.clone());
                 }
-            }
-            Setting::RateLimitDef(r) => {
-                if cx.defs.rate_limits.get(config.rate_limits.len()).is_some_and(|(n, s)| *n == r.name && *s == r.span) {
+            Setting::RateLimitDef(r)
+                if cx.defs.rate_limits.get(config.rate_limits.len()).is_some_and(|(n, s)| *n == r.name && *s == r.span) => {
                     config.rate_limits.push(r.clone());
                 }
-            }
-            Setting::CacheDef(c) => {
-                if cx.defs.caches.get(config.caches.len()).is_some_and(|(n, s)| *n == c.name && *s == c.span) {
+            Setting::CacheDef(c)
+                if cx.defs.caches.get(config.caches.len()).is_some_and(|(n, s)| *n == c.name && *s == c.span) => {
                     config.caches.push(c.clone());
                 }
-            }
             Setting::Server(s) => server_items.push((s, item.span)),
             _ => {}
         }
@@ -1908,7 +2060,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
 
     for (draft, span) in server_items {
         let uses: Vec<Span> = main_jwt_uses.iter().chain(&draft.jwt_claim_uses).copied().collect();
-        if let Some(s) = assemble_server(cx, &draft.items, span, &base, &base_limits, &base_real_ip, &uses, &config, defs_complete) {
+        if let Some(s) = assemble_server(cx, draft, span, &base, &base_limits, &base_real_ip, &uses, &config, defs_complete) {
             config.servers.push(s);
         }
     }
@@ -1928,7 +2080,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
 #[allow(clippy::too_many_arguments)]
 fn assemble_server(
     cx: &mut Cx<'_>,
-    items: &[Item],
+    draft: &ServerDraft,
     span: Span,
     base: &LocationSettings,
     base_limits: &ClientLimits,
@@ -1937,6 +2089,7 @@ fn assemble_server(
     config: &Config,
     defs_complete: bool,
 ) -> Option<Server> {
+    let items = &draft.items[..];
     let mut limits = base_limits.clone();
     let mut real_ip = base_real_ip.clone();
     // A server's own real-IP list replaces the inherited one (NGINX).
@@ -1963,7 +2116,7 @@ fn assemble_server(
             _ => {}
         }
     }
-    if listens.is_empty() {
+    if listens.is_empty() && !draft.listen_written {
         cx.push(
             Diagnostic::error("missing_directive", Span { end: span.start + 6, ..span }, "`server` has no `listen`")
                 .label("this server listens nowhere")
@@ -1983,15 +2136,14 @@ fn assemble_server(
         }
         (None, None) => None,
     };
-    if wants_tls && tls.is_none() {
-        if let Some(l) = listens.iter().find(|l| l.ssl) {
+    if wants_tls && tls.is_none()
+        && let Some(l) = listens.iter().find(|l| l.ssl) {
             cx.push(
                 Diagnostic::error("missing_certificate", l.span, "`listen ... ssl` without a certificate")
                     .label("TLS listener")
                     .help("add `ssl_certificate FILE;` and `ssl_certificate_key FILE;` to this server"),
             );
         }
-    }
     check_locations(cx, &drafts);
     let mut locations = Vec::new();
     for l in drafts {
@@ -2014,32 +2166,68 @@ fn assemble_server(
                 handler = Some((h, i.name_span));
             }
         }
-        if l.handlers.is_empty() && server_return.is_none() {
+        if l.handlers.is_empty() && !l.misspelled_handler && server_return.is_none() {
             cx.push(
                 Diagnostic::error("no_handler", l.key_span, "location has no handler")
                     .label("requests here would have nowhere to go")
-                    .help("add `proxy_pass http://UPSTREAM;`, `return CODE;` or an `aggregate { }` block"),
+                    .help("add a handler: `proxy_pass http://UPSTREAM;`, `return CODE;` or `aggregate {...}`"),
             );
         }
         // `$jwt_claim_*` needs an `auth_jwt` applying here; so do limit and
         // cache keys that use claims.
         if settings.auth_jwt.is_none() {
-            for s in l.jwt_claim_uses.iter().chain(main_jwt_uses) {
+            for s in &l.jwt_claim_uses {
                 cx.push(
                     Diagnostic::error("jwt_claim_without_auth", *s, "`$jwt_claim_*` used where no `auth_jwt` applies")
-                        .label("no token is verified for this location")
+                        .label("no token is verified in this location")
                         .help("apply `auth_jwt NAME;` to the location or its server"),
                 );
             }
+            // Inherited uses: reported once each, at the first location
+            // that lacks `auth_jwt`.
+            for s in main_jwt_uses {
+                if cx.reported_claim_uses.insert(*s) {
+                    cx.push(
+                        Diagnostic::error("jwt_claim_without_auth", *s, "`$jwt_claim_*` used where no `auth_jwt` applies")
+                            .label("inherited by a location without `auth_jwt`")
+                            .secondary(l.key_span, "no token is verified in this location")
+                            .help("apply `auth_jwt NAME;` at the same level as this directive, or to every location that inherits it"),
+                    );
+                }
+            }
             if defs_complete {
+                let claims = |t: &Template| t.vars().any(|v| matches!(v, Var::JwtClaim(_)));
+                let mut keyed: Vec<String> = Vec::new();
                 for r in &settings.rate_limits {
-                    if config.rate_limits[*r].key.vars().any(|v| matches!(v, Var::JwtClaim(_))) {
-                        cx.push(
-                            Diagnostic::error("jwt_claim_without_auth", l.key_span, format!("rate limit `{}` keys on a JWT claim but no `auth_jwt` applies here", config.rate_limits[*r].name))
-                                .label("this location")
-                                .help("apply `auth_jwt NAME;` here, or use a limit keyed on something else"),
-                        );
+                    if claims(&config.rate_limits[*r].key) {
+                        keyed.push(format!("rate limit `{}`", config.rate_limits[*r].name));
                     }
+                }
+                if let Some(c) = settings.cache.filter(|c| claims(&config.caches[*c].key)) {
+                    keyed.push(format!("cache `{}`", config.caches[c].name));
+                }
+                let targets: Vec<&ProxyTarget> = match handler.as_ref().map(|(h, _)| h) {
+                    Some(Handler::Proxy(p)) => vec![&p.target],
+                    Some(Handler::Aggregate(a)) => a.calls.iter().map(|c| &c.target).collect(),
+                    _ => Vec::new(),
+                };
+                for t in targets {
+                    if let ProxyTarget::Upstream(u) = t {
+                        let up = &config.upstreams[*u];
+                        if matches!(&up.balance, Balance::Hash { key, .. } if claims(key)) {
+                            let what = format!("upstream `{}`", up.name);
+                            if !keyed.contains(&what) {
+                                keyed.push(what);
+                            }
+                        }
+                    }
+                }
+                for what in keyed {
+                    cx.push(
+                        Diagnostic::error("jwt_claim_without_auth", l.key_span, format!("{what} keys on a JWT claim but no `auth_jwt` applies here"))
+                            .label("no token is verified in this location")
+                            .help("apply `auth_jwt NAME;` here, or key on something that does not need a token"),
+                    );
                 }
             }
         }
@@ -2236,15 +2424,14 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
                 }
             }
             for n in &s.names {
-                if let ServerName::Exact(name) = n {
-                    if names.insert((l.addr, name.clone()), ()).is_some() {
+                if let ServerName::Exact(name) = n
+                    && names.insert((l.addr, name.clone()), ()).is_some() {
                         cx.push(
                             Diagnostic::warning("conflicting_server_name", l.span, format!("server name `{name}` on `{}` is used by an earlier server", l.addr))
                                 .label("this server will not get requests for it")
                                 .help("remove the name from one of the servers"),
                         );
                     }
-                }
             }
         }
     }

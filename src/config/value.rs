@@ -128,6 +128,7 @@ pub const VAR_NAMES: &[&str] = &[
     "request_id",
     "server_name",
     "server_port",
+    "query_string",
 ];
 
 /// How a template resolves names that are not request variables.
@@ -296,6 +297,18 @@ fn resolve_var(name: &str, env: &TemplateEnv<'_>) -> Result<Resolved, (String, S
             if env.named_captures.iter().any(|c| c == name) {
                 return Ok(Resolved::Var(Var::Named(name.to_string())));
             }
+            if env.calls.iter().any(|c| c == name) {
+                return Err((
+                    format!("`${name}` is a call, not a variable"),
+                    format!("refer to a field of its JSON response: `${name}.FIELD`"),
+                ));
+            }
+            if let Some(call) = crate::config::diagnostics::did_you_mean(name, env.calls.iter().map(String::as_str)) {
+                return Err((
+                    format!("unknown variable `${name}`"),
+                    format!("did you mean the call `{call}` (`${call}.FIELD`)?"),
+                ));
+            }
             let known = VAR_NAMES
                 .iter()
                 .copied()
@@ -357,7 +370,7 @@ mod tests {
             named_captures: &["id".to_string()],
             calls: &["order".to_string()],
         };
-        let t = parse_template("a$host${uri}b$ $env_X/$id/$order.user.id$1", &[], &env).unwrap();
+        let t = parse_template("a$host${uri}b$ $env_X/$id/$order.user.id$1", &[], &env).expect("valid template");
         assert_eq!(
             t.pieces,
             vec![
@@ -376,7 +389,7 @@ mod tests {
         );
         assert!(parse_template("$nope", &[], &env).is_err());
         assert!(parse_template("$env_Y", &[], &env).is_err());
-        let lit = parse_template("a$b", &[1], &env).unwrap();
+        let lit = parse_template("a$b", &[1], &env).expect("literal dollar");
         assert_eq!(lit.as_literal().as_deref(), Some("a$b"));
     }
 }
