@@ -297,6 +297,47 @@ fn human_goes_to_stderr_without_colour_when_not_a_terminal() {
     }
 }
 
+/// NGINX forms that a checker must not reject (found rejected once).
+#[test]
+fn nginx_forms_check_clean() {
+    let text = r#"
+auth_jwt users {
+    algorithms HS256;
+    secret "not-a-real-secret";
+}
+
+upstream backend {
+    server 127.0.0.1:3001;
+    hash $jwt_claim_sub consistent;
+}
+
+server {
+    listen 8080;
+    server_name "~^(?<tenant>[a-z]+)\.example\.com$";
+
+    # Modifiers glued to the URI.
+    location =/exact { return 204; }
+    location ^~/static/ { proxy_pass http://127.0.0.1:3002; }
+    location ~*\.(png|gif)$ { proxy_pass http://127.0.0.1:3002; }
+
+    # A URI part that starts with a variable.
+    location /raw/ { proxy_pass http://127.0.0.1:3002$request_uri; }
+    location ~ ^/v2/(.*)$ { proxy_pass http://127.0.0.1:3002/api/$1?$args; }
+
+    # Hashing on a claim is fine where a token is verified.
+    location /api/ {
+        auth_jwt users;
+        proxy_set_header X-User "id=${jwt_claim_sub}";
+        proxy_pass http://backend;
+    }
+}
+"#;
+    let (_d, p) = conf(text);
+    let o = check(&p, "json");
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(json(&o).is_empty(), "{}", stdout(&o));
+}
+
 // ---- examples --------------------------------------------------------------
 
 fn examples() -> Vec<PathBuf> {

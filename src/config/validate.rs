@@ -40,6 +40,7 @@ pub fn validate(
         named_captures: Vec::new(),
         capture_count: 0,
         in_regex_location: false,
+        captures_unknown: false,
         jwt_claim_uses: Vec::new(),
         reported_claim_uses: HashSet::new(),
         check_files: true,
@@ -121,6 +122,8 @@ pub struct Cx<'a> {
     /// Positional captures available (`$1`..): groups of the location regex.
     capture_count: usize,
     in_regex_location: bool,
+    /// Inside a location whose key is invalid: captures cannot be known.
+    captures_unknown: bool,
     jwt_claim_uses: Vec<Span>,
     /// Inherited `$jwt_claim_*` uses already reported (once per span).
     reported_claim_uses: HashSet<Span>,
@@ -248,7 +251,11 @@ impl Cx<'_> {
             let suggestion = if lower != name && schema::is_known_directive(&lower) {
                 Some(lower.as_str().to_string())
             } else {
-                did_you_mean(name, schema::names_in(ctx)).map(str::to_string)
+                // The closest name anywhere (names allowed here first, so
+                // they win ties): `proxy_pas` in a server is `proxy_pass`,
+                // not the closest server directive.
+                let all = schema::names_in(ctx).chain(schema::DIRECTIVES.iter().map(|s| s.name));
+                did_you_mean(name, all).map(str::to_string)
             };
             let msg = if valid_name {
                 format!("unknown directive `{name}`")
@@ -256,7 +263,12 @@ impl Cx<'_> {
                 format!("`{name}` is not a directive name")
             };
             let help = match suggestion {
-                Some(s) => format!("did you mean `{s}`?"),
+                Some(s) if schema::names_in(ctx).any(|n| n == s) => format!("did you mean `{s}`?"),
+                Some(s) => {
+                    let mut places: Vec<&str> = schema::lookup(&s).flat_map(|sp| sp.contexts.iter().map(|c| c.name())).collect();
+                    places.dedup();
+                    format!("did you mean `{s}`? (it goes in {}, not in {})", places.join(", "), ctx.name())
+                }
                 None => format!(
                     "directives allowed in {} are listed in LANGUAGE.md; names are `[a-z_][a-z0-9_]*`",
                     ctx.name()
@@ -429,7 +441,7 @@ impl Cx<'_> {
                 let mut ok = true;
                 for v in t.vars() {
                     match v {
-                        Var::Capture(n) if *n as usize > self.capture_count => {
+                        Var::Capture(n) if *n as usize > self.capture_count && !self.captures_unknown => {
                             ok = false;
                             let msg = format!("`${n}` refers to a capture that does not exist here");
                             let help = if self.capture_count == 0 {
@@ -450,6 +462,10 @@ impl Cx<'_> {
             }
             Err(errors) => {
                 for e in errors {
+                    if self.captures_unknown && !e.message.starts_with("environment variable") {
+                        // Perhaps a named capture of the invalid regex.
+                        continue;
+                    }
                     let span = self.arg_sub_span(arg, e.start, e.end);
                     let (code, label) = if e.message.starts_with("environment variable") {
                         ("unset_env", "not set in the environment")
@@ -534,7 +550,7 @@ impl Cx<'_> {
             let span = self.arg_sub_span(arg, s.start.offset, s.end.offset.max(s.start.offset + 1).min(pattern.len().max(1)));
             self.push(
                 Diagnostic::error("invalid_regex", span, format!("invalid regex: {}", e.kind()))
-                    .label("here")
+                    .label(e.kind().to_string())
                     .help("regexes use Rust regex syntax (PCRE-like); quote a regex with `{`, `}` or `;`"),
             );
             return None;
@@ -607,6 +623,9 @@ pub(crate) fn server(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
 }
 
 pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
+    // A bad modifier or URI still has its block checked (every error in one
+    // run, and definitions used only in there do not look unused).
+    let mut key_ok = true;
     let glued_uri;
     let (modifier, uri) = if d.args.len() == 2 {
         let m = match d.args[0].text().as_str() {
@@ -616,7 +635,8 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "~*" => Modifier::RegexCaseless,
             other => {
                 cx.bad_arg("invalid_location_modifier", &d.args[0], format!("unknown location modifier `{other}`"), "use `=`, `^~`, `~` or `~*`");
-                return None;
+                key_ok = false;
+                Modifier::Prefix
             }
         };
         (m, &d.args[1])
@@ -629,7 +649,7 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     .label("missing URI after this")
                     .help("write `location = /path {`"),
             );
-            return None;
+            key_ok = false;
         }
         // NGINX also takes the modifier glued to the URI: `location =/x`,
         // `location ~*\.png$`, `location ^~/static/`.
@@ -646,23 +666,24 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     };
     let pattern = uri.text();
     let mut regex = None;
-    if modifier.is_regex() {
+    if key_ok && modifier.is_regex() {
         regex = cx.regex(uri, modifier == Modifier::RegexCaseless);
-        regex.as_ref()?;
-    } else if !pattern.starts_with('/') {
+        key_ok = regex.is_some();
+    } else if key_ok && !pattern.starts_with('/') {
         let help = if pattern.starts_with('@') {
             "named locations are not supported; use a path".to_string()
         } else {
             format!("write `/{pattern}`")
         };
         cx.bad_arg("invalid_location", uri, format!("location URI `{pattern}` does not start with `/`"), help);
-        return None;
+        key_ok = false;
     }
     let saved = (
         std::mem::take(&mut cx.named_captures),
         cx.capture_count,
         cx.in_regex_location,
         std::mem::take(&mut cx.jwt_claim_uses),
+        cx.captures_unknown,
     );
     if let Some(r) = &regex {
         cx.named_captures = r.capture_names().flatten().map(str::to_string).collect();
@@ -670,7 +691,10 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         cx.in_regex_location = true;
     } else {
         cx.capture_count = 0;
-        cx.in_regex_location = false;
+        cx.in_regex_location = modifier.is_regex();
+        // The regex did not compile: its captures are unknown, so `$1` and
+        // `$id` in the block are not reported on top.
+        cx.captures_unknown = !key_ok;
     }
     let children: Vec<&Directive> = d.children().iter().collect();
     let items = cx.walk(&children, Ctx::Location);
@@ -678,6 +702,7 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     cx.named_captures = saved.0;
     cx.capture_count = saved.1;
     cx.in_regex_location = saved.2;
+    cx.captures_unknown = saved.4;
     let key_span = d.args_span();
     let handlers: Vec<Span> = d
         .children()
@@ -695,6 +720,9 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 .secondary(handlers[0], "first handler here")
                 .help("a location has exactly one of `proxy_pass`, `return`, `aggregate`"),
         );
+    }
+    if !key_ok {
+        return None;
     }
     Some(Setting::Location(LocationDraft {
         span: d.span,
