@@ -15,7 +15,11 @@ use tollgate::config::source::SourceMap;
 use tollgate::config::validate::load_config;
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "An API gateway with an NGINX-shaped config language")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An API gateway with an NGINX-shaped config language"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,7 +66,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
@@ -79,7 +87,10 @@ fn color_on_stderr() -> bool {
 
 fn print_human(diags: &[Diagnostic], sources: &SourceMap) {
     let width = 100;
-    eprint!("{}", diagnostics::render_human(diags, sources, color_on_stderr(), width));
+    eprint!(
+        "{}",
+        diagnostics::render_human(diags, sources, color_on_stderr(), width)
+    );
 }
 
 fn check(path: &Path, format: Format) -> ExitCode {
@@ -98,17 +109,27 @@ fn check(path: &Path, format: Format) -> ExitCode {
         }
         Format::Json => {
             let json = diagnostics::to_json(&list, &loaded.sources);
-            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into())
+            );
         }
         Format::Github => print!("{}", diagnostics::to_github(&list, &loaded.sources)),
     }
-    if config.is_some() && !diags.has_errors() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if config.is_some() && !diags.has_errors() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// One line after the human report. Counts what was printed (the sorted,
 /// deduplicated list), not what validation pushed.
 fn summary(path: &Path, diags: &[Diagnostic], config: Option<&tollgate::config::model::Config>) {
-    let e = diags.iter().filter(|d| d.severity == Severity::Error).count();
+    let e = diags
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
     let w = diags.len() - e;
     let plural = |n: usize, s: &str| format!("{n} {s}{}", if n == 1 { "" } else { "s" });
     match config {
@@ -120,10 +141,19 @@ fn summary(path: &Path, diags: &[Diagnostic], config: Option<&tollgate::config::
                 plural(c.servers.len(), "server"),
                 plural(locations, "location"),
                 plural(c.upstreams.len(), "upstream"),
-                if w > 0 { format!(", {}", plural(w, "warning")) } else { String::new() }
+                if w > 0 {
+                    format!(", {}", plural(w, "warning"))
+                } else {
+                    String::new()
+                }
             );
         }
-        _ => eprintln!("{}: {}, {}", path.display(), plural(e, "error"), plural(w, "warning")),
+        _ => eprintln!(
+            "{}: {}, {}",
+            path.display(),
+            plural(e, "error"),
+            plural(w, "warning")
+        ),
     }
 }
 
@@ -162,11 +192,10 @@ fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
                     }
                 } else if out != text {
                     changed.push(f.clone());
-                    if !check
-                        && let Err(e) = std::fs::write(f, out) {
-                            eprintln!("error: cannot write `{}`: {e}", f.display());
-                            return ExitCode::from(2);
-                        }
+                    if !check && let Err(e) = std::fs::write(f, out) {
+                        eprintln!("error: cannot write `{}`: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
                 }
             }
             Err(diags) => {
@@ -186,7 +215,11 @@ fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn routes(path: &Path) -> ExitCode {

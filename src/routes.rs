@@ -54,7 +54,11 @@ fn handler_label(config: &Config, l: &Location) -> String {
                 ProxyTarget::Address { host, port } => format!("{host}:{port}"),
             };
             let uri = p.uri.as_ref().map(template_text).unwrap_or_default();
-            let rw = if l.rewrites.is_empty() { String::new() } else { format!(" (+{} rewrite)", l.rewrites.len()) };
+            let rw = if l.rewrites.is_empty() {
+                String::new()
+            } else {
+                format!(" (+{} rewrite)", l.rewrites.len())
+            };
             format!("proxy_pass {scheme}://{host}{uri}{rw}")
         }
         Handler::Return(r) => return_label(r),
@@ -117,7 +121,12 @@ pub fn rows(config: &Config) -> Vec<Route> {
         order.extend(s.locations.iter().filter(|l| l.modifier == Modifier::Exact));
         let prefixes = |m: Modifier| {
             let mut v: Vec<&Location> = s.locations.iter().filter(|l| l.modifier == m).collect();
-            v.sort_by(|a, b| b.pattern.len().cmp(&a.pattern.len()).then(a.pattern.cmp(&b.pattern)));
+            v.sort_by(|a, b| {
+                b.pattern
+                    .len()
+                    .cmp(&a.pattern.len())
+                    .then(a.pattern.cmp(&b.pattern))
+            });
             v
         };
         order.extend(prefixes(Modifier::PrefixNoRegex));
@@ -178,7 +187,11 @@ pub fn table(config: &Config) -> String {
                 r.location.clone(),
                 r.kind.to_string(),
                 r.handler.clone(),
-                if r.policies.is_empty() { "-".into() } else { r.policies.join(", ") },
+                if r.policies.is_empty() {
+                    "-".into()
+                } else {
+                    r.policies.join(", ")
+                },
             ]
         })
         .collect();

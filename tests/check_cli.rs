@@ -47,7 +47,13 @@ fn conf_named(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn check(path: &Path, format: &str) -> Output {
-    tollgate(&["check", "-c", path.to_str().expect("UTF-8 path"), "--format", format])
+    tollgate(&[
+        "check",
+        "-c",
+        path.to_str().expect("UTF-8 path"),
+        "--format",
+        format,
+    ])
 }
 
 fn json(o: &Output) -> Vec<Value> {
@@ -78,11 +84,20 @@ fn valid_config_exits_0() {
 
 #[test]
 fn invalid_config_exits_1() {
-    let (_d, p) = conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
+    let (_d, p) =
+        conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
     let o = check(&p, "human");
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("tollgate::unknown_directive"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("did you mean `return`?"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tollgate::unknown_directive"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("did you mean `return`?"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -92,7 +107,13 @@ fn missing_file_exits_2() {
     assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
     assert!(stdout(&o).is_empty());
     // The machine formats too: an I/O error is not a config diagnostic.
-    let o = tollgate(&["check", "-c", "tests/no/such/gateway.conf", "--format", "json"]);
+    let o = tollgate(&[
+        "check",
+        "-c",
+        "tests/no/such/gateway.conf",
+        "--format",
+        "json",
+    ]);
     assert_eq!(code(&o), 2);
     assert!(stdout(&o).is_empty());
 }
@@ -186,7 +207,11 @@ fn json_objects_have_the_documented_fields_with_character_columns() {
     let (_d, p) = conf(&text);
     let o = check(&p, "json");
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).is_empty(), "json writes nothing to stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).is_empty(),
+        "json writes nothing to stderr: {}",
+        stderr(&o)
+    );
     let list = json(&o);
     assert_eq!(list.len(), 1, "{list:?}");
     let d = list[0].as_object().expect("object");
@@ -194,11 +219,24 @@ fn json_objects_have_the_documented_fields_with_character_columns() {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["code", "column", "end_column", "end_line", "file", "help", "line", "message", "severity"]
+        [
+            "code",
+            "column",
+            "end_column",
+            "end_line",
+            "file",
+            "help",
+            "line",
+            "message",
+            "severity"
+        ]
     );
     let byte_col = line4.find("retrun").expect("token") + 1;
     let char_col = line4[..byte_col - 1].chars().count() + 1;
-    assert_ne!(byte_col, char_col, "the line must have multibyte characters before the token");
+    assert_ne!(
+        byte_col, char_col,
+        "the line must have multibyte characters before the token"
+    );
     assert_eq!(d["file"], p.to_str().expect("UTF-8 path"));
     assert_eq!(d["line"], 4);
     assert_eq!(d["column"], char_col);
@@ -226,15 +264,22 @@ fn json_lines_are_one_based_at_the_start_of_a_file() {
         .iter()
         .find(|d| d["code"] == "tollgate::unknown_directive")
         .expect("unknown_directive");
-    assert_eq!((d["line"].as_u64(), d["column"].as_u64()), (Some(1), Some(1)));
-    assert_eq!((d["end_line"].as_u64(), d["end_column"].as_u64()), (Some(1), Some(16)));
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (d["end_line"].as_u64(), d["end_column"].as_u64()),
+        (Some(1), Some(16))
+    );
 }
 
 // ---- --format github -------------------------------------------------------
 
 #[test]
 fn github_lines_have_positions_and_code() {
-    let (_d, p) = conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
+    let (_d, p) =
+        conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
     let o = check(&p, "github");
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
@@ -262,21 +307,41 @@ fn github_escapes_percent_newlines_and_property_separators() {
     assert_eq!(code(&o), 1);
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 2, "one line per diagnostic, newlines escaped: {out:?}");
-    let escaped_path = path.display().to_string().replace(':', "%3A").replace(',', "%2C");
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per diagnostic, newlines escaped: {out:?}"
+    );
+    let escaped_path = path
+        .display()
+        .to_string()
+        .replace(':', "%3A")
+        .replace(',', "%2C");
     for l in &lines {
-        assert!(l.starts_with(&format!("::error file={escaped_path},line=")), "{l}");
+        assert!(
+            l.starts_with(&format!("::error file={escaped_path},line=")),
+            "{l}"
+        );
         assert!(!l.contains('\r'), "{l:?}");
     }
-    assert!(lines[0].contains("::bad size: `10%25` is not a size%0Ahelp: "), "{}", lines[0]);
-    assert!(lines[1].contains("::`2%0D0%0A0` is not an HTTP status code%0Ahelp: "), "{}", lines[1]);
+    assert!(
+        lines[0].contains("::bad size: `10%25` is not a size%0Ahelp: "),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("::`2%0D0%0A0` is not an HTTP status code%0Ahelp: "),
+        "{}",
+        lines[1]
+    );
 }
 
 // ---- human -----------------------------------------------------------------
 
 #[test]
 fn human_goes_to_stderr_without_colour_when_not_a_terminal() {
-    let (_d, p) = conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
+    let (_d, p) =
+        conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
     // Piped (not a tty): no ANSI escapes, with or without NO_COLOR.
     for no_color in [false, true] {
         let mut cmd = Command::new(BIN);
@@ -358,7 +423,12 @@ fn every_example_checks_clean() {
     for p in list {
         let o = check(&p, "json");
         assert_eq!(code(&o), 0, "{}: {}", p.display(), stdout(&o));
-        assert!(json(&o).is_empty(), "{}: not even a warning expected: {}", p.display(), stdout(&o));
+        assert!(
+            json(&o).is_empty(),
+            "{}: not even a warning expected: {}",
+            p.display(),
+            stdout(&o)
+        );
     }
 }
 
@@ -377,7 +447,11 @@ fn routes_prints_the_demo_table_in_router_order() {
     let locations: Vec<String> = lines
         .map(|l| {
             // Columns are separated by two or more spaces.
-            let cols: Vec<&str> = l.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+            let cols: Vec<&str> = l
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
             cols[1].to_string()
         })
         .collect();
@@ -392,13 +466,17 @@ fn routes_prints_the_demo_table_in_router_order() {
         ],
         "{out}"
     );
-    assert!(out.contains("proxy_pass http://user_service/users"), "{out}");
+    assert!(
+        out.contains("proxy_pass http://user_service/users"),
+        "{out}"
+    );
     assert!(out.contains("aggregate order,user,product"), "{out}");
 }
 
 #[test]
 fn routes_of_an_invalid_config_exits_1_with_diagnostics() {
-    let (_d, p) = conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
+    let (_d, p) =
+        conf("server {\n    listen 8080;\n    location / {\n        retrun 200;\n    }\n}\n");
     let o = tollgate(&["routes", "-c", p.to_str().expect("UTF-8 path")]);
     assert_eq!(code(&o), 1);
     assert!(stdout(&o).is_empty());
@@ -408,7 +486,8 @@ fn routes_of_an_invalid_config_exits_1_with_diagnostics() {
 // ---- fmt -------------------------------------------------------------------
 
 const UNFORMATTED: &str = "server {\nlisten   8080;\n  location / { return 200; }\n}\n";
-const FORMATTED: &str = "server {\n    listen 8080;\n    location / {\n        return 200;\n    }\n}\n";
+const FORMATTED: &str =
+    "server {\n    listen 8080;\n    location / {\n        return 200;\n    }\n}\n";
 
 #[test]
 fn fmt_check_names_files_that_would_change_and_changes_nothing() {
@@ -423,7 +502,11 @@ fn fmt_check_names_files_that_would_change_and_changes_nothing() {
     ]);
     assert_eq!(code(&o), 1);
     assert_eq!(stdout(&o), format!("{}\n", ugly.display()));
-    assert_eq!(std::fs::read_to_string(&ugly).expect("read"), UNFORMATTED, "--check writes nothing");
+    assert_eq!(
+        std::fs::read_to_string(&ugly).expect("read"),
+        UNFORMATTED,
+        "--check writes nothing"
+    );
 
     let o = tollgate(&["fmt", "--check", tidy.to_str().expect("UTF-8 path")]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -463,7 +546,11 @@ fn fmt_refuses_a_file_that_does_not_parse() {
     let (_d, p) = conf("server {\n    listen 8080\n");
     let o = tollgate(&["fmt", "--check", p.to_str().expect("UTF-8 path")]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("missing_semicolon") || stderr(&o).contains("unclosed_block"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("missing_semicolon") || stderr(&o).contains("unclosed_block"),
+        "{}",
+        stderr(&o)
+    );
     let o = tollgate(&["fmt", "--check", "tests/no/such.conf"]);
     assert_eq!(code(&o), 2);
 }

@@ -38,12 +38,18 @@ fn cases() -> Vec<PathBuf> {
 
 /// The code a case must produce: the file stem up to an optional `__variant`.
 fn expected_code(path: &Path) -> String {
-    let stem = path.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name");
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("UTF-8 file name");
     stem.split("__").next().unwrap_or(stem).to_string()
 }
 
 fn check_one(path: &Path) -> Result<(), String> {
-    let name = path.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name");
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("UTF-8 file name");
     let mut diags = Diagnostics::new();
     let loaded = load(path, &mut diags).map_err(|e| format!("{}: {e}", path.display()))?;
     let _ = validate(&loaded, &env, &mut diags);
@@ -95,13 +101,23 @@ fn every_ui_case_matches_its_snapshot() {
 fn no_orphan_snapshots() {
     let names: Vec<String> = cases()
         .iter()
-        .map(|p| format!("ui__{}.snap", p.file_stem().and_then(|s| s.to_str()).unwrap_or("")))
+        .map(|p| {
+            format!(
+                "ui__{}.snap",
+                p.file_stem().and_then(|s| s.to_str()).unwrap_or("")
+            )
+        })
         .collect();
-    let Ok(dir) = std::fs::read_dir("tests/snapshots") else { return };
+    let Ok(dir) = std::fs::read_dir("tests/snapshots") else {
+        return;
+    };
     let orphans: Vec<String> = dir
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|f| f.starts_with("ui__") && f.ends_with(".snap") && !names.contains(f))
         .collect();
-    assert!(orphans.is_empty(), "snapshots without a tests/ui case: {orphans:?}");
+    assert!(
+        orphans.is_empty(),
+        "snapshots without a tests/ui case: {orphans:?}"
+    );
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::config::ast::Directive;
 use crate::config::model::{
-    AccessLog, Admin, AddHeader, Aggregate, Cidr, ErrorLog, JwtDef, Listen, Modifier, NextUpstream,
-    ProxyPass, RateLimitDef, Return, Rewrite, ServerName, Template, Upstream, CacheDef,
+    AccessLog, AddHeader, Admin, Aggregate, CacheDef, Cidr, ErrorLog, JwtDef, Listen, Modifier,
+    NextUpstream, ProxyPass, RateLimitDef, Return, Rewrite, ServerName, Template, Upstream,
 };
 use crate::config::source::Span;
 use crate::config::validate::{self as v, Cx};
@@ -210,6 +210,8 @@ macro_rules! d {
 
 /// Every directive. Two entries may share a name when one is the block form
 /// (a definition) and the other the `;` form (a use).
+// One line per directive: the table reads as a reference.
+#[rustfmt::skip]
 pub static DIRECTIVES: &[DirectiveSpec] = &[
     // ---- structure
     d!("include", ALL, (1, 1), No, "include GLOB;", "Insert the directives of the matching files (sorted), relative to this file.", v::consumed),

@@ -70,9 +70,13 @@ fn flatten_http<'a>(ds: &'a [Directive], cx: &mut Cx<'_>) -> Vec<&'a Directive> 
         if d.name == "http" && d.block.is_some() {
             if !d.args.is_empty() {
                 cx.diags.push(
-                    Diagnostic::error("wrong_argument_count", d.args_span(), "`http` takes no arguments")
-                        .label("unexpected argument")
-                        .help("write `http {`"),
+                    Diagnostic::error(
+                        "wrong_argument_count",
+                        d.args_span(),
+                        "`http` takes no arguments",
+                    )
+                    .label("unexpected argument")
+                    .help("write `http {`"),
                 );
             }
             out.extend(flatten_http(d.children(), cx));
@@ -188,11 +192,15 @@ impl Cx<'_> {
             self.used.insert((kind, i));
             return Some(i);
         }
-        let suggestion = did_you_mean(&name, list.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+        let suggestion =
+            did_you_mean(&name, list.iter().map(|(n, _)| n.as_str())).map(str::to_string);
         self.mark_suggested_used(kind, suggestion.as_deref());
         let help = match suggestion {
             Some(s) => format!("did you mean `{s}`?"),
-            None => format!("define it at the top level: `{} {name} {{ ... }}`", kind.word()),
+            None => format!(
+                "define it at the top level: `{} {name} {{ ... }}`",
+                kind.word()
+            ),
         };
         self.push(
             Diagnostic::error(
@@ -213,7 +221,9 @@ impl Cx<'_> {
     /// definition as used, so that one typo gives one diagnostic, not also
     /// an "unused" warning on the definition it meant.
     fn mark_suggested_used(&mut self, kind: DefKind, suggestion: Option<&str>) {
-        if let Some(i) = suggestion.and_then(|s| self.defs_of(kind).iter().position(|(n, _)| n == s)) {
+        if let Some(i) =
+            suggestion.and_then(|s| self.defs_of(kind).iter().position(|(n, _)| n == s))
+        {
             self.used.insert((kind, i));
         }
     }
@@ -224,13 +234,14 @@ impl Cx<'_> {
         let mut out = Vec::new();
         for d in ds {
             if let Some(spec) = self.spec_for(d, ctx)
-                && let Some(setting) = (spec.check)(self, d) {
-                    out.push(Item {
-                        setting,
-                        span: d.span,
-                        name_span: d.name_span,
-                    });
-                }
+                && let Some(setting) = (spec.check)(self, d)
+            {
+                out.push(Item {
+                    setting,
+                    span: d.span,
+                    name_span: d.name_span,
+                });
+            }
         }
         out
     }
@@ -265,9 +276,15 @@ impl Cx<'_> {
             let help = match suggestion {
                 Some(s) if schema::names_in(ctx).any(|n| n == s) => format!("did you mean `{s}`?"),
                 Some(s) => {
-                    let mut places: Vec<&str> = schema::lookup(&s).flat_map(|sp| sp.contexts.iter().map(|c| c.name())).collect();
+                    let mut places: Vec<&str> = schema::lookup(&s)
+                        .flat_map(|sp| sp.contexts.iter().map(|c| c.name()))
+                        .collect();
                     places.dedup();
-                    format!("did you mean `{s}`? (it goes in {}, not in {})", places.join(", "), ctx.name())
+                    format!(
+                        "did you mean `{s}`? (it goes in {}, not in {})",
+                        places.join(", "),
+                        ctx.name()
+                    )
                 }
                 None => format!(
                     "directives allowed in {} are listed in LANGUAGE.md; names are `[a-z_][a-z0-9_]*`",
@@ -283,10 +300,14 @@ impl Cx<'_> {
         }
         let in_ctx: Vec<_> = specs.iter().filter(|s| s.contexts.contains(&ctx)).collect();
         if in_ctx.is_empty() {
-            let mut allowed: Vec<&str> = specs.iter().flat_map(|s| s.contexts.iter().map(|c| c.name())).collect();
+            let mut allowed: Vec<&str> = specs
+                .iter()
+                .flat_map(|s| s.contexts.iter().map(|c| c.name()))
+                .collect();
             allowed.dedup();
             let help = if name == "location" && ctx == Ctx::Location {
-                "nested locations are not supported: move this location up into the server".to_string()
+                "nested locations are not supported: move this location up into the server"
+                    .to_string()
             } else {
                 format!("`{name}` is allowed in {}", allowed.join(", "))
             };
@@ -310,13 +331,23 @@ impl Cx<'_> {
         let Some(spec) = spec else {
             let s = in_ctx[0];
             let (msg, help) = if has_block {
-                (format!("`{name}` takes no block here"), format!("write `{}`", s.syntax))
+                (
+                    format!("`{name}` takes no block here"),
+                    format!("write `{}`", s.syntax),
+                )
             } else {
-                (format!("`{name}` needs a block here"), format!("write `{}`", s.syntax))
+                (
+                    format!("`{name}` needs a block here"),
+                    format!("write `{}`", s.syntax),
+                )
             };
             self.push(
                 Diagnostic::error("block_mismatch", d.name_span, msg)
-                    .label(if has_block { "unexpected block" } else { "missing `{ ... }`" })
+                    .label(if has_block {
+                        "unexpected block"
+                    } else {
+                        "missing `{ ... }`"
+                    })
                     .help(help),
             );
             return None;
@@ -337,9 +368,16 @@ impl Cx<'_> {
                 Diagnostic::error(
                     "wrong_argument_count",
                     span,
-                    format!("`{name}` takes {expected} argument{}, {n} given", if expected == "1" { "" } else { "s" }),
+                    format!(
+                        "`{name}` takes {expected} argument{}, {n} given",
+                        if expected == "1" { "" } else { "s" }
+                    ),
                 )
-                .label(if n > spec.args.1 { "unexpected argument" } else { "arguments missing" })
+                .label(if n > spec.args.1 {
+                    "unexpected argument"
+                } else {
+                    "arguments missing"
+                })
                 .help(format!("write `{}`", spec.syntax)),
             );
             return None;
@@ -358,7 +396,13 @@ impl Cx<'_> {
         out
     }
 
-    fn bad_arg(&mut self, code: &'static str, arg: &Arg, msg: impl Into<String>, help: impl Into<String>) {
+    fn bad_arg(
+        &mut self,
+        code: &'static str,
+        arg: &Arg,
+        msg: impl Into<String>,
+        help: impl Into<String>,
+    ) {
         self.bad_arg_labeled(code, arg, msg, "invalid value", help);
     }
 
@@ -370,14 +414,23 @@ impl Cx<'_> {
         label: impl Into<String>,
         help: impl Into<String>,
     ) {
-        self.push(Diagnostic::error(code, arg.span, msg).label(label).help(help));
+        self.push(
+            Diagnostic::error(code, arg.span, msg)
+                .label(label)
+                .help(help),
+        );
     }
 
     fn size(&mut self, arg: &Arg) -> Option<u64> {
         match value::parse_size(&arg.text()) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.bad_arg("invalid_size", arg, format!("bad size: {e}"), "sizes are bytes: `512`, `64k`, `10m`, `1g`");
+                self.bad_arg(
+                    "invalid_size",
+                    arg,
+                    format!("bad size: {e}"),
+                    "sizes are bytes: `512`, `64k`, `10m`, `1g`",
+                );
                 None
             }
         }
@@ -418,7 +471,12 @@ impl Cx<'_> {
             "on" => Some(true),
             "off" => Some(false),
             other => {
-                self.bad_arg("invalid_value", arg, format!("expected `on` or `off`, found `{other}`"), "write `on` or `off`");
+                self.bad_arg(
+                    "invalid_value",
+                    arg,
+                    format!("expected `on` or `off`, found `{other}`"),
+                    "write `on` or `off`",
+                );
                 None
             }
         }
@@ -441,15 +499,25 @@ impl Cx<'_> {
                 let mut ok = true;
                 for v in t.vars() {
                     match v {
-                        Var::Capture(n) if *n as usize > self.capture_count && !self.captures_unknown => {
+                        Var::Capture(n)
+                            if *n as usize > self.capture_count && !self.captures_unknown =>
+                        {
                             ok = false;
-                            let msg = format!("`${n}` refers to a capture that does not exist here");
+                            let msg =
+                                format!("`${n}` refers to a capture that does not exist here");
                             let help = if self.capture_count == 0 {
                                 "captures come from a regex location or a `rewrite` regex; there is none here".to_string()
                             } else {
-                                format!("the regex here has {} capture group(s)", self.capture_count)
+                                format!(
+                                    "the regex here has {} capture group(s)",
+                                    self.capture_count
+                                )
                             };
-                            self.push(Diagnostic::error("unknown_variable", arg.span, msg).label("no such capture").help(help));
+                            self.push(
+                                Diagnostic::error("unknown_variable", arg.span, msg)
+                                    .label("no such capture")
+                                    .help(help),
+                            );
                         }
                         _ => {}
                     }
@@ -472,7 +540,11 @@ impl Cx<'_> {
                     } else {
                         ("unknown_variable", "cannot be evaluated here")
                     };
-                    self.push(Diagnostic::error(code, span, e.message).label(label).help(e.help));
+                    self.push(
+                        Diagnostic::error(code, span, e.message)
+                            .label(label)
+                            .help(e.help),
+                    );
                 }
                 None
             }
@@ -494,7 +566,9 @@ impl Cx<'_> {
                 }
             };
             let mut end = p + "jwt_claim_".len();
-            while end < v.len() && (v.as_bytes()[end].is_ascii_alphanumeric() || v.as_bytes()[end] == b'_') {
+            while end < v.len()
+                && (v.as_bytes()[end].is_ascii_alphanumeric() || v.as_bytes()[end] == b'_')
+            {
                 end += 1;
             }
             if v.as_bytes()[start + 1] == b'{' && v.as_bytes().get(end) == Some(&b'}') {
@@ -529,17 +603,28 @@ impl Cx<'_> {
         let full = if p.is_absolute() {
             p.to_path_buf()
         } else {
-            let dir = self.sources.path(arg.span.file).parent().map(Path::to_path_buf).unwrap_or_default();
+            let dir = self
+                .sources
+                .path(arg.span.file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             dir.join(p)
         };
-        if must_exist && self.check_files
-            && let Err(e) = std::fs::File::open(&full) {
-                self.push(
-                    Diagnostic::error("unreadable_file", arg.span, format!("cannot read `{}`", full.display()))
-                        .label(e.to_string())
-                        .help("check the path; it is relative to the directory of this config file"),
-                );
-            }
+        if must_exist
+            && self.check_files
+            && let Err(e) = std::fs::File::open(&full)
+        {
+            self.push(
+                Diagnostic::error(
+                    "unreadable_file",
+                    arg.span,
+                    format!("cannot read `{}`", full.display()),
+                )
+                .label(e.to_string())
+                .help("check the path; it is relative to the directory of this config file"),
+            );
+        }
         full
     }
 
@@ -547,22 +632,46 @@ impl Cx<'_> {
         let pattern = arg.text();
         if let Err(e) = regex_syntax::ast::parse::Parser::new().parse(&pattern) {
             let s = e.span();
-            let span = self.arg_sub_span(arg, s.start.offset, s.end.offset.max(s.start.offset + 1).min(pattern.len().max(1)));
+            let span = self.arg_sub_span(
+                arg,
+                s.start.offset,
+                s.end
+                    .offset
+                    .max(s.start.offset + 1)
+                    .min(pattern.len().max(1)),
+            );
             self.push(
-                Diagnostic::error("invalid_regex", span, format!("invalid regex: {}", e.kind()))
-                    .label(e.kind().to_string())
-                    .help("regexes use Rust regex syntax (PCRE-like); quote a regex with `{`, `}` or `;`"),
+                Diagnostic::error(
+                    "invalid_regex",
+                    span,
+                    format!("invalid regex: {}", e.kind()),
+                )
+                .label(e.kind().to_string())
+                .help(
+                    "regexes use Rust regex syntax (PCRE-like); quote a regex with `{`, `}` or `;`",
+                ),
             );
             return None;
         }
-        let built = regex::RegexBuilder::new(&pattern).case_insensitive(caseless).size_limit(1 << 22).build();
+        let built = regex::RegexBuilder::new(&pattern)
+            .case_insensitive(caseless)
+            .size_limit(1 << 22)
+            .build();
         match built {
             Ok(r) => Some(r),
             Err(e) => {
                 self.push(
                     Diagnostic::error("invalid_regex", arg.span, "invalid regex")
-                        .label(e.to_string().lines().last().unwrap_or("invalid").to_string())
-                        .help("simplify the regex (look-around and backreferences are not supported)"),
+                        .label(
+                            e.to_string()
+                                .lines()
+                                .last()
+                                .unwrap_or("invalid")
+                                .to_string(),
+                        )
+                        .help(
+                            "simplify the regex (look-around and backreferences are not supported)",
+                        ),
                 );
                 None
             }
@@ -572,11 +681,18 @@ impl Cx<'_> {
     fn header_name(&mut self, arg: &Arg) -> Option<String> {
         let name = arg.text();
         let ok = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if ok {
             Some(name.to_ascii_lowercase())
         } else {
-            self.bad_arg("invalid_header_name", arg, format!("`{name}` is not a valid header name"), "header names are tokens like `X-User-Id`");
+            self.bad_arg(
+                "invalid_header_name",
+                arg,
+                format!("`{name}` is not a valid header name"),
+                "header names are tokens like `X-User-Id`",
+            );
             None
         }
     }
@@ -597,7 +713,12 @@ impl Cx<'_> {
             Some(Cidr { addr: ip, prefix })
         });
         if parsed.is_none() {
-            self.bad_arg("invalid_cidr", arg, format!("`{text}` is not an address or CIDR"), "write e.g. `10.0.0.0/8`, `192.168.1.10` or `::1`");
+            self.bad_arg(
+                "invalid_cidr",
+                arg,
+                format!("`{text}` is not an address or CIDR"),
+                "write e.g. `10.0.0.0/8`, `192.168.1.10` or `::1`",
+            );
         }
         parsed
     }
@@ -634,7 +755,12 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "~" => Modifier::Regex,
             "~*" => Modifier::RegexCaseless,
             other => {
-                cx.bad_arg("invalid_location_modifier", &d.args[0], format!("unknown location modifier `{other}`"), "use `=`, `^~`, `~` or `~*`");
+                cx.bad_arg(
+                    "invalid_location_modifier",
+                    &d.args[0],
+                    format!("unknown location modifier `{other}`"),
+                    "use `=`, `^~`, `~` or `~*`",
+                );
                 key_ok = false;
                 Modifier::Prefix
             }
@@ -645,17 +771,26 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         let t = a.text();
         if matches!(t.as_str(), "=" | "^~" | "~" | "~*") {
             cx.push(
-                Diagnostic::error("wrong_argument_count", a.span, "location has a modifier but no URI")
-                    .label("missing URI after this")
-                    .help("write `location = /path {`"),
+                Diagnostic::error(
+                    "wrong_argument_count",
+                    a.span,
+                    "location has a modifier but no URI",
+                )
+                .label("missing URI after this")
+                .help("write `location = /path {`"),
             );
             key_ok = false;
         }
         // NGINX also takes the modifier glued to the URI: `location =/x`,
         // `location ~*\.png$`, `location ^~/static/`.
-        let glued = [("~*", Modifier::RegexCaseless), ("^~", Modifier::PrefixNoRegex), ("~", Modifier::Regex), ("=", Modifier::Exact)]
-            .into_iter()
-            .find(|(m, _)| t.starts_with(m));
+        let glued = [
+            ("~*", Modifier::RegexCaseless),
+            ("^~", Modifier::PrefixNoRegex),
+            ("~", Modifier::Regex),
+            ("=", Modifier::Exact),
+        ]
+        .into_iter()
+        .find(|(m, _)| t.starts_with(m));
         match glued {
             Some((m, modifier)) => {
                 glued_uri = arg_tail(a, m.len());
@@ -675,7 +810,12 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         } else {
             format!("write `/{pattern}`")
         };
-        cx.bad_arg("invalid_location", uri, format!("location URI `{pattern}` does not start with `/`"), help);
+        cx.bad_arg(
+            "invalid_location",
+            uri,
+            format!("location URI `{pattern}` does not start with `/`"),
+            help,
+        );
         key_ok = false;
     }
     let saved = (
@@ -711,7 +851,8 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         .map(|c| c.name_span)
         .collect();
     let misspelled_handler = d.children().iter().any(|c| {
-        !schema::is_known_directive(&c.name) && did_you_mean(&c.name, ["proxy_pass", "return", "aggregate"]).is_some()
+        !schema::is_known_directive(&c.name)
+            && did_you_mean(&c.name, ["proxy_pass", "return", "aggregate"]).is_some()
     });
     for extra in handlers.iter().skip(1) {
         cx.push(
@@ -741,7 +882,12 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
 /// a span that stays exact where [`Cx::arg_sub_span`] can be exact.
 fn arg_tail(a: &Arg, n: usize) -> Arg {
     let value = a.value.get(n..).unwrap_or("").to_string();
-    let literal_dollars = a.literal_dollars.iter().filter(|o| **o >= n).map(|o| o - n).collect();
+    let literal_dollars = a
+        .literal_dollars
+        .iter()
+        .filter(|o| **o >= n)
+        .map(|o| o - n)
+        .collect();
     match a.quote {
         None => Arg {
             raw: value.clone(),
@@ -786,7 +932,9 @@ fn host_port(text: &str, default_port: Option<u16>) -> Option<(String, u16)> {
         None => (text, default_port?),
     };
     let host_ok = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
     host_ok.then(|| (host.to_ascii_lowercase(), port))
 }
 
@@ -811,10 +959,14 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         let mut set_balance = |cx: &mut Cx<'_>, b: Balance| {
             if let Some((_, first)) = &balance {
                 cx.push(
-                    Diagnostic::error("conflicting_balance", m.name_span, format!("upstream `{name}` has two balancing methods"))
-                        .label("second method")
-                        .secondary(*first, "first method here")
-                        .help("keep one of `least_conn`, `random`, `ip_hash`, `hash`"),
+                    Diagnostic::error(
+                        "conflicting_balance",
+                        m.name_span,
+                        format!("upstream `{name}` has two balancing methods"),
+                    )
+                    .label("second method")
+                    .secondary(*first, "first method here")
+                    .help("keep one of `least_conn`, `random`, `ip_hash`, `hash`"),
                 );
             } else {
                 balance = Some((b, m.name_span));
@@ -830,14 +982,24 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "random" => match m.args.first().map(|a| a.text()) {
                 None => set_balance(cx, Balance::Random { two: false }),
                 Some(t) if t == "two" => set_balance(cx, Balance::Random { two: true }),
-                Some(t) => cx.bad_arg("invalid_value", &m.args[0], format!("unknown `random` option `{t}`"), "write `random;` or `random two;`"),
+                Some(t) => cx.bad_arg(
+                    "invalid_value",
+                    &m.args[0],
+                    format!("unknown `random` option `{t}`"),
+                    "write `random;` or `random two;`",
+                ),
             },
             "hash" => {
                 let consistent = match m.args.get(1).map(|a| a.text()) {
                     None => false,
                     Some(t) if t == "consistent" => true,
                     Some(t) => {
-                        cx.bad_arg("invalid_value", &m.args[1], format!("unknown `hash` option `{t}`"), "write `hash KEY consistent;`");
+                        cx.bad_arg(
+                            "invalid_value",
+                            &m.args[1],
+                            format!("unknown `hash` option `{t}`"),
+                            "write `hash KEY consistent;`",
+                        );
                         false
                     }
                 };
@@ -845,7 +1007,11 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     set_balance(cx, Balance::Hash { key, consistent });
                 }
             }
-            "keepalive" => keepalive = cx.number(&m.args[0], "connection count").unwrap_or(keepalive),
+            "keepalive" => {
+                keepalive = cx
+                    .number(&m.args[0], "connection count")
+                    .unwrap_or(keepalive)
+            }
             "health_check" => health_check = health_check_params(cx, m),
             _ => {}
         }
@@ -853,27 +1019,40 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     cx.jwt_claim_uses = saved_claims;
     if servers.is_empty() && ok {
         cx.push(
-            Diagnostic::error("empty_upstream", d.args[0].span, format!("upstream `{name}` has no servers"))
-                .label("no `server` inside")
-                .help("add `server HOST:PORT;`"),
+            Diagnostic::error(
+                "empty_upstream",
+                d.args[0].span,
+                format!("upstream `{name}` has no servers"),
+            )
+            .label("no `server` inside")
+            .help("add `server HOST:PORT;`"),
         );
     }
     if !servers.is_empty() && servers.iter().all(|s| s.backup) {
         cx.push(
-            Diagnostic::error("only_backup_servers", d.args[0].span, format!("upstream `{name}` has only backup servers"))
-                .label("no primary server")
-                .help("remove `backup` from at least one server"),
+            Diagnostic::error(
+                "only_backup_servers",
+                d.args[0].span,
+                format!("upstream `{name}` has only backup servers"),
+            )
+            .label("no primary server")
+            .help("remove `backup` from at least one server"),
         );
     }
     if let Some((b @ (Balance::IpHash | Balance::Hash { .. }), span)) = &balance
-        && servers.iter().any(|s| s.backup) {
-            let _ = b;
-            cx.push(
-                Diagnostic::error("backup_with_hash", *span, "`backup` servers cannot be used with hash balancing")
-                    .label("hash balancing here")
-                    .help("as in NGINX: drop `backup` or use another balancing method"),
-            );
-        }
+        && servers.iter().any(|s| s.backup)
+    {
+        let _ = b;
+        cx.push(
+            Diagnostic::error(
+                "backup_with_hash",
+                *span,
+                "`backup` servers cannot be used with hash balancing",
+            )
+            .label("hash balancing here")
+            .help("as in NGINX: drop `backup` or use another balancing method"),
+        );
+    }
     Some(Setting::Upstream(Upstream {
         name,
         span: d.args[0].span,
@@ -884,10 +1063,19 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     }))
 }
 
-fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Option<UpstreamServer> {
+fn upstream_server(
+    cx: &mut Cx<'_>,
+    m: &Directive,
+    resolve_ttl: Duration,
+) -> Option<UpstreamServer> {
     let addr = &m.args[0];
     let Some((host, port)) = host_port(&addr.text(), Some(80)) else {
-        cx.bad_arg("invalid_address", addr, format!("`{}` is not a HOST:PORT address", addr.text()), "write e.g. `127.0.0.1:3001` or `users.internal:3001`");
+        cx.bad_arg(
+            "invalid_address",
+            addr,
+            format!("`{}` is not a HOST:PORT address", addr.text()),
+            "write e.g. `127.0.0.1:3001` or `users.internal:3001`",
+        );
         return None;
     };
     let mut s = UpstreamServer {
@@ -910,21 +1098,36 @@ fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Opt
                 Ok(w) if (1..=1000).contains(&w) => s.weight = w,
                 _ => {
                     ok = false;
-                    cx.bad_arg("invalid_number", a, format!("bad weight `{v}`"), "weight is a whole number from 1 to 1000");
+                    cx.bad_arg(
+                        "invalid_number",
+                        a,
+                        format!("bad weight `{v}`"),
+                        "weight is a whole number from 1 to 1000",
+                    );
                 }
             },
             Some(("max_fails", v)) => match v.parse::<u32>() {
                 Ok(n) => s.max_fails = n,
                 Err(_) => {
                     ok = false;
-                    cx.bad_arg("invalid_number", a, format!("bad max_fails `{v}`"), "max_fails is a whole number (0 = never mark down)");
+                    cx.bad_arg(
+                        "invalid_number",
+                        a,
+                        format!("bad max_fails `{v}`"),
+                        "max_fails is a whole number (0 = never mark down)",
+                    );
                 }
             },
             Some(("fail_timeout", v)) => match value::parse_duration(v) {
                 Ok(d) => s.fail_timeout = d,
                 Err(e) => {
                     ok = false;
-                    cx.bad_arg("invalid_duration", a, format!("bad fail_timeout: {e}"), "write e.g. `fail_timeout=10s`");
+                    cx.bad_arg(
+                        "invalid_duration",
+                        a,
+                        format!("bad fail_timeout: {e}"),
+                        "write e.g. `fail_timeout=10s`",
+                    );
                 }
             },
             None if t == "backup" => s.backup = true,
@@ -940,7 +1143,11 @@ fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Opt
             }
         }
     }
-    if !s.resolve && s.host.parse::<IpAddr>().is_err() && !s.host.starts_with('[') && s.host != "localhost" {
+    if !s.resolve
+        && s.host.parse::<IpAddr>().is_err()
+        && !s.host.starts_with('[')
+        && s.host != "localhost"
+    {
         // Resolved once at load time; fine, but say nothing: NGINX does the same.
     }
     ok.then_some(s)
@@ -964,21 +1171,36 @@ fn health_check_params(cx: &mut Cx<'_>, m: &Directive) -> Option<HealthCheck> {
             }
             Some(("interval", v)) => value::parse_duration(v).map(|d| h.interval = d),
             Some(("timeout", v)) => value::parse_duration(v).map(|d| h.timeout = d),
-            Some(("fails", v)) => v.parse().map(|n| h.fails = n).map_err(|_| format!("bad number `{v}`")),
-            Some(("passes", v)) => v.parse().map(|n| h.passes = n).map_err(|_| format!("bad number `{v}`")),
+            Some(("fails", v)) => v
+                .parse()
+                .map(|n| h.fails = n)
+                .map_err(|_| format!("bad number `{v}`")),
+            Some(("passes", v)) => v
+                .parse()
+                .map(|n| h.passes = n)
+                .map_err(|_| format!("bad number `{v}`")),
             _ => Err(format!("unknown health_check parameter `{t}`")),
         };
         if let Err(e) = r {
             ok = false;
-            cx.bad_arg("invalid_value", a, e, "write `health_check uri=/healthz interval=5s timeout=1s fails=3 passes=2;`");
+            cx.bad_arg(
+                "invalid_value",
+                a,
+                e,
+                "write `health_check uri=/healthz interval=5s timeout=1s fails=3 passes=2;`",
+            );
         }
     }
     if h.interval.is_zero() || h.fails == 0 || h.passes == 0 {
         ok = false;
         cx.push(
-            Diagnostic::error("invalid_value", m.args_span(), "health_check interval, fails and passes must be positive")
-                .label("here")
-                .help("e.g. `interval=5s fails=3 passes=2`"),
+            Diagnostic::error(
+                "invalid_value",
+                m.args_span(),
+                "health_check interval, fails and passes must be positive",
+            )
+            .label("here")
+            .help("e.g. `interval=5s fails=3 passes=2`"),
         );
     }
     ok.then_some(h)
@@ -1037,7 +1259,12 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => "algorithms: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA".into(),
                         };
-                        cx.bad_arg("unknown_algorithm", a, format!("unknown JWT algorithm `{t}`"), help);
+                        cx.bad_arg(
+                            "unknown_algorithm",
+                            a,
+                            format!("unknown JWT algorithm `{t}`"),
+                            help,
+                        );
                     }
                 }
             }
@@ -1053,20 +1280,35 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 if let Some(t) = cx.template(&m.args[0]) {
                     match t.as_literal() {
                         Some(s) if !s.is_empty() => keys.push((JwtKeySource::Secret(s), m.span)),
-                        _ => cx.bad_arg("invalid_value", &m.args[0], "the secret must be a non-empty fixed value", "write `secret $env_JWT_SECRET;`"),
+                        _ => cx.bad_arg(
+                            "invalid_value",
+                            &m.args[0],
+                            "the secret must be a non-empty fixed value",
+                            "write `secret $env_JWT_SECRET;`",
+                        ),
                     }
                 }
             }
             "jwks_url" => {
                 let url = m.args[0].text();
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    cx.bad_arg("invalid_url", &m.args[0], format!("`{url}` is not an http(s) URL"), "write `jwks_url https://auth.example.com/.well-known/jwks.json;`");
+                    cx.bad_arg(
+                        "invalid_url",
+                        &m.args[0],
+                        format!("`{url}` is not an http(s) URL"),
+                        "write `jwks_url https://auth.example.com/.well-known/jwks.json;`",
+                    );
                 }
                 let mut refresh = Duration::from_secs(600);
                 if let Some(a) = m.args.get(1) {
                     match a.text().strip_prefix("refresh=").map(value::parse_duration) {
                         Some(Ok(r)) => refresh = r,
-                        _ => cx.bad_arg("invalid_value", a, format!("unknown jwks_url option `{}`", a.text()), "write `refresh=10m`"),
+                        _ => cx.bad_arg(
+                            "invalid_value",
+                            a,
+                            format!("unknown jwks_url option `{}`", a.text()),
+                            "write `refresh=10m`",
+                        ),
                     }
                 }
                 keys.push((JwtKeySource::JwksUrl { url, refresh }, m.span));
@@ -1082,7 +1324,12 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     "cookie" => TokenFrom::Cookie(v),
                     "query" => TokenFrom::Query(v),
                     other => {
-                        cx.bad_arg("invalid_value", &m.args[0], format!("unknown token source `{other}`"), "write `token_from header NAME`, `cookie NAME` or `query NAME`");
+                        cx.bad_arg(
+                            "invalid_value",
+                            &m.args[0],
+                            format!("unknown token source `{other}`"),
+                            "write `token_from header NAME`, `cookie NAME` or `query NAME`",
+                        );
                         def.token_from.clone()
                     }
                 };
@@ -1107,25 +1354,39 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         return None;
     }
     match keys.len() {
-        0 if d.children().iter().any(|c| matches!(c.name.as_str(), "key_file" | "secret" | "jwks_file" | "jwks_url")) => {
+        0 if d.children().iter().any(|c| {
+            matches!(
+                c.name.as_str(),
+                "key_file" | "secret" | "jwks_file" | "jwks_url"
+            )
+        }) =>
+        {
             // Written but invalid (say, an unset `$env_`): already reported.
             return None;
         }
         0 => {
             cx.push(
-                Diagnostic::error("missing_directive", name_span, format!("`auth_jwt {name}` has no key"))
-                    .label("no key source inside")
-                    .help("add one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
+                Diagnostic::error(
+                    "missing_directive",
+                    name_span,
+                    format!("`auth_jwt {name}` has no key"),
+                )
+                .label("no key source inside")
+                .help("add one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
             );
             return None;
         }
         1 => {}
         _ => {
             cx.push(
-                Diagnostic::error("conflicting_keys", keys[1].1, format!("`auth_jwt {name}` has more than one key source"))
-                    .label("second key source")
-                    .secondary(keys[0].1, "first key source")
-                    .help("keep one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
+                Diagnostic::error(
+                    "conflicting_keys",
+                    keys[1].1,
+                    format!("`auth_jwt {name}` has more than one key source"),
+                )
+                .label("second key source")
+                .secondary(keys[0].1, "first key source")
+                .help("keep one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
             );
             return None;
         }
@@ -1134,7 +1395,11 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let hmac = algorithms.iter().any(|a| a.is_hmac());
     let asym = algorithms.iter().any(|a| !a.is_hmac());
     let is_secret = matches!(source, JwtKeySource::Secret(_));
-    let fits = if is_secret { hmac && !asym } else { asym && !hmac };
+    let fits = if is_secret {
+        hmac && !asym
+    } else {
+        asym && !hmac
+    };
     if !fits {
         cx.push(
             Diagnostic::error("jwt_key_mismatch", alg_span.unwrap_or(name_span), "the algorithms do not fit the key")
@@ -1165,7 +1430,12 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
             "key" => key = cx.template(a).unwrap_or(key),
             "rate" => match value::parse_rate(&a.text()) {
                 Ok(r) => rate = Some(r),
-                Err(e) => cx.bad_arg("invalid_rate", a, format!("bad rate: {e}"), "rates are `10r/s`, `100r/m`, `100r/15m`, `5000r/h`"),
+                Err(e) => cx.bad_arg(
+                    "invalid_rate",
+                    a,
+                    format!("bad rate: {e}"),
+                    "rates are `10r/s`, `100r/m`, `100r/15m`, `5000r/h`",
+                ),
             },
             "burst" => burst = cx.number(a, "request count").unwrap_or(0),
             "store" => {
@@ -1175,18 +1445,33 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
                 } else if t.starts_with("redis://") {
                     store = RateStore::Redis(t);
                 } else {
-                    cx.bad_arg("invalid_value", a, format!("unknown store `{t}`"), "write `store memory;` or `store redis://127.0.0.1:6379/0;`");
+                    cx.bad_arg(
+                        "invalid_value",
+                        a,
+                        format!("unknown store `{t}`"),
+                        "write `store memory;` or `store redis://127.0.0.1:6379/0;`",
+                    );
                 }
             }
             "max_keys" => match cx.number::<u64>(a, "key count") {
-                Some(0) => cx.bad_arg("invalid_number", a, "max_keys must be at least 1", "e.g. `max_keys 1000000;`"),
+                Some(0) => cx.bad_arg(
+                    "invalid_number",
+                    a,
+                    "max_keys must be at least 1",
+                    "e.g. `max_keys 1000000;`",
+                ),
                 Some(n) => max_keys = n,
                 None => {}
             },
             "on_store_error" => match a.text().as_str() {
                 "allow" => allow = true,
                 "deny" => allow = false,
-                other => cx.bad_arg("invalid_value", a, format!("expected `allow` or `deny`, found `{other}`"), "write `on_store_error allow;` or `deny`"),
+                other => cx.bad_arg(
+                    "invalid_value",
+                    a,
+                    format!("expected `allow` or `deny`, found `{other}`"),
+                    "write `on_store_error allow;` or `deny`",
+                ),
             },
             _ => {}
         }
@@ -1198,9 +1483,13 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
             return None;
         }
         cx.push(
-            Diagnostic::error("missing_directive", d.args[0].span, format!("`rate_limit {name}` has no rate"))
-                .label("no `rate` inside")
-                .help("add e.g. `rate 100r/15m;`"),
+            Diagnostic::error(
+                "missing_directive",
+                d.args[0].span,
+                format!("`rate_limit {name}` has no rate"),
+            )
+            .label("no `rate` inside")
+            .help("add e.g. `rate 100r/15m;`"),
         );
         return None;
     };
@@ -1224,7 +1513,11 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         max_size: 256 * 1024 * 1024,
         ttl: Duration::from_secs(600),
         key: Template {
-            pieces: vec![Piece::Var(Var::Scheme), Piece::Var(Var::Host), Piece::Var(Var::RequestUri)],
+            pieces: vec![
+                Piece::Var(Var::Scheme),
+                Piece::Var(Var::Host),
+                Piece::Var(Var::RequestUri),
+            ],
         },
         stale_while_revalidate: Duration::ZERO,
         stale_if_error: Duration::ZERO,
@@ -1240,7 +1533,9 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "max_entry_size" => entry = cx.size(a),
             "ttl" => c.ttl = cx.duration(a).unwrap_or(c.ttl),
             "key" => c.key = cx.template(a).unwrap_or(c.key.clone()),
-            "stale_while_revalidate" => c.stale_while_revalidate = cx.duration(a).unwrap_or_default(),
+            "stale_while_revalidate" => {
+                c.stale_while_revalidate = cx.duration(a).unwrap_or_default()
+            }
             "stale_if_error" => c.stale_if_error = cx.duration(a).unwrap_or_default(),
             "methods" => {
                 c.methods.clear();
@@ -1249,7 +1544,12 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     if matches!(t.as_str(), "GET" | "HEAD" | "POST") {
                         c.methods.push(t);
                     } else {
-                        cx.bad_arg("invalid_value", a, format!("method `{t}` cannot be cached"), "cacheable methods: GET, HEAD, POST");
+                        cx.bad_arg(
+                            "invalid_value",
+                            a,
+                            format!("method `{t}` cannot be cached"),
+                            "cacheable methods: GET, HEAD, POST",
+                        );
                     }
                 }
             }
@@ -1286,7 +1586,12 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         match m.name.as_str() {
             "listen" => match socket_addr(&a.text()) {
                 Some(addr) => listen = Some((addr, a.span)),
-                None => cx.bad_arg("invalid_address", a, format!("`{}` is not an address", a.text()), "write `listen 127.0.0.1:9901;`"),
+                None => cx.bad_arg(
+                    "invalid_address",
+                    a,
+                    format!("`{}` is not an address", a.text()),
+                    "write `listen 127.0.0.1:9901;`",
+                ),
             },
             "allow" => {
                 if let Some(c) = cx.cidr(a) {
@@ -1309,12 +1614,20 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     };
     if !addr.ip().is_loopback() && allow.is_empty() {
         cx.push(
-            Diagnostic::error("admin_public", span, "the admin listener is reachable from other hosts")
-                .label("not a loopback address")
-                .help("listen on 127.0.0.1, or add `allow CIDR;` lines naming who may reach it"),
+            Diagnostic::error(
+                "admin_public",
+                span,
+                "the admin listener is reachable from other hosts",
+            )
+            .label("not a loopback address")
+            .help("listen on 127.0.0.1, or add `allow CIDR;` lines naming who may reach it"),
         );
     }
-    Some(Setting::Admin(Admin { listen: addr, allow, span }))
+    Some(Setting::Admin(Admin {
+        listen: addr,
+        allow,
+        span,
+    }))
 }
 
 pub(crate) fn worker_threads(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
@@ -1325,7 +1638,12 @@ pub(crate) fn worker_threads(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
     match cx.number::<usize>(a, "thread count") {
         Some(n) if (1..=1024).contains(&n) => Some(Setting::WorkerThreads(Some(n))),
         Some(_) => {
-            cx.bad_arg("invalid_number", a, "worker_threads must be from 1 to 1024", "write a number or `auto`");
+            cx.bad_arg(
+                "invalid_number",
+                a,
+                "worker_threads must be from 1 to 1024",
+                "write a number or `auto`",
+            );
             None
         }
         None => None,
@@ -1351,7 +1669,12 @@ pub(crate) fn error_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "warn" => LogLevel::Warn,
             "error" | "crit" | "alert" | "emerg" => LogLevel::Error,
             other => {
-                cx.bad_arg("invalid_value", &d.args[1], format!("unknown log level `{other}`"), "levels: trace, debug, info, warn, error");
+                cx.bad_arg(
+                    "invalid_value",
+                    &d.args[1],
+                    format!("unknown log level `{other}`"),
+                    "levels: trace, debug, info, warn, error",
+                );
                 return None;
             }
         },
@@ -1362,7 +1685,12 @@ pub(crate) fn error_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
 pub(crate) fn access_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     if d.args[0].text() == "off" {
         if d.args.len() > 1 {
-            cx.bad_arg("wrong_argument_count", &d.args[1], "`access_log off` takes nothing more", "write `access_log off;`");
+            cx.bad_arg(
+                "wrong_argument_count",
+                &d.args[1],
+                "`access_log off` takes nothing more",
+                "write `access_log off;`",
+            );
         }
         return Some(Setting::AccessLog(AccessLog::Off));
     }
@@ -1372,7 +1700,12 @@ pub(crate) fn access_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Some(f) if f == "json" => AccessLogFormat::Json,
         Some(f) if f == "combined" => AccessLogFormat::Combined,
         Some(f) => {
-            cx.bad_arg("invalid_value", &d.args[1], format!("unknown access log format `{f}`"), "formats: json, combined");
+            cx.bad_arg(
+                "invalid_value",
+                &d.args[1],
+                format!("unknown access log format `{f}`"),
+                "formats: json, combined",
+            );
             return None;
         }
     };
@@ -1386,7 +1719,12 @@ pub(crate) fn shutdown_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting
 pub(crate) fn listen(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let a = &d.args[0];
     let Some(addr) = socket_addr(&a.text()) else {
-        cx.bad_arg("invalid_address", a, format!("`{}` is not a listen address", a.text()), "write `listen 8080;`, `listen 127.0.0.1:8080;` or `listen [::1]:8080;`");
+        cx.bad_arg(
+            "invalid_address",
+            a,
+            format!("`{}` is not a listen address", a.text()),
+            "write `listen 8080;`, `listen 127.0.0.1:8080;` or `listen [::1]:8080;`",
+        );
         return None;
     };
     let mut l = Listen {
@@ -1401,7 +1739,12 @@ pub(crate) fn listen(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "ssl" => l.ssl = true,
             "http2" => l.http2 = true,
             "default_server" | "default" => l.default_server = true,
-            other => cx.bad_arg("invalid_value", o, format!("unknown listen option `{other}`"), "options: ssl, http2, default_server"),
+            other => cx.bad_arg(
+                "invalid_value",
+                o,
+                format!("unknown listen option `{other}`"),
+                "options: ssl, http2, default_server",
+            ),
         }
     }
     Some(Setting::Listen(l))
@@ -1417,15 +1760,26 @@ pub(crate) fn server_name(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 names.push(ServerName::Regex(r));
             }
         } else if let Some(rest) = t.strip_prefix("*.") {
-            names.push(ServerName::LeadingWildcard(format!(".{}", rest.to_ascii_lowercase())));
+            names.push(ServerName::LeadingWildcard(format!(
+                ".{}",
+                rest.to_ascii_lowercase()
+            )));
         } else if let Some(rest) = t.strip_suffix(".*") {
-            names.push(ServerName::TrailingWildcard(format!("{}.", rest.to_ascii_lowercase())));
+            names.push(ServerName::TrailingWildcard(format!(
+                "{}.",
+                rest.to_ascii_lowercase()
+            )));
         } else if let Some(rest) = t.strip_prefix('.') {
             // NGINX: `.example.com` is `example.com` and `*.example.com`.
             names.push(ServerName::Exact(rest.to_ascii_lowercase()));
             names.push(ServerName::LeadingWildcard(t.to_ascii_lowercase()));
         } else if t.contains('*') {
-            cx.bad_arg("invalid_server_name", a, format!("`{t}`: a wildcard must be the first or last label"), "write `*.example.com` or `www.example.*`, or use `~regex`");
+            cx.bad_arg(
+                "invalid_server_name",
+                a,
+                format!("`{t}`: a wildcard must be the first or last label"),
+                "write `*.example.com` or `www.example.*`, or use `~regex`",
+            );
         } else {
             names.push(ServerName::Exact(t.to_ascii_lowercase()));
         }
@@ -1442,7 +1796,9 @@ pub(crate) fn ssl_certificate_key(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
 }
 
 pub(crate) fn proxy_ssl_trusted_certificate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
-    Some(Setting::ProxySslTrustedCertificate(cx.path(&d.args[0], true)))
+    Some(Setting::ProxySslTrustedCertificate(
+        cx.path(&d.args[0], true),
+    ))
 }
 
 pub(crate) fn client_header_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
@@ -1458,7 +1814,12 @@ pub(crate) fn client_max_header_size(cx: &mut Cx<'_>, d: &Directive) -> Option<S
     match cx.size(&d.args[0]) {
         Some(n) if n >= 1024 => Some(Setting::ClientMaxHeaderSize(n)),
         Some(_) => {
-            cx.bad_arg("invalid_size", &d.args[0], "client_max_header_size must be at least 1k", "e.g. `client_max_header_size 32k;`");
+            cx.bad_arg(
+                "invalid_size",
+                &d.args[0],
+                "client_max_header_size must be at least 1k",
+                "e.g. `client_max_header_size 32k;`",
+            );
             None
         }
         None => None,
@@ -1467,7 +1828,12 @@ pub(crate) fn client_max_header_size(cx: &mut Cx<'_>, d: &Directive) -> Option<S
 pub(crate) fn max_connections(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     match cx.number::<usize>(&d.args[0], "connection count") {
         Some(0) => {
-            cx.bad_arg("invalid_number", &d.args[0], "max_connections must be at least 1", "e.g. `max_connections 10000;`");
+            cx.bad_arg(
+                "invalid_number",
+                &d.args[0],
+                "max_connections must be at least 1",
+                "e.g. `max_connections 10000;`",
+            );
             None
         }
         n => n.map(Setting::MaxConnections),
@@ -1490,7 +1856,12 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<UrlParts<
     } else if let Some(r) = text.strip_prefix("https://") {
         (true, r, 8)
     } else {
-        cx.bad_arg("invalid_url", a, format!("`{text}` is not an http:// or https:// URL"), "write `proxy_pass http://UPSTREAM;` or `http://HOST:PORT/URI`");
+        cx.bad_arg(
+            "invalid_url",
+            a,
+            format!("`{text}` is not an http:// or https:// URL"),
+            "write `proxy_pass http://UPSTREAM;` or `http://HOST:PORT/URI`",
+        );
         return None;
     };
     // The authority ends at the first `/`, or where a variable starts the
@@ -1504,14 +1875,19 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<UrlParts<
         None => (rest, None),
     };
     let var_follows = split.is_some_and(|i| rest[i..].starts_with('$'));
-    let known_host = cx.defs.upstreams.iter().any(|(n, _)| n == authority) || host_port(authority, None).is_some();
+    let known_host = cx.defs.upstreams.iter().any(|(n, _)| n == authority)
+        || host_port(authority, None).is_some();
     if var_follows && !known_host {
         let host_end = rest.find('/').unwrap_or(rest.len());
         let span = cx.arg_sub_span(a, off, off + host_end);
         cx.push(
-            Diagnostic::error("unsupported", span, "variables in the upstream host are not supported")
-                .label("the host is built from a variable")
-                .help("name an `upstream` or write `host:port`; variables may follow in the URI part"),
+            Diagnostic::error(
+                "unsupported",
+                span,
+                "variables in the upstream host are not supported",
+            )
+            .label("the host is built from a variable")
+            .help("name an `upstream` or write `host:port`; variables may follow in the URI part"),
         );
         return None;
     }
@@ -1529,7 +1905,9 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<UrlParts<
     match host_port(authority, None) {
         Some((host, port)) => Some((tls, ProxyTarget::Address { host, port }, uri)),
         None => {
-            let suggestion = did_you_mean(authority, cx.defs.upstreams.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+            let suggestion =
+                did_you_mean(authority, cx.defs.upstreams.iter().map(|(n, _)| n.as_str()))
+                    .map(str::to_string);
             cx.mark_suggested_used(DefKind::Upstream, suggestion.as_deref());
             let span = cx.arg_sub_span(a, off, off + authority.len());
             cx.push(
@@ -1554,7 +1932,12 @@ pub(crate) fn proxy_pass(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Some((u, off)) => {
             let sub = Arg {
                 value: u.to_string(),
-                literal_dollars: a.literal_dollars.iter().filter(|o| **o >= off).map(|o| o - off).collect(),
+                literal_dollars: a
+                    .literal_dollars
+                    .iter()
+                    .filter(|o| **o >= off)
+                    .map(|o| o - off)
+                    .collect(),
                 raw: u.to_string(),
                 quote: None,
                 span: cx.arg_sub_span(a, off, off + u.len()),
@@ -1571,20 +1954,32 @@ pub(crate) fn proxy_pass(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             Some(t)
         }
     };
-    Some(Setting::ProxyPass(ProxyPass { tls, target, uri, span: d.span }))
+    Some(Setting::ProxyPass(ProxyPass {
+        tls,
+        target,
+        uri,
+        span: d.span,
+    }))
 }
 
 pub(crate) fn return_(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let a = &d.args[0];
     let t = a.text();
-    if d.args.len() == 1 && (t.starts_with("http://") || t.starts_with("https://") || t.starts_with("$scheme")) {
+    if d.args.len() == 1
+        && (t.starts_with("http://") || t.starts_with("https://") || t.starts_with("$scheme"))
+    {
         let url = cx.template(a)?;
         return Some(Setting::Return(Return::Redirect { code: 302, url }));
     }
     let code: u16 = match t.parse() {
         Ok(c) if (100..=599).contains(&c) => c,
         _ => {
-            cx.bad_arg("invalid_status", a, format!("`{t}` is not an HTTP status code"), "write `return 404;`, `return 200 \"text\";` or `return 301 https://...;`");
+            cx.bad_arg(
+                "invalid_status",
+                a,
+                format!("`{t}` is not an HTTP status code"),
+                "write `return 404;`, `return 200 \"text\";` or `return 301 https://...;`",
+            );
             return None;
         }
     };
@@ -1596,7 +1991,10 @@ pub(crate) fn return_(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         }
         Some(txt) => {
             let text = cx.template(txt)?;
-            Some(Setting::Return(Return::Text { code, text: Some(text) }))
+            Some(Setting::Return(Return::Text {
+                code,
+                text: Some(text),
+            }))
         }
         None => Some(Setting::Return(Return::Text { code, text: None })),
     }
@@ -1619,7 +2017,12 @@ pub(crate) fn rewrite(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 return None;
             }
             other => {
-                cx.bad_arg("invalid_value", f, format!("unknown rewrite flag `{other}`"), "the only flag is `break`");
+                cx.bad_arg(
+                    "invalid_value",
+                    f,
+                    format!("unknown rewrite flag `{other}`"),
+                    "the only flag is `break`",
+                );
                 return None;
             }
         }
@@ -1637,7 +2040,8 @@ pub(crate) fn rewrite(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     }
     let saved = (cx.capture_count, cx.named_captures.clone());
     cx.capture_count = cx.capture_count.max(regex.captures_len() - 1);
-    cx.named_captures.extend(regex.capture_names().flatten().map(str::to_string));
+    cx.named_captures
+        .extend(regex.capture_names().flatten().map(str::to_string));
     let replacement = cx.template(&d.args[1]);
     cx.capture_count = saved.0;
     cx.named_captures = saved.1;
@@ -1658,24 +2062,35 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         let valid = !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid {
             ok = false;
-            cx.bad_arg("invalid_call_name", &m.args[0], format!("`{n}` is not a call name"), "call names are letters, digits and `_`");
+            cx.bad_arg(
+                "invalid_call_name",
+                &m.args[0],
+                format!("`{n}` is not a call name"),
+                "call names are letters, digits and `_`",
+            );
             continue;
         }
         if let Some((_, first)) = names.iter().find(|(x, _)| *x == n) {
             let first = *first;
             ok = false;
             cx.push(
-                Diagnostic::error("duplicate_call", m.args[0].span, format!("call `{n}` is defined twice"))
-                    .label("again here")
-                    .secondary(first, "first defined here")
-                    .help("give each call its own name"),
+                Diagnostic::error(
+                    "duplicate_call",
+                    m.args[0].span,
+                    format!("call `{n}` is defined twice"),
+                )
+                .label("again here")
+                .secondary(first, "first defined here")
+                .help("give each call its own name"),
             );
             continue;
         }
         let shadows = value::VAR_NAMES.contains(&n.as_str())
             || (n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
             || cx.named_captures.contains(&n)
-            || ["arg_", "http_", "cookie_", "jwt_claim_", "env_"].iter().any(|p| n.starts_with(p));
+            || ["arg_", "http_", "cookie_", "jwt_claim_", "env_"]
+                .iter()
+                .any(|p| n.starts_with(p));
         if shadows {
             ok = false;
             cx.bad_arg_labeled(
@@ -1709,10 +2124,19 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 let (u, off) = uri.unwrap_or(("/", text.len()));
                 let sub = Arg {
                     value: u.to_string(),
-                    literal_dollars: a.literal_dollars.iter().filter(|o| **o >= off).map(|o| o - off).collect(),
+                    literal_dollars: a
+                        .literal_dollars
+                        .iter()
+                        .filter(|o| **o >= off)
+                        .map(|o| o - off)
+                        .collect(),
                     raw: u.to_string(),
                     quote: None,
-                    span: if uri.is_some() { cx.arg_sub_span(a, off, off + u.len()) } else { a.span },
+                    span: if uri.is_some() {
+                        cx.arg_sub_span(a, off, off + u.len())
+                    } else {
+                        a.span
+                    },
                 };
                 let Some(t) = cx.template_with(&sub, &call_names) else {
                     ok = false;
@@ -1724,14 +2148,19 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                         if *call == n {
                             ok = false;
                             cx.push(
-                                Diagnostic::error("aggregate_cycle", a.span, format!("call `{n}` refers to itself"))
-                                    .label("self-reference")
-                                    .help("a call can only use fields of other calls"),
+                                Diagnostic::error(
+                                    "aggregate_cycle",
+                                    a.span,
+                                    format!("call `{n}` refers to itself"),
+                                )
+                                .label("self-reference")
+                                .help("a call can only use fields of other calls"),
                             );
                         } else if let Some(i) = call_names.iter().position(|c| c == call)
-                            && !deps.contains(&i) {
-                                deps.push(i);
-                            }
+                            && !deps.contains(&i)
+                        {
+                            deps.push(i);
+                        }
                     }
                 }
                 calls.push(AggregateCall {
@@ -1747,7 +2176,12 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "on_error" => match m.args[0].text().as_str() {
                 "partial" => partial = true,
                 "fail" => partial = false,
-                other => cx.bad_arg("invalid_value", &m.args[0], format!("expected `partial` or `fail`, found `{other}`"), "write `on_error partial;` or `on_error fail;`"),
+                other => cx.bad_arg(
+                    "invalid_value",
+                    &m.args[0],
+                    format!("expected `partial` or `fail`, found `{other}`"),
+                    "write `on_error partial;` or `on_error fail;`",
+                ),
             },
             _ => {}
         }
@@ -1770,14 +2204,27 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Err(cycle) => {
             let chain: Vec<&str> = cycle.iter().map(|i| calls[*i].name.as_str()).collect();
             cx.push(
-                Diagnostic::error("aggregate_cycle", calls[cycle[0]].span, "aggregate calls depend on each other in a cycle")
-                    .label("this call is part of the cycle")
-                    .help(format!("break the cycle: {} → {}", chain.join(" → "), chain[0])),
+                Diagnostic::error(
+                    "aggregate_cycle",
+                    calls[cycle[0]].span,
+                    "aggregate calls depend on each other in a cycle",
+                )
+                .label("this call is part of the cycle")
+                .help(format!(
+                    "break the cycle: {} → {}",
+                    chain.join(" → "),
+                    chain[0]
+                )),
             );
             return None;
         }
     };
-    Some(Setting::Aggregate(Aggregate { calls, timeout, partial, waves }))
+    Some(Setting::Aggregate(Aggregate {
+        calls,
+        timeout,
+        partial,
+        waves,
+    }))
 }
 
 /// Group calls into waves (Kahn's algorithm by levels); `Err` holds a cycle.
@@ -1788,7 +2235,13 @@ fn waves(calls: &[AggregateCall]) -> Result<Vec<Vec<usize>>, Vec<usize>> {
     let mut done = 0;
     while done < n {
         let ready: Vec<usize> = (0..n)
-            .filter(|&i| level[i].is_none() && calls[i].deps.iter().all(|d| level[*d].is_some_and(|l| l < out.len())))
+            .filter(|&i| {
+                level[i].is_none()
+                    && calls[i]
+                        .deps
+                        .iter()
+                        .all(|d| level[*d].is_some_and(|l| l < out.len()))
+            })
             .collect();
         if ready.is_empty() {
             // Find a cycle among the rest by walking dependencies.
@@ -1830,7 +2283,12 @@ pub(crate) fn add_header(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         None => false,
         Some(t) if t == "always" => true,
         Some(t) => {
-            cx.bad_arg("invalid_value", &d.args[2], format!("unknown add_header flag `{t}`"), "the only flag is `always`");
+            cx.bad_arg(
+                "invalid_value",
+                &d.args[2],
+                format!("unknown add_header flag `{t}`"),
+                "the only flag is `always`",
+            );
             return None;
         }
     };
@@ -1872,7 +2330,12 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
             "non_idempotent" => n.non_idempotent = true,
             "off" => off = Some(a.span),
             other => {
-                cx.bad_arg("invalid_value", a, format!("unknown condition `{other}`"), "conditions: error, timeout, http_502, http_503, http_504, non_idempotent, off");
+                cx.bad_arg(
+                    "invalid_value",
+                    a,
+                    format!("unknown condition `{other}`"),
+                    "conditions: error, timeout, http_502, http_503, http_504, non_idempotent, off",
+                );
                 return None;
             }
         }
@@ -1880,9 +2343,13 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
     if let Some(span) = off {
         if d.args.len() > 1 {
             cx.push(
-                Diagnostic::error("invalid_value", span, "`off` cannot be combined with other conditions")
-                    .label("here")
-                    .help("write `proxy_next_upstream off;` alone"),
+                Diagnostic::error(
+                    "invalid_value",
+                    span,
+                    "`off` cannot be combined with other conditions",
+                )
+                .label("here")
+                .help("write `proxy_next_upstream off;` alone"),
             );
             return None;
         }
@@ -1891,7 +2358,8 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
     Some(Setting::ProxyNextUpstream(n))
 }
 pub(crate) fn proxy_next_upstream_tries(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
-    cx.number(&d.args[0], "try count").map(Setting::ProxyNextUpstreamTries)
+    cx.number(&d.args[0], "try count")
+        .map(Setting::ProxyNextUpstreamTries)
 }
 pub(crate) fn client_max_body_size(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     cx.size(&d.args[0]).map(Setting::ClientMaxBodySize)
@@ -1926,7 +2394,8 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             _ => None,
         })
         .collect();
-    s.proxy_set_header.retain(|(n, _)| !set_names.contains(n.as_str()));
+    s.proxy_set_header
+        .retain(|(n, _)| !set_names.contains(n.as_str()));
     let add_names: HashSet<String> = items
         .iter()
         .filter_map(|i| match &i.setting {
@@ -1934,7 +2403,8 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             _ => None,
         })
         .collect();
-    s.add_header.retain(|h| !add_names.contains(&h.name.to_ascii_lowercase()));
+    s.add_header
+        .retain(|h| !add_names.contains(&h.name.to_ascii_lowercase()));
     for i in items {
         match &i.setting {
             Setting::ProxySetHeader(n, v) => {
@@ -1956,7 +2426,9 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             Setting::ProxyNextUpstream(n) => s.proxy_next_upstream = *n,
             Setting::ProxyNextUpstreamTries(n) => s.proxy_next_upstream_tries = *n,
             Setting::ClientMaxBodySize(n) => s.client_max_body_size = *n,
-            Setting::ProxySslTrustedCertificate(p) => s.proxy_ssl_trusted_certificate = Some(p.clone()),
+            Setting::ProxySslTrustedCertificate(p) => {
+                s.proxy_ssl_trusted_certificate = Some(p.clone())
+            }
             Setting::AuthJwt(p) => s.auth_jwt = *p,
             Setting::RateLimit(None) => s.rate_limits.clear(),
             Setting::RateLimit(Some(p)) => {
@@ -2047,10 +2519,14 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
         if let Some(name) = single {
             if let Some(first) = once.get(name) {
                 cx.push(
-                    Diagnostic::error("duplicate_directive", item.name_span, format!("`{name}` is set twice"))
-                        .label("set again here")
-                        .secondary(*first, "first set here")
-                        .help("keep one"),
+                    Diagnostic::error(
+                        "duplicate_directive",
+                        item.name_span,
+                        format!("`{name}` is set twice"),
+                    )
+                    .label("set again here")
+                    .secondary(*first, "first set here")
+                    .help("keep one"),
                 );
             } else {
                 once.insert(name, item.name_span);
@@ -2062,21 +2538,41 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::ShutdownTimeout(d) => config.shutdown_timeout = *d,
             Setting::Admin(a) => config.admin = Some(a.clone()),
             Setting::Upstream(u)
-                if cx.defs.upstreams.get(config.upstreams.len()).is_some_and(|(n, s)| *n == u.name && *s == u.span) => {
-                    config.upstreams.push(u.clone());
-                }
+                if cx
+                    .defs
+                    .upstreams
+                    .get(config.upstreams.len())
+                    .is_some_and(|(n, s)| *n == u.name && *s == u.span) =>
+            {
+                config.upstreams.push(u.clone());
+            }
             Setting::JwtDef(j)
-                if cx.defs.jwt.get(config.jwt.len()).is_some_and(|(n, s)| *n == j.name && *s == j.span) => {
-                    config.jwt.push(j.clone());
-                }
+                if cx
+                    .defs
+                    .jwt
+                    .get(config.jwt.len())
+                    .is_some_and(|(n, s)| *n == j.name && *s == j.span) =>
+            {
+                config.jwt.push(j.clone());
+            }
             Setting::RateLimitDef(r)
-                if cx.defs.rate_limits.get(config.rate_limits.len()).is_some_and(|(n, s)| *n == r.name && *s == r.span) => {
-                    config.rate_limits.push(r.clone());
-                }
+                if cx
+                    .defs
+                    .rate_limits
+                    .get(config.rate_limits.len())
+                    .is_some_and(|(n, s)| *n == r.name && *s == r.span) =>
+            {
+                config.rate_limits.push(r.clone());
+            }
             Setting::CacheDef(c)
-                if cx.defs.caches.get(config.caches.len()).is_some_and(|(n, s)| *n == c.name && *s == c.span) => {
-                    config.caches.push(c.clone());
-                }
+                if cx
+                    .defs
+                    .caches
+                    .get(config.caches.len())
+                    .is_some_and(|(n, s)| *n == c.name && *s == c.span) =>
+            {
+                config.caches.push(c.clone());
+            }
             Setting::Server(s) => server_items.push((s, item.span)),
             _ => {}
         }
@@ -2087,12 +2583,31 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
         && config.caches.len() == cx.defs.caches.len();
 
     for (draft, span) in server_items {
-        let uses: Vec<Span> = main_jwt_uses.iter().chain(&draft.jwt_claim_uses).copied().collect();
-        if let Some(s) = assemble_server(cx, draft, span, &base, &base_limits, &base_real_ip, &uses, &config, defs_complete) {
+        let uses: Vec<Span> = main_jwt_uses
+            .iter()
+            .chain(&draft.jwt_claim_uses)
+            .copied()
+            .collect();
+        if let Some(s) = assemble_server(
+            cx,
+            draft,
+            span,
+            &base,
+            &base_limits,
+            &base_real_ip,
+            &uses,
+            &config,
+            defs_complete,
+        ) {
             config.servers.push(s);
         }
     }
-    if cx.diags.error_count() == 0 && config.servers.is_empty() && !items.iter().any(|i| matches!(i.setting, Setting::Server(_))) {
+    if cx.diags.error_count() == 0
+        && config.servers.is_empty()
+        && !items
+            .iter()
+            .any(|i| matches!(i.setting, Setting::Server(_)))
+    {
         let span = Span::default();
         cx.push(
             Diagnostic::error("no_server", span, "the config has no `server`")
@@ -2121,7 +2636,10 @@ fn assemble_server(
     let mut limits = base_limits.clone();
     let mut real_ip = base_real_ip.clone();
     // A server's own real-IP list replaces the inherited one (NGINX).
-    if items.iter().any(|i| matches!(i.setting, Setting::SetRealIpFrom(_))) {
+    if items
+        .iter()
+        .any(|i| matches!(i.setting, Setting::SetRealIpFrom(_)))
+    {
         real_ip.trusted.clear();
     }
     apply_client(&mut limits, &mut real_ip, items);
@@ -2146,32 +2664,52 @@ fn assemble_server(
     }
     if listens.is_empty() && !draft.listen_written {
         cx.push(
-            Diagnostic::error("missing_directive", Span { end: span.start + 6, ..span }, "`server` has no `listen`")
-                .label("this server listens nowhere")
-                .help("add `listen 8080;`"),
+            Diagnostic::error(
+                "missing_directive",
+                Span {
+                    end: span.start + 6,
+                    ..span
+                },
+                "`server` has no `listen`",
+            )
+            .label("this server listens nowhere")
+            .help("add `listen 8080;`"),
         );
     }
     let wants_tls = listens.iter().any(|l| l.ssl);
     let tls = match (cert, key) {
-        (Some((c, _)), Some((k, _))) => Some(Tls { certificate: c, key: k }),
+        (Some((c, _)), Some((k, _))) => Some(Tls {
+            certificate: c,
+            key: k,
+        }),
         (Some((_, s)), None) | (None, Some((_, s))) => {
             cx.push(
-                Diagnostic::error("incomplete_tls", s, "`ssl_certificate` and `ssl_certificate_key` go together")
-                    .label("the other one is missing")
-                    .help("set both in this server"),
+                Diagnostic::error(
+                    "incomplete_tls",
+                    s,
+                    "`ssl_certificate` and `ssl_certificate_key` go together",
+                )
+                .label("the other one is missing")
+                .help("set both in this server"),
             );
             None
         }
         (None, None) => None,
     };
-    if wants_tls && tls.is_none()
-        && let Some(l) = listens.iter().find(|l| l.ssl) {
-            cx.push(
-                Diagnostic::error("missing_certificate", l.span, "`listen ... ssl` without a certificate")
-                    .label("TLS listener")
-                    .help("add `ssl_certificate FILE;` and `ssl_certificate_key FILE;` to this server"),
-            );
-        }
+    if wants_tls
+        && tls.is_none()
+        && let Some(l) = listens.iter().find(|l| l.ssl)
+    {
+        cx.push(
+            Diagnostic::error(
+                "missing_certificate",
+                l.span,
+                "`listen ... ssl` without a certificate",
+            )
+            .label("TLS listener")
+            .help("add `ssl_certificate FILE;` and `ssl_certificate_key FILE;` to this server"),
+        );
+    }
     check_locations(cx, &drafts);
     let mut locations = Vec::new();
     for l in drafts {
@@ -2206,9 +2744,13 @@ fn assemble_server(
         if settings.auth_jwt.is_none() {
             for s in &l.jwt_claim_uses {
                 cx.push(
-                    Diagnostic::error("jwt_claim_without_auth", *s, "`$jwt_claim_*` used where no `auth_jwt` applies")
-                        .label("no token is verified in this location")
-                        .help("apply `auth_jwt NAME;` to the location or its server"),
+                    Diagnostic::error(
+                        "jwt_claim_without_auth",
+                        *s,
+                        "`$jwt_claim_*` used where no `auth_jwt` applies",
+                    )
+                    .label("no token is verified in this location")
+                    .help("apply `auth_jwt NAME;` to the location or its server"),
                 );
             }
             // Inherited uses: reported once each, at the first location
@@ -2303,10 +2845,14 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
             Modifier::Exact => {
                 if let Some(first) = exact.get(l.pattern.as_str()) {
                     cx.push(
-                        Diagnostic::error("duplicate_location", l.key_span, format!("duplicate location `= {}`", l.pattern))
-                            .label("this location can never match")
-                            .secondary(*first, "the same location is defined here first, and wins")
-                            .help("remove one of them, or merge their directives"),
+                        Diagnostic::error(
+                            "duplicate_location",
+                            l.key_span,
+                            format!("duplicate location `= {}`", l.pattern),
+                        )
+                        .label("this location can never match")
+                        .secondary(*first, "the same location is defined here first, and wins")
+                        .help("remove one of them, or merge their directives"),
                     );
                 } else {
                     exact.insert(&l.pattern, l.key_span);
@@ -2316,20 +2862,39 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
                 if let Some((first, fm)) = prefixes.get(l.pattern.as_str()) {
                     if *fm == l.modifier {
                         cx.push(
-                            Diagnostic::error("duplicate_location", l.key_span, format!("duplicate location `{}`", l.key_text()))
-                                .label("this location can never match")
-                                .secondary(*first, "the same location is defined here first, and wins")
-                                .help("remove one of them, or merge their directives"),
+                            Diagnostic::error(
+                                "duplicate_location",
+                                l.key_span,
+                                format!("duplicate location `{}`", l.key_text()),
+                            )
+                            .label("this location can never match")
+                            .secondary(*first, "the same location is defined here first, and wins")
+                            .help("remove one of them, or merge their directives"),
                         );
                     } else {
-                        let (winner, loser) = if l.modifier == Modifier::PrefixNoRegex { ("this `^~` location", *first) } else { ("the `^~` location", l.key_span) };
+                        let (winner, loser) = if l.modifier == Modifier::PrefixNoRegex {
+                            ("this `^~` location", *first)
+                        } else {
+                            ("the `^~` location", l.key_span)
+                        };
                         let _ = winner;
-                        let (lspan, wspan) = if l.modifier == Modifier::PrefixNoRegex { (loser, l.key_span) } else { (l.key_span, *first) };
+                        let (lspan, wspan) = if l.modifier == Modifier::PrefixNoRegex {
+                            (loser, l.key_span)
+                        } else {
+                            (l.key_span, *first)
+                        };
                         cx.push(
-                            Diagnostic::error("unreachable_location", lspan, format!("location `{}` can never match", l.pattern))
-                                .label("shadowed by an identical `^~` prefix")
-                                .secondary(wspan, "this `^~` location has the same prefix and always wins")
-                                .help("remove one of them: NGINX treats them as the same location"),
+                            Diagnostic::error(
+                                "unreachable_location",
+                                lspan,
+                                format!("location `{}` can never match", l.pattern),
+                            )
+                            .label("shadowed by an identical `^~` prefix")
+                            .secondary(
+                                wspan,
+                                "this `^~` location has the same prefix and always wins",
+                            )
+                            .help("remove one of them: NGINX treats them as the same location"),
                         );
                     }
                 } else {
@@ -2338,14 +2903,19 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
             }
             Modifier::Regex | Modifier::RegexCaseless => {
                 let earlier = regexes.iter().find(|(e, _)| {
-                    e.pattern == l.pattern && (e.modifier == l.modifier || e.modifier == Modifier::RegexCaseless)
+                    e.pattern == l.pattern
+                        && (e.modifier == l.modifier || e.modifier == Modifier::RegexCaseless)
                 });
                 if let Some((_, first)) = earlier {
                     cx.push(
-                        Diagnostic::error("unreachable_location", l.key_span, format!("location `{}` can never match", l.key_text()))
-                            .label("an earlier regex location matches everything this one does")
-                            .secondary(*first, "this one is tried first and wins")
-                            .help("remove the later location, or merge their directives"),
+                        Diagnostic::error(
+                            "unreachable_location",
+                            l.key_span,
+                            format!("location `{}` can never match", l.key_text()),
+                        )
+                        .label("an earlier regex location matches everything this one does")
+                        .secondary(*first, "this one is tried first and wins")
+                        .help("remove the later location, or merge their directives"),
                     );
                 } else if let Some((p, pspan)) = hidden_by_no_regex_prefix(l, drafts) {
                     cx.push(
@@ -2363,30 +2933,40 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
 
 /// A regex anchored at `^` with a literal start that lies under a `^~`
 /// prefix (and under no longer plain prefix) can never be tried.
-fn hidden_by_no_regex_prefix<'d>(l: &LocationDraft, drafts: &[&'d LocationDraft]) -> Option<(&'d str, Span)> {
+fn hidden_by_no_regex_prefix<'d>(
+    l: &LocationDraft,
+    drafts: &[&'d LocationDraft],
+) -> Option<(&'d str, Span)> {
     if l.modifier != Modifier::Regex {
         return None;
     }
     let lit = anchored_literal_prefix(&l.pattern)?;
     let best = drafts
         .iter()
-        .filter(|d| matches!(d.modifier, Modifier::Prefix | Modifier::PrefixNoRegex) && lit.starts_with(d.pattern.as_str()))
+        .filter(|d| {
+            matches!(d.modifier, Modifier::Prefix | Modifier::PrefixNoRegex)
+                && lit.starts_with(d.pattern.as_str())
+        })
         .max_by_key(|d| d.pattern.len())?;
     if best.modifier != Modifier::PrefixNoRegex {
         return None;
     }
     // A longer plain prefix that some matching path could reach would let
     // the regex be tried.
-    let escapes = drafts
-        .iter()
-        .any(|d| d.modifier == Modifier::Prefix && d.pattern.len() > best.pattern.len() && d.pattern.starts_with(lit.as_str()));
+    let escapes = drafts.iter().any(|d| {
+        d.modifier == Modifier::Prefix
+            && d.pattern.len() > best.pattern.len()
+            && d.pattern.starts_with(lit.as_str())
+    });
     (!escapes).then_some((best.pattern.as_str(), best.key_span))
 }
 
 fn anchored_literal_prefix(pattern: &str) -> Option<String> {
     use regex_syntax::hir::{HirKind, Look};
     let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
-    let HirKind::Concat(parts) = hir.kind() else { return None };
+    let HirKind::Concat(parts) = hir.kind() else {
+        return None;
+    };
     let mut it = parts.iter();
     let first = it.next()?;
     if !matches!(first.kind(), HirKind::Look(Look::Start)) {
@@ -2423,17 +3003,28 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
             if let Some((first, fsi)) = seen.get(&l.addr) {
                 if *fsi == si {
                     cx.push(
-                        Diagnostic::error("duplicate_listen", l.span, format!("`listen {}` appears twice in one server", l.addr))
-                            .label("again here")
-                            .secondary(first.span, "first here")
-                            .help("remove the duplicate"),
+                        Diagnostic::error(
+                            "duplicate_listen",
+                            l.span,
+                            format!("`listen {}` appears twice in one server", l.addr),
+                        )
+                        .label("again here")
+                        .secondary(first.span, "first here")
+                        .help("remove the duplicate"),
                     );
                 } else if first.ssl != l.ssl || first.http2 != l.http2 {
                     cx.push(
-                        Diagnostic::error("listen_conflict", l.span, format!("`{}` is used twice with different settings", l.addr))
-                            .label(format!("ssl={} http2={} here", l.ssl, l.http2))
-                            .secondary(first.span, format!("ssl={} http2={} here", first.ssl, first.http2))
-                            .help("servers sharing an address must agree on `ssl` and `http2`"),
+                        Diagnostic::error(
+                            "listen_conflict",
+                            l.span,
+                            format!("`{}` is used twice with different settings", l.addr),
+                        )
+                        .label(format!("ssl={} http2={} here", l.ssl, l.http2))
+                        .secondary(
+                            first.span,
+                            format!("ssl={} http2={} here", first.ssl, first.http2),
+                        )
+                        .help("servers sharing an address must agree on `ssl` and `http2`"),
                     );
                 }
             } else {
@@ -2442,10 +3033,14 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
             if l.default_server {
                 if let Some(first) = defaults.get(&l.addr) {
                     cx.push(
-                        Diagnostic::error("duplicate_default_server", l.span, format!("two default servers for `{}`", l.addr))
-                            .label("second default_server")
-                            .secondary(*first, "first default_server")
-                            .help("keep `default_server` on one of them"),
+                        Diagnostic::error(
+                            "duplicate_default_server",
+                            l.span,
+                            format!("two default servers for `{}`", l.addr),
+                        )
+                        .label("second default_server")
+                        .secondary(*first, "first default_server")
+                        .help("keep `default_server` on one of them"),
                     );
                 } else {
                     defaults.insert(l.addr, l.span);
@@ -2453,30 +3048,49 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
             }
             for n in &s.names {
                 if let ServerName::Exact(name) = n
-                    && names.insert((l.addr, name.clone()), ()).is_some() {
-                        cx.push(
-                            Diagnostic::warning("conflicting_server_name", l.span, format!("server name `{name}` on `{}` is used by an earlier server", l.addr))
-                                .label("this server will not get requests for it")
-                                .help("remove the name from one of the servers"),
-                        );
-                    }
+                    && names.insert((l.addr, name.clone()), ()).is_some()
+                {
+                    cx.push(
+                        Diagnostic::warning(
+                            "conflicting_server_name",
+                            l.span,
+                            format!(
+                                "server name `{name}` on `{}` is used by an earlier server",
+                                l.addr
+                            ),
+                        )
+                        .label("this server will not get requests for it")
+                        .help("remove the name from one of the servers"),
+                    );
+                }
             }
         }
     }
 }
 
 fn unused_definitions(cx: &mut Cx<'_>) {
-    for kind in [DefKind::Upstream, DefKind::Jwt, DefKind::RateLimit, DefKind::Cache] {
+    for kind in [
+        DefKind::Upstream,
+        DefKind::Jwt,
+        DefKind::RateLimit,
+        DefKind::Cache,
+    ] {
         let list = cx.defs_of(kind).clone();
         for (i, (name, span)) in list.iter().enumerate() {
             if !cx.used.contains(&(kind, i)) {
                 cx.diags.push(
-                    Diagnostic::warning("unused_definition", *span, format!("`{} {name}` is never used", kind.word()))
-                        .label("defined here, used nowhere")
-                        .help(match kind {
-                            DefKind::Upstream => format!("use it with `proxy_pass http://{name};`, or remove it"),
-                            k => format!("apply it with `{} {name};`, or remove it", k.word()),
-                        }),
+                    Diagnostic::warning(
+                        "unused_definition",
+                        *span,
+                        format!("`{} {name}` is never used", kind.word()),
+                    )
+                    .label("defined here, used nowhere")
+                    .help(match kind {
+                        DefKind::Upstream => {
+                            format!("use it with `proxy_pass http://{name};`, or remove it")
+                        }
+                        k => format!("apply it with `{} {name};`, or remove it", k.word()),
+                    }),
                 );
             }
         }
