@@ -17,8 +17,8 @@
 //! validated model or into diagnostics. `compile` turns the model into the
 //! immutable [`gateway::Gateway`] snapshot, which `server` serves.
 
-pub mod config;
 pub mod compile;
+pub mod config;
 pub mod proxy;
 pub mod routes;
 pub mod gateway;

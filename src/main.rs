@@ -10,12 +10,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use tollgate::config::diagnostics::{self, Diagnostic, Diagnostics};
+use tollgate::config::diagnostics::{self, Diagnostic, Severity};
 use tollgate::config::source::SourceMap;
 use tollgate::config::validate::load_config;
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "An API gateway with an NGINX-shaped config language")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An API gateway with an NGINX-shaped config language"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,7 +68,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
@@ -85,7 +93,10 @@ fn color_on_stderr() -> bool {
 
 fn print_human(diags: &[Diagnostic], sources: &SourceMap) {
     let width = 100;
-    eprint!("{}", diagnostics::render_human(diags, sources, color_on_stderr(), width));
+    eprint!(
+        "{}",
+        diagnostics::render_human(diags, sources, color_on_stderr(), width)
+    );
 }
 
 fn check(path: &Path, format: Format) -> ExitCode {
@@ -100,19 +111,32 @@ fn check(path: &Path, format: Format) -> ExitCode {
     match format {
         Format::Human => {
             print_human(&list, &loaded.sources);
-            summary(path, &diags, config.as_ref());
+            summary(path, &list, config.as_ref());
         }
         Format::Json => {
             let json = diagnostics::to_json(&list, &loaded.sources);
-            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).unwrap_or_else(|_| "[]".into())
+            );
         }
         Format::Github => print!("{}", diagnostics::to_github(&list, &loaded.sources)),
     }
-    if config.is_some() && !diags.has_errors() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if config.is_some() && !diags.has_errors() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
-fn summary(path: &Path, diags: &Diagnostics, config: Option<&tollgate::config::model::Config>) {
-    let (e, w) = (diags.error_count(), diags.warning_count());
+/// One line after the human report. Counts what was printed (the sorted,
+/// deduplicated list), not what validation pushed.
+fn summary(path: &Path, diags: &[Diagnostic], config: Option<&tollgate::config::model::Config>) {
+    let e = diags
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let w = diags.len() - e;
     let plural = |n: usize, s: &str| format!("{n} {s}{}", if n == 1 { "" } else { "s" });
     match config {
         Some(c) if e == 0 => {
@@ -123,10 +147,19 @@ fn summary(path: &Path, diags: &Diagnostics, config: Option<&tollgate::config::m
                 plural(c.servers.len(), "server"),
                 plural(locations, "location"),
                 plural(c.upstreams.len(), "upstream"),
-                if w > 0 { format!(", {}", plural(w, "warning")) } else { String::new() }
+                if w > 0 {
+                    format!(", {}", plural(w, "warning"))
+                } else {
+                    String::new()
+                }
             );
         }
-        _ => eprintln!("{}: {}, {}", path.display(), plural(e, "error"), plural(w, "warning")),
+        _ => eprintln!(
+            "{}: {}, {}",
+            path.display(),
+            plural(e, "error"),
+            plural(w, "warning")
+        ),
     }
 }
 
@@ -165,11 +198,9 @@ fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
                     }
                 } else if out != text {
                     changed.push(f.clone());
-                    if !check {
-                        if let Err(e) = std::fs::write(f, out) {
-                            eprintln!("error: cannot write `{}`: {e}", f.display());
-                            return ExitCode::from(2);
-                        }
+                    if !check && let Err(e) = std::fs::write(f, out) {
+                        eprintln!("error: cannot write `{}`: {e}", f.display());
+                        return ExitCode::from(2);
                     }
                 }
             }
@@ -190,7 +221,11 @@ fn fmt(check: bool, files: &[PathBuf]) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn routes(path: &Path) -> ExitCode {

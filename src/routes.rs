@@ -1,8 +1,14 @@
 //! `tollgate routes`: the routing table in the order the router tries it.
 //!
-//! Per server: exact locations (hash lookup), then prefixes longest first
-//! (`^~` ones stop the search), then regexes in file order. The same data
-//! feeds `/config` on the admin listener.
+//! Per server, in order of precedence (LANGUAGE.md §3): exact locations,
+//! then `^~` prefixes (longest first), then regexes in file order, then plain
+//! prefixes (longest first). Read top to bottom, the first row that matches
+//! a path is the location that gets it, with one exception the table cannot
+//! show: a `^~` row wins only when no longer plain prefix also matches (the
+//! longest prefix is chosen first, and only a `^~` one stops the regexes).
+//! Listing plain prefixes after the regexes matters: `/app/` does not get
+//! `/app/logo.png` when a `\.png$` regex exists. The same data feeds
+//! `/config` on the admin listener.
 
 use std::fmt::Write as _;
 
@@ -49,15 +55,25 @@ fn handler_label(config: &Config, l: &Location) -> String {
                 ProxyTarget::Address { host, port } => format!("{host}:{port}"),
             };
             let uri = p.uri.as_ref().map(template_text).unwrap_or_default();
-            let rw = if l.rewrites.is_empty() { String::new() } else { format!(" (+{} rewrite)", l.rewrites.len()) };
+            let rw = if l.rewrites.is_empty() {
+                String::new()
+            } else {
+                format!(" (+{} rewrite)", l.rewrites.len())
+            };
             format!("proxy_pass {scheme}://{host}{uri}{rw}")
         }
-        Handler::Return(Return::Text { code, .. }) => format!("return {code}"),
-        Handler::Return(Return::Redirect { code, url }) => format!("return {code} {}", template_text(url)),
+        Handler::Return(r) => return_label(r),
         Handler::Aggregate(a) => {
             let names: Vec<&str> = a.calls.iter().map(|c| c.name.as_str()).collect();
             format!("aggregate {}", names.join(","))
         }
+    }
+}
+
+fn return_label(r: &Return) -> String {
+    match r {
+        Return::Text { code, .. } => format!("return {code}"),
+        Return::Redirect { code, url } => format!("return {code} {}", template_text(url)),
     }
 }
 
@@ -104,14 +120,19 @@ pub fn rows(config: &Config) -> Vec<Route> {
         let server = server_label(config, si);
         let mut order: Vec<&Location> = Vec::new();
         order.extend(s.locations.iter().filter(|l| l.modifier == Modifier::Exact));
-        let mut prefixes: Vec<&Location> = s
-            .locations
-            .iter()
-            .filter(|l| matches!(l.modifier, Modifier::Prefix | Modifier::PrefixNoRegex))
-            .collect();
-        prefixes.sort_by(|a, b| b.pattern.len().cmp(&a.pattern.len()).then(a.pattern.cmp(&b.pattern)));
-        order.extend(prefixes);
+        let prefixes = |m: Modifier| {
+            let mut v: Vec<&Location> = s.locations.iter().filter(|l| l.modifier == m).collect();
+            v.sort_by(|a, b| {
+                b.pattern
+                    .len()
+                    .cmp(&a.pattern.len())
+                    .then(a.pattern.cmp(&b.pattern))
+            });
+            v
+        };
+        order.extend(prefixes(Modifier::PrefixNoRegex));
         order.extend(s.locations.iter().filter(|l| l.modifier.is_regex()));
+        order.extend(prefixes(Modifier::Prefix));
         for l in order {
             let kind = match l.modifier {
                 Modifier::Exact => "exact",
@@ -141,6 +162,16 @@ pub fn rows(config: &Config) -> Vec<Route> {
                 policies,
             });
         }
+        // A server with only a server-level `return` still answers.
+        if let (true, Some(r)) = (s.locations.is_empty(), &s.server_return) {
+            out.push(Route {
+                server: server.clone(),
+                location: "(any)".into(),
+                kind: "server",
+                handler: return_label(r),
+                policies: Vec::new(),
+            });
+        }
     }
     out
 }
@@ -157,7 +188,11 @@ pub fn table(config: &Config) -> String {
                 r.location.clone(),
                 r.kind.to_string(),
                 r.handler.clone(),
-                if r.policies.is_empty() { "-".into() } else { r.policies.join(", ") },
+                if r.policies.is_empty() {
+                    "-".into()
+                } else {
+                    r.policies.join(", ")
+                },
             ]
         })
         .collect();

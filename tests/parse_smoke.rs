@@ -22,9 +22,17 @@ fn parses_blocks_args_and_comments() {
 #[test]
 fn missing_semicolon_before_close_and_next_line() {
     let mut d = Diagnostics::new();
-    let f = parse_text(FileId(0), "server {\n    listen 80\n    server_name a;\n    proxy_pass x\n}\n", &mut d);
+    let f = parse_text(
+        FileId(0),
+        "server {\n    listen 80\n    server_name a;\n    proxy_pass x\n}\n",
+        &mut d,
+    );
     let codes: Vec<_> = d.iter().map(|x| x.code).collect();
-    assert_eq!(codes, vec!["missing_semicolon", "missing_semicolon"], "{d:?}");
+    assert_eq!(
+        codes,
+        vec!["missing_semicolon", "missing_semicolon"],
+        "{d:?}"
+    );
     assert_eq!(f.directives[0].children().len(), 3);
 }
 

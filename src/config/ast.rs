@@ -83,7 +83,10 @@ pub struct File {
 impl Directive {
     /// The directives of the block, or an empty slice.
     pub fn children(&self) -> &[Directive] {
-        self.block.as_ref().map(|b| b.directives.as_slice()).unwrap_or(&[])
+        self.block
+            .as_ref()
+            .map(|b| b.directives.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The span of the arguments (or of the name when there are none).

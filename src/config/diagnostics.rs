@@ -320,7 +320,12 @@ pub fn to_report(d: &Diagnostic, sources: &SourceMap) -> Report {
 }
 
 /// Render diagnostics as miette's graphical report.
-pub fn render_human(diags: &[Diagnostic], sources: &SourceMap, color: bool, width: usize) -> String {
+pub fn render_human(
+    diags: &[Diagnostic],
+    sources: &SourceMap,
+    color: bool,
+    width: usize,
+) -> String {
     let theme = if color {
         miette::GraphicalTheme::unicode()
     } else {

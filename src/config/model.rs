@@ -56,7 +56,10 @@ pub enum LogLevel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AccessLog {
     Off,
-    On { target: LogTarget, format: AccessLogFormat },
+    On {
+        target: LogTarget,
+        format: AccessLogFormat,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,11 +95,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(a), IpAddr::V4(b)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix as u32) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix as u32)
+                };
                 (u32::from(a) & mask) == (u32::from(b) & mask)
             }
             (IpAddr::V6(a), IpAddr::V6(b)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix as u32) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix as u32)
+                };
                 (u128::from(a) & mask) == (u128::from(b) & mask)
             }
             _ => false,
@@ -143,7 +154,10 @@ pub enum Piece {
     Lit(String),
     Var(Var),
     /// `$CALL.a.b`: a field of an earlier aggregate call's JSON response.
-    CallRef { call: String, path: Vec<String> },
+    CallRef {
+        call: String,
+        path: Vec<String>,
+    },
 }
 
 /// A string with variables, parsed once at load time.
@@ -260,7 +274,10 @@ pub enum JwtKeySource {
     /// The secret bytes (from `$env_NAME` or literal).
     Secret(String),
     JwksFile(PathBuf),
-    JwksUrl { url: String, refresh: Duration },
+    JwksUrl {
+        url: String,
+        refresh: Duration,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -181,9 +181,13 @@ impl Walker<'_> {
                     let span = self.span(&p);
                     let open = Span::new(self.file, span.start as usize, span.start as usize + 1);
                     self.diags.push(
-                        Diagnostic::error("block_without_name", open, "block `{` without a directive name")
-                            .label("this block belongs to no directive")
-                            .help("write the directive before the `{`, e.g. `server {`"),
+                        Diagnostic::error(
+                            "block_without_name",
+                            open,
+                            "block `{` without a directive name",
+                        )
+                        .label("this block belongs to no directive")
+                        .help("write the directive before the `{`, e.g. `server {`"),
                     );
                     // Walk it anyway so that what is inside is checked.
                     let mut ignored = Vec::new();
@@ -204,9 +208,13 @@ impl Walker<'_> {
 
     fn unclosed(&mut self, open: Span, name: &str) {
         self.diags.push(
-            Diagnostic::error("unclosed_block", open, format!("`{name}` block is never closed"))
-                .label("this `{` has no matching `}`")
-                .help("add `}` where the block ends"),
+            Diagnostic::error(
+                "unclosed_block",
+                open,
+                format!("`{name}` block is never closed"),
+            )
+            .label("this `{` has no matching `}`")
+            .help("add `}` where the block ends"),
         );
     }
 
@@ -219,7 +227,11 @@ impl Walker<'_> {
                 let qs = q.into_inner().next();
                 let (quote, body, unterminated) = match qs {
                     Some(x) => {
-                        let quote = if x.as_rule() == Rule::dquoted { '"' } else { '\'' };
+                        let quote = if x.as_rule() == Rule::dquoted {
+                            '"'
+                        } else {
+                            '\''
+                        };
                         let mut body = "";
                         let mut unterminated = false;
                         for y in x.into_inner() {
@@ -317,8 +329,7 @@ impl Walker<'_> {
         // A directive name at the start of a later line, at the directive's
         // own indentation, is almost surely the next directive: the `;`
         // before it is missing. Split there and say so.
-        loop {
-            let Some(i) = self.split_point(&d) else { break };
+        while let Some(i) = self.split_point(&d) {
             let rest = d.args.split_off(i);
             let last = d.args.last().map(|a| a.span).unwrap_or(d.name_span);
             self.missing_semi(&d, last);
@@ -374,7 +385,10 @@ impl Walker<'_> {
             } else {
                 d.args[i - 1].span.end
             };
-            let between = self.text.get(prev_end as usize..a.span.start as usize).unwrap_or("");
+            let between = self
+                .text
+                .get(prev_end as usize..a.span.start as usize)
+                .unwrap_or("");
             if between.contains('\n') && self.column(a.span.start) == name_col {
                 return Some(i);
             }
@@ -384,7 +398,11 @@ impl Walker<'_> {
 
     fn column(&self, offset: u32) -> usize {
         let before = &self.text.as_bytes()[..offset as usize];
-        let line_start = before.iter().rposition(|&b| b == b'\n').map(|p| p + 1).unwrap_or(0);
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map(|p| p + 1)
+            .unwrap_or(0);
         offset as usize - line_start
     }
 }
@@ -470,7 +488,10 @@ impl Loader {
     ) -> Vec<Directive> {
         let (text, bad_utf8) = match std::str::from_utf8(bytes) {
             Ok(t) => (t.to_string(), None),
-            Err(e) => (String::from_utf8_lossy(bytes).into_owned(), Some(e.valid_up_to())),
+            Err(e) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(e.valid_up_to()),
+            ),
         };
         let text: Arc<str> = Arc::from(text);
         let id = self.sources.add(path.clone(), text.clone());
@@ -489,9 +510,13 @@ impl Loader {
         }
         if bytes.len() > MAX_FILE_SIZE {
             diags.push(
-                Diagnostic::error("file_too_large", Span::new(id, 0, 0), "config file is too large")
-                    .label(format!("over {} MiB", MAX_FILE_SIZE / (1024 * 1024)))
-                    .help("split the config with `include`"),
+                Diagnostic::error(
+                    "file_too_large",
+                    Span::new(id, 0, 0),
+                    "config file is too large",
+                )
+                .label(format!("over {} MiB", MAX_FILE_SIZE / (1024 * 1024)))
+                .help("split the config with `include`"),
             );
             return Vec::new();
         }
@@ -532,7 +557,13 @@ impl Loader {
         out
     }
 
-    fn include(&mut self, d: &Directive, dir: &Path, out: &mut Vec<Directive>, diags: &mut Diagnostics) {
+    fn include(
+        &mut self,
+        d: &Directive,
+        dir: &Path,
+        out: &mut Vec<Directive>,
+        diags: &mut Diagnostics,
+    ) {
         if d.args.len() != 1 {
             diags.push(
                 Diagnostic::error(
@@ -555,12 +586,19 @@ impl Loader {
         let is_glob = pattern.contains(['*', '?', '[']);
         let mut paths: Vec<PathBuf> = if is_glob {
             match glob::glob(&full.to_string_lossy()) {
-                Ok(iter) => iter.filter_map(Result::ok).filter(|p| p.is_file()).collect(),
+                Ok(iter) => iter
+                    .filter_map(Result::ok)
+                    .filter(|p| p.is_file())
+                    .collect(),
                 Err(e) => {
                     diags.push(
-                        Diagnostic::error("invalid_glob", arg.span, format!("invalid include pattern `{pattern}`"))
-                            .label(e.msg.to_string())
-                            .help("use `*`, `?` and `[...]` as in a shell glob"),
+                        Diagnostic::error(
+                            "invalid_glob",
+                            arg.span,
+                            format!("invalid include pattern `{pattern}`"),
+                        )
+                        .label(e.msg.to_string())
+                        .help("use `*`, `?` and `[...]` as in a shell glob"),
                     );
                     return;
                 }
@@ -609,7 +647,9 @@ impl Loader {
                             format!("cannot read included file `{}`", p.display()),
                         )
                         .label(e.to_string())
-                        .help("check the path; it is relative to the directory of the including file"),
+                        .help(
+                            "check the path; it is relative to the directory of the including file",
+                        ),
                     );
                 }
             }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use crate::config::ast::Directive;
 use crate::config::model::{
-    AccessLog, Admin, AddHeader, Aggregate, Cidr, ErrorLog, JwtDef, Listen, Modifier, NextUpstream,
-    ProxyPass, RateLimitDef, Return, Rewrite, ServerName, Template, Upstream, CacheDef,
+    AccessLog, AddHeader, Admin, Aggregate, CacheDef, Cidr, ErrorLog, JwtDef, Listen, Modifier,
+    NextUpstream, ProxyPass, RateLimitDef, Return, Rewrite, ServerName, Template, Upstream,
 };
 use crate::config::source::Span;
 use crate::config::validate::{self as v, Cx};
@@ -143,6 +143,9 @@ pub struct ServerDraft {
     pub items: Vec<Item>,
     /// Spans of server-level arguments that use `$jwt_claim_*`.
     pub jwt_claim_uses: Vec<Span>,
+    /// A `listen` was written, valid or not (so that an invalid one is not
+    /// also reported as missing).
+    pub listen_written: bool,
 }
 
 /// A `location` before inheritance is resolved.
@@ -161,6 +164,9 @@ pub struct LocationDraft {
     /// Name spans of the handler directives written in the location
     /// (`proxy_pass`, `return`, `aggregate`), valid or not.
     pub handlers: Vec<Span>,
+    /// An unknown directive that looks like a misspelled handler
+    /// (`proxy_passs`): already reported, so no "no handler" on top.
+    pub misspelled_handler: bool,
 }
 
 const MAIN: &[Ctx] = &[Ctx::Main];
@@ -204,6 +210,8 @@ macro_rules! d {
 
 /// Every directive. Two entries may share a name when one is the block form
 /// (a definition) and the other the `;` form (a use).
+// One line per directive: the table reads as a reference.
+#[rustfmt::skip]
 pub static DIRECTIVES: &[DirectiveSpec] = &[
     // ---- structure
     d!("include", ALL, (1, 1), No, "include GLOB;", "Insert the directives of the matching files (sorted), relative to this file.", v::consumed),

@@ -40,7 +40,9 @@ pub fn validate(
         named_captures: Vec::new(),
         capture_count: 0,
         in_regex_location: false,
+        captures_unknown: false,
         jwt_claim_uses: Vec::new(),
+        reported_claim_uses: HashSet::new(),
         check_files: true,
     };
     let top = flatten_http(&loaded.directives, &mut cx);
@@ -68,9 +70,13 @@ fn flatten_http<'a>(ds: &'a [Directive], cx: &mut Cx<'_>) -> Vec<&'a Directive> 
         if d.name == "http" && d.block.is_some() {
             if !d.args.is_empty() {
                 cx.diags.push(
-                    Diagnostic::error("wrong_argument_count", d.args_span(), "`http` takes no arguments")
-                        .label("unexpected argument")
-                        .help("write `http {`"),
+                    Diagnostic::error(
+                        "wrong_argument_count",
+                        d.args_span(),
+                        "`http` takes no arguments",
+                    )
+                    .label("unexpected argument")
+                    .help("write `http {`"),
                 );
             }
             out.extend(flatten_http(d.children(), cx));
@@ -120,7 +126,11 @@ pub struct Cx<'a> {
     /// Positional captures available (`$1`..): groups of the location regex.
     capture_count: usize,
     in_regex_location: bool,
+    /// Inside a location whose key is invalid: captures cannot be known.
+    captures_unknown: bool,
     jwt_claim_uses: Vec<Span>,
+    /// Inherited `$jwt_claim_*` uses already reported (once per span).
+    reported_claim_uses: HashSet<Span>,
     /// Check that referenced files are readable.
     check_files: bool,
 }
@@ -182,10 +192,15 @@ impl Cx<'_> {
             self.used.insert((kind, i));
             return Some(i);
         }
-        let suggestion = did_you_mean(&name, list.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+        let suggestion =
+            did_you_mean(&name, list.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+        self.mark_suggested_used(kind, suggestion.as_deref());
         let help = match suggestion {
             Some(s) => format!("did you mean `{s}`?"),
-            None => format!("define it at the top level: `{} {name} {{ ... }}`", kind.word()),
+            None => format!(
+                "define it at the top level: `{} {name} {{ ... }}`",
+                kind.word()
+            ),
         };
         self.push(
             Diagnostic::error(
@@ -202,19 +217,30 @@ impl Cx<'_> {
         None
     }
 
+    /// A misspelled use whose suggestion names a definition: count that
+    /// definition as used, so that one typo gives one diagnostic, not also
+    /// an "unused" warning on the definition it meant.
+    fn mark_suggested_used(&mut self, kind: DefKind, suggestion: Option<&str>) {
+        if let Some(i) =
+            suggestion.and_then(|s| self.defs_of(kind).iter().position(|(n, _)| n == s))
+        {
+            self.used.insert((kind, i));
+        }
+    }
+
     /// Walk the directives of one context: the generic checks of the table,
     /// then each directive's own `check`.
     pub fn walk(&mut self, ds: &[&Directive], ctx: Ctx) -> Vec<Item> {
         let mut out = Vec::new();
         for d in ds {
-            if let Some(spec) = self.spec_for(d, ctx) {
-                if let Some(setting) = (spec.check)(self, d) {
-                    out.push(Item {
-                        setting,
-                        span: d.span,
-                        name_span: d.name_span,
-                    });
-                }
+            if let Some(spec) = self.spec_for(d, ctx)
+                && let Some(setting) = (spec.check)(self, d)
+            {
+                out.push(Item {
+                    setting,
+                    span: d.span,
+                    name_span: d.name_span,
+                });
             }
         }
         out
@@ -236,7 +262,11 @@ impl Cx<'_> {
             let suggestion = if lower != name && schema::is_known_directive(&lower) {
                 Some(lower.as_str().to_string())
             } else {
-                did_you_mean(name, schema::names_in(ctx)).map(str::to_string)
+                // The closest name anywhere (names allowed here first, so
+                // they win ties): `proxy_pas` in a server is `proxy_pass`,
+                // not the closest server directive.
+                let all = schema::names_in(ctx).chain(schema::DIRECTIVES.iter().map(|s| s.name));
+                did_you_mean(name, all).map(str::to_string)
             };
             let msg = if valid_name {
                 format!("unknown directive `{name}`")
@@ -244,7 +274,18 @@ impl Cx<'_> {
                 format!("`{name}` is not a directive name")
             };
             let help = match suggestion {
-                Some(s) => format!("did you mean `{s}`?"),
+                Some(s) if schema::names_in(ctx).any(|n| n == s) => format!("did you mean `{s}`?"),
+                Some(s) => {
+                    let mut places: Vec<&str> = schema::lookup(&s)
+                        .flat_map(|sp| sp.contexts.iter().map(|c| c.name()))
+                        .collect();
+                    places.dedup();
+                    format!(
+                        "did you mean `{s}`? (it goes in {}, not in {})",
+                        places.join(", "),
+                        ctx.name()
+                    )
+                }
                 None => format!(
                     "directives allowed in {} are listed in LANGUAGE.md; names are `[a-z_][a-z0-9_]*`",
                     ctx.name()
@@ -259,10 +300,14 @@ impl Cx<'_> {
         }
         let in_ctx: Vec<_> = specs.iter().filter(|s| s.contexts.contains(&ctx)).collect();
         if in_ctx.is_empty() {
-            let mut allowed: Vec<&str> = specs.iter().flat_map(|s| s.contexts.iter().map(|c| c.name())).collect();
+            let mut allowed: Vec<&str> = specs
+                .iter()
+                .flat_map(|s| s.contexts.iter().map(|c| c.name()))
+                .collect();
             allowed.dedup();
             let help = if name == "location" && ctx == Ctx::Location {
-                "nested locations are not supported: move this location up into the server".to_string()
+                "nested locations are not supported: move this location up into the server"
+                    .to_string()
             } else {
                 format!("`{name}` is allowed in {}", allowed.join(", "))
             };
@@ -286,13 +331,23 @@ impl Cx<'_> {
         let Some(spec) = spec else {
             let s = in_ctx[0];
             let (msg, help) = if has_block {
-                (format!("`{name}` takes no block here"), format!("write `{}`", s.syntax))
+                (
+                    format!("`{name}` takes no block here"),
+                    format!("write `{}`", s.syntax),
+                )
             } else {
-                (format!("`{name}` needs a block here"), format!("write `{}`", s.syntax))
+                (
+                    format!("`{name}` needs a block here"),
+                    format!("write `{}`", s.syntax),
+                )
             };
             self.push(
                 Diagnostic::error("block_mismatch", d.name_span, msg)
-                    .label(if has_block { "unexpected block" } else { "missing `{ ... }`" })
+                    .label(if has_block {
+                        "unexpected block"
+                    } else {
+                        "missing `{ ... }`"
+                    })
                     .help(help),
             );
             return None;
@@ -313,9 +368,16 @@ impl Cx<'_> {
                 Diagnostic::error(
                     "wrong_argument_count",
                     span,
-                    format!("`{name}` takes {expected} argument{}, {n} given", if expected == "1" { "" } else { "s" }),
+                    format!(
+                        "`{name}` takes {expected} argument{}, {n} given",
+                        if expected == "1" { "" } else { "s" }
+                    ),
                 )
-                .label(if n > spec.args.1 { "unexpected argument" } else { "arguments missing" })
+                .label(if n > spec.args.1 {
+                    "unexpected argument"
+                } else {
+                    "arguments missing"
+                })
                 .help(format!("write `{}`", spec.syntax)),
             );
             return None;
@@ -334,15 +396,41 @@ impl Cx<'_> {
         out
     }
 
-    fn bad_arg(&mut self, code: &'static str, arg: &Arg, msg: impl Into<String>, help: impl Into<String>) {
-        self.push(Diagnostic::error(code, arg.span, msg).label("invalid value").help(help));
+    fn bad_arg(
+        &mut self,
+        code: &'static str,
+        arg: &Arg,
+        msg: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        self.bad_arg_labeled(code, arg, msg, "invalid value", help);
+    }
+
+    fn bad_arg_labeled(
+        &mut self,
+        code: &'static str,
+        arg: &Arg,
+        msg: impl Into<String>,
+        label: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        self.push(
+            Diagnostic::error(code, arg.span, msg)
+                .label(label)
+                .help(help),
+        );
     }
 
     fn size(&mut self, arg: &Arg) -> Option<u64> {
         match value::parse_size(&arg.text()) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.bad_arg("invalid_size", arg, format!("bad size: {e}"), "sizes are bytes: `512`, `64k`, `10m`, `1g`");
+                self.bad_arg(
+                    "invalid_size",
+                    arg,
+                    format!("bad size: {e}"),
+                    "sizes are bytes: `512`, `64k`, `10m`, `1g`",
+                );
                 None
             }
         }
@@ -383,7 +471,12 @@ impl Cx<'_> {
             "on" => Some(true),
             "off" => Some(false),
             other => {
-                self.bad_arg("invalid_value", arg, format!("expected `on` or `off`, found `{other}`"), "write `on` or `off`");
+                self.bad_arg(
+                    "invalid_value",
+                    arg,
+                    format!("expected `on` or `off`, found `{other}`"),
+                    "write `on` or `off`",
+                );
                 None
             }
         }
@@ -406,31 +499,90 @@ impl Cx<'_> {
                 let mut ok = true;
                 for v in t.vars() {
                     match v {
-                        Var::Capture(n) if *n as usize > self.capture_count => {
+                        Var::Capture(n)
+                            if *n as usize > self.capture_count && !self.captures_unknown =>
+                        {
                             ok = false;
-                            let msg = format!("`${n}` refers to a capture that does not exist here");
+                            let msg =
+                                format!("`${n}` refers to a capture that does not exist here");
                             let help = if self.capture_count == 0 {
                                 "captures come from a regex location or a `rewrite` regex; there is none here".to_string()
                             } else {
-                                format!("the regex here has {} capture group(s)", self.capture_count)
+                                format!(
+                                    "the regex here has {} capture group(s)",
+                                    self.capture_count
+                                )
                             };
-                            self.push(Diagnostic::error("unknown_variable", arg.span, msg).label("no such capture").help(help));
+                            self.push(
+                                Diagnostic::error("unknown_variable", arg.span, msg)
+                                    .label("no such capture")
+                                    .help(help),
+                            );
                         }
-                        Var::JwtClaim(_) => self.jwt_claim_uses.push(arg.span),
                         _ => {}
                     }
+                }
+                if t.vars().any(|v| matches!(v, Var::JwtClaim(_))) {
+                    let spans = self.claim_spans(arg);
+                    self.jwt_claim_uses.extend(spans);
                 }
                 ok.then_some(t)
             }
             Err(errors) => {
                 for e in errors {
+                    if self.captures_unknown && !e.message.starts_with("environment variable") {
+                        // Perhaps a named capture of the invalid regex.
+                        continue;
+                    }
                     let span = self.arg_sub_span(arg, e.start, e.end);
-                    let code = if e.message.starts_with("environment variable") { "unset_env" } else { "unknown_variable" };
-                    self.push(Diagnostic::error(code, span, e.message).label("here").help(e.help));
+                    let (code, label) = if e.message.starts_with("environment variable") {
+                        ("unset_env", "not set in the environment")
+                    } else {
+                        ("unknown_variable", "cannot be evaluated here")
+                    };
+                    self.push(
+                        Diagnostic::error(code, span, e.message)
+                            .label(label)
+                            .help(e.help),
+                    );
                 }
                 None
             }
         }
+    }
+
+    /// The spans of the `$jwt_claim_*` variables in an argument.
+    fn claim_spans(&self, arg: &Arg) -> Vec<Span> {
+        let v = arg.value.as_str();
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some(p) = v[from..].find("jwt_claim_").map(|p| p + from) {
+            let start = match (v[..p].ends_with('$'), v[..p].ends_with("${")) {
+                (true, _) => p - 1,
+                (_, true) => p - 2,
+                _ => {
+                    from = p + 1;
+                    continue;
+                }
+            };
+            let mut end = p + "jwt_claim_".len();
+            while end < v.len()
+                && (v.as_bytes()[end].is_ascii_alphanumeric() || v.as_bytes()[end] == b'_')
+            {
+                end += 1;
+            }
+            if v.as_bytes()[start + 1] == b'{' && v.as_bytes().get(end) == Some(&b'}') {
+                end += 1;
+            }
+            if !arg.literal_dollars.contains(&start) {
+                out.push(self.arg_sub_span(arg, start, end));
+            }
+            from = end;
+        }
+        if out.is_empty() {
+            out.push(arg.span);
+        }
+        out
     }
 
     /// The span of bytes `start..end` of an argument's value; exact for bare
@@ -451,17 +603,27 @@ impl Cx<'_> {
         let full = if p.is_absolute() {
             p.to_path_buf()
         } else {
-            let dir = self.sources.path(arg.span.file).parent().map(Path::to_path_buf).unwrap_or_default();
+            let dir = self
+                .sources
+                .path(arg.span.file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             dir.join(p)
         };
-        if must_exist && self.check_files {
-            if let Err(e) = std::fs::File::open(&full) {
-                self.push(
-                    Diagnostic::error("unreadable_file", arg.span, format!("cannot read `{}`", full.display()))
-                        .label(e.to_string())
-                        .help("check the path; it is relative to the directory of this config file"),
-                );
-            }
+        if must_exist
+            && self.check_files
+            && let Err(e) = std::fs::File::open(&full)
+        {
+            self.push(
+                Diagnostic::error(
+                    "unreadable_file",
+                    arg.span,
+                    format!("cannot read `{}`", full.display()),
+                )
+                .label(e.to_string())
+                .help("check the path; it is relative to the directory of this config file"),
+            );
         }
         full
     }
@@ -470,22 +632,46 @@ impl Cx<'_> {
         let pattern = arg.text();
         if let Err(e) = regex_syntax::ast::parse::Parser::new().parse(&pattern) {
             let s = e.span();
-            let span = self.arg_sub_span(arg, s.start.offset, s.end.offset.max(s.start.offset + 1).min(pattern.len().max(1)));
+            let span = self.arg_sub_span(
+                arg,
+                s.start.offset,
+                s.end
+                    .offset
+                    .max(s.start.offset + 1)
+                    .min(pattern.len().max(1)),
+            );
             self.push(
-                Diagnostic::error("invalid_regex", span, format!("invalid regex: {}", e.kind()))
-                    .label("here")
-                    .help("regexes use Rust regex syntax (PCRE-like); quote a regex with `{`, `}` or `;`"),
+                Diagnostic::error(
+                    "invalid_regex",
+                    span,
+                    format!("invalid regex: {}", e.kind()),
+                )
+                .label(e.kind().to_string())
+                .help(
+                    "regexes use Rust regex syntax (PCRE-like); quote a regex with `{`, `}` or `;`",
+                ),
             );
             return None;
         }
-        let built = regex::RegexBuilder::new(&pattern).case_insensitive(caseless).size_limit(1 << 22).build();
+        let built = regex::RegexBuilder::new(&pattern)
+            .case_insensitive(caseless)
+            .size_limit(1 << 22)
+            .build();
         match built {
             Ok(r) => Some(r),
             Err(e) => {
                 self.push(
                     Diagnostic::error("invalid_regex", arg.span, "invalid regex")
-                        .label(e.to_string().lines().last().unwrap_or("invalid").to_string())
-                        .help("simplify the regex (look-around and backreferences are not supported)"),
+                        .label(
+                            e.to_string()
+                                .lines()
+                                .last()
+                                .unwrap_or("invalid")
+                                .to_string(),
+                        )
+                        .help(
+                            "simplify the regex (look-around and backreferences are not supported)",
+                        ),
                 );
                 None
             }
@@ -495,11 +681,18 @@ impl Cx<'_> {
     fn header_name(&mut self, arg: &Arg) -> Option<String> {
         let name = arg.text();
         let ok = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if ok {
             Some(name.to_ascii_lowercase())
         } else {
-            self.bad_arg("invalid_header_name", arg, format!("`{name}` is not a valid header name"), "header names are tokens like `X-User-Id`");
+            self.bad_arg(
+                "invalid_header_name",
+                arg,
+                format!("`{name}` is not a valid header name"),
+                "header names are tokens like `X-User-Id`",
+            );
             None
         }
     }
@@ -520,7 +713,12 @@ impl Cx<'_> {
             Some(Cidr { addr: ip, prefix })
         });
         if parsed.is_none() {
-            self.bad_arg("invalid_cidr", arg, format!("`{text}` is not an address or CIDR"), "write e.g. `10.0.0.0/8`, `192.168.1.10` or `::1`");
+            self.bad_arg(
+                "invalid_cidr",
+                arg,
+                format!("`{text}` is not an address or CIDR"),
+                "write e.g. `10.0.0.0/8`, `192.168.1.10` or `::1`",
+            );
         }
         parsed
     }
@@ -537,10 +735,19 @@ pub(crate) fn server(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let main_uses = std::mem::take(&mut cx.jwt_claim_uses);
     let items = cx.walk(&children, Ctx::Server);
     let jwt_claim_uses = std::mem::replace(&mut cx.jwt_claim_uses, main_uses);
-    Some(Setting::Server(ServerDraft { items, jwt_claim_uses }))
+    let listen_written = d.children().iter().any(|c| c.name == "listen");
+    Some(Setting::Server(ServerDraft {
+        items,
+        jwt_claim_uses,
+        listen_written,
+    }))
 }
 
 pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
+    // A bad modifier or URI still has its block checked (every error in one
+    // run, and definitions used only in there do not look unused).
+    let mut key_ok = true;
+    let glued_uri;
     let (modifier, uri) = if d.args.len() == 2 {
         let m = match d.args[0].text().as_str() {
             "=" => Modifier::Exact,
@@ -548,42 +755,75 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "~" => Modifier::Regex,
             "~*" => Modifier::RegexCaseless,
             other => {
-                cx.bad_arg("invalid_location_modifier", &d.args[0], format!("unknown location modifier `{other}`"), "use `=`, `^~`, `~` or `~*`");
-                return None;
+                cx.bad_arg(
+                    "invalid_location_modifier",
+                    &d.args[0],
+                    format!("unknown location modifier `{other}`"),
+                    "use `=`, `^~`, `~` or `~*`",
+                );
+                key_ok = false;
+                Modifier::Prefix
             }
         };
         (m, &d.args[1])
     } else {
         let a = &d.args[0];
-        if matches!(a.text().as_str(), "=" | "^~" | "~" | "~*") {
+        let t = a.text();
+        if matches!(t.as_str(), "=" | "^~" | "~" | "~*") {
             cx.push(
-                Diagnostic::error("wrong_argument_count", a.span, "location has a modifier but no URI")
-                    .label("missing URI after this")
-                    .help("write `location = /path {`"),
+                Diagnostic::error(
+                    "wrong_argument_count",
+                    a.span,
+                    "location has a modifier but no URI",
+                )
+                .label("missing URI after this")
+                .help("write `location = /path {`"),
             );
-            return None;
+            key_ok = false;
         }
-        (Modifier::Prefix, a)
+        // NGINX also takes the modifier glued to the URI: `location =/x`,
+        // `location ~*\.png$`, `location ^~/static/`.
+        let glued = [
+            ("~*", Modifier::RegexCaseless),
+            ("^~", Modifier::PrefixNoRegex),
+            ("~", Modifier::Regex),
+            ("=", Modifier::Exact),
+        ]
+        .into_iter()
+        .find(|(m, _)| t.starts_with(m));
+        match glued {
+            Some((m, modifier)) => {
+                glued_uri = arg_tail(a, m.len());
+                (modifier, &glued_uri)
+            }
+            None => (Modifier::Prefix, a),
+        }
     };
     let pattern = uri.text();
     let mut regex = None;
-    if modifier.is_regex() {
+    if key_ok && modifier.is_regex() {
         regex = cx.regex(uri, modifier == Modifier::RegexCaseless);
-        regex.as_ref()?;
-    } else if !pattern.starts_with('/') {
+        key_ok = regex.is_some();
+    } else if key_ok && !pattern.starts_with('/') {
         let help = if pattern.starts_with('@') {
             "named locations are not supported; use a path".to_string()
         } else {
             format!("write `/{pattern}`")
         };
-        cx.bad_arg("invalid_location", uri, format!("location URI `{pattern}` does not start with `/`"), help);
-        return None;
+        cx.bad_arg(
+            "invalid_location",
+            uri,
+            format!("location URI `{pattern}` does not start with `/`"),
+            help,
+        );
+        key_ok = false;
     }
     let saved = (
         std::mem::take(&mut cx.named_captures),
         cx.capture_count,
         cx.in_regex_location,
         std::mem::take(&mut cx.jwt_claim_uses),
+        cx.captures_unknown,
     );
     if let Some(r) = &regex {
         cx.named_captures = r.capture_names().flatten().map(str::to_string).collect();
@@ -591,7 +831,10 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         cx.in_regex_location = true;
     } else {
         cx.capture_count = 0;
-        cx.in_regex_location = false;
+        cx.in_regex_location = modifier.is_regex();
+        // The regex did not compile: its captures are unknown, so `$1` and
+        // `$id` in the block are not reported on top.
+        cx.captures_unknown = !key_ok;
     }
     let children: Vec<&Directive> = d.children().iter().collect();
     let items = cx.walk(&children, Ctx::Location);
@@ -599,6 +842,7 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     cx.named_captures = saved.0;
     cx.capture_count = saved.1;
     cx.in_regex_location = saved.2;
+    cx.captures_unknown = saved.4;
     let key_span = d.args_span();
     let handlers: Vec<Span> = d
         .children()
@@ -606,6 +850,10 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         .filter(|c| matches!(c.name.as_str(), "proxy_pass" | "return" | "aggregate"))
         .map(|c| c.name_span)
         .collect();
+    let misspelled_handler = d.children().iter().any(|c| {
+        !schema::is_known_directive(&c.name)
+            && did_you_mean(&c.name, ["proxy_pass", "return", "aggregate"]).is_some()
+    });
     for extra in handlers.iter().skip(1) {
         cx.push(
             Diagnostic::error("multiple_handlers", *extra, "location has two handlers")
@@ -613,6 +861,9 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 .secondary(handlers[0], "first handler here")
                 .help("a location has exactly one of `proxy_pass`, `return`, `aggregate`"),
         );
+    }
+    if !key_ok {
+        return None;
     }
     Some(Setting::Location(LocationDraft {
         span: d.span,
@@ -623,7 +874,45 @@ pub(crate) fn location(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         items,
         jwt_claim_uses,
         handlers,
+        misspelled_handler,
     }))
+}
+
+/// `a` without its first `n` bytes (an ASCII prefix such as a modifier), with
+/// a span that stays exact where [`Cx::arg_sub_span`] can be exact.
+fn arg_tail(a: &Arg, n: usize) -> Arg {
+    let value = a.value.get(n..).unwrap_or("").to_string();
+    let literal_dollars = a
+        .literal_dollars
+        .iter()
+        .filter(|o| **o >= n)
+        .map(|o| o - n)
+        .collect();
+    match a.quote {
+        None => Arg {
+            raw: value.clone(),
+            value,
+            literal_dollars,
+            quote: None,
+            span: a.span.sub(n, a.span.len()),
+        },
+        // Quoted without escapes: the value is the source text between the quotes.
+        Some(_) if a.raw.len() == a.value.len() + 2 => Arg {
+            raw: value.clone(),
+            value,
+            literal_dollars,
+            quote: None,
+            span: a.span.sub(n + 1, a.span.len() - 1),
+        },
+        // Escapes shift offsets: keep the whole argument as the span.
+        Some(q) => Arg {
+            value,
+            literal_dollars,
+            raw: a.raw.clone(),
+            quote: Some(q),
+            span: a.span,
+        },
+    }
 }
 
 /// `HOST:PORT` (port required unless `default_port`).
@@ -643,7 +932,9 @@ fn host_port(text: &str, default_port: Option<u16>) -> Option<(String, u16)> {
         None => (text, default_port?),
     };
     let host_ok = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
     host_ok.then(|| (host.to_ascii_lowercase(), port))
 }
 
@@ -656,6 +947,9 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let mut resolve_ttl = Duration::from_secs(30);
     let mut ok = true;
     let members = cx.members(d, Ctx::Upstream);
+    // A `hash $jwt_claim_*` key is checked at each location using this
+    // upstream, not as a top-level use.
+    let saved_claims = std::mem::take(&mut cx.jwt_claim_uses);
     for m in &members {
         if m.name == "resolve_ttl" {
             resolve_ttl = cx.duration(&m.args[0]).unwrap_or(resolve_ttl);
@@ -665,10 +959,14 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         let mut set_balance = |cx: &mut Cx<'_>, b: Balance| {
             if let Some((_, first)) = &balance {
                 cx.push(
-                    Diagnostic::error("conflicting_balance", m.name_span, format!("upstream `{name}` has two balancing methods"))
-                        .label("second method")
-                        .secondary(*first, "first method here")
-                        .help("keep one of `least_conn`, `random`, `ip_hash`, `hash`"),
+                    Diagnostic::error(
+                        "conflicting_balance",
+                        m.name_span,
+                        format!("upstream `{name}` has two balancing methods"),
+                    )
+                    .label("second method")
+                    .secondary(*first, "first method here")
+                    .help("keep one of `least_conn`, `random`, `ip_hash`, `hash`"),
                 );
             } else {
                 balance = Some((b, m.name_span));
@@ -684,14 +982,24 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "random" => match m.args.first().map(|a| a.text()) {
                 None => set_balance(cx, Balance::Random { two: false }),
                 Some(t) if t == "two" => set_balance(cx, Balance::Random { two: true }),
-                Some(t) => cx.bad_arg("invalid_value", &m.args[0], format!("unknown `random` option `{t}`"), "write `random;` or `random two;`"),
+                Some(t) => cx.bad_arg(
+                    "invalid_value",
+                    &m.args[0],
+                    format!("unknown `random` option `{t}`"),
+                    "write `random;` or `random two;`",
+                ),
             },
             "hash" => {
                 let consistent = match m.args.get(1).map(|a| a.text()) {
                     None => false,
                     Some(t) if t == "consistent" => true,
                     Some(t) => {
-                        cx.bad_arg("invalid_value", &m.args[1], format!("unknown `hash` option `{t}`"), "write `hash KEY consistent;`");
+                        cx.bad_arg(
+                            "invalid_value",
+                            &m.args[1],
+                            format!("unknown `hash` option `{t}`"),
+                            "write `hash KEY consistent;`",
+                        );
                         false
                     }
                 };
@@ -699,34 +1007,51 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     set_balance(cx, Balance::Hash { key, consistent });
                 }
             }
-            "keepalive" => keepalive = cx.number(&m.args[0], "connection count").unwrap_or(keepalive),
+            "keepalive" => {
+                keepalive = cx
+                    .number(&m.args[0], "connection count")
+                    .unwrap_or(keepalive)
+            }
             "health_check" => health_check = health_check_params(cx, m),
             _ => {}
         }
     }
+    cx.jwt_claim_uses = saved_claims;
     if servers.is_empty() && ok {
         cx.push(
-            Diagnostic::error("empty_upstream", d.args[0].span, format!("upstream `{name}` has no servers"))
-                .label("no `server` inside")
-                .help("add `server HOST:PORT;`"),
+            Diagnostic::error(
+                "empty_upstream",
+                d.args[0].span,
+                format!("upstream `{name}` has no servers"),
+            )
+            .label("no `server` inside")
+            .help("add `server HOST:PORT;`"),
         );
     }
     if !servers.is_empty() && servers.iter().all(|s| s.backup) {
         cx.push(
-            Diagnostic::error("only_backup_servers", d.args[0].span, format!("upstream `{name}` has only backup servers"))
-                .label("no primary server")
-                .help("remove `backup` from at least one server"),
+            Diagnostic::error(
+                "only_backup_servers",
+                d.args[0].span,
+                format!("upstream `{name}` has only backup servers"),
+            )
+            .label("no primary server")
+            .help("remove `backup` from at least one server"),
         );
     }
-    if let Some((b @ (Balance::IpHash | Balance::Hash { .. }), span)) = &balance {
-        if servers.iter().any(|s| s.backup) {
-            let _ = b;
-            cx.push(
-                Diagnostic::error("backup_with_hash", *span, "`backup` servers cannot be used with hash balancing")
-                    .label("hash balancing here")
-                    .help("as in NGINX: drop `backup` or use another balancing method"),
-            );
-        }
+    if let Some((b @ (Balance::IpHash | Balance::Hash { .. }), span)) = &balance
+        && servers.iter().any(|s| s.backup)
+    {
+        let _ = b;
+        cx.push(
+            Diagnostic::error(
+                "backup_with_hash",
+                *span,
+                "`backup` servers cannot be used with hash balancing",
+            )
+            .label("hash balancing here")
+            .help("as in NGINX: drop `backup` or use another balancing method"),
+        );
     }
     Some(Setting::Upstream(Upstream {
         name,
@@ -738,10 +1063,19 @@ pub(crate) fn upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     }))
 }
 
-fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Option<UpstreamServer> {
+fn upstream_server(
+    cx: &mut Cx<'_>,
+    m: &Directive,
+    resolve_ttl: Duration,
+) -> Option<UpstreamServer> {
     let addr = &m.args[0];
     let Some((host, port)) = host_port(&addr.text(), Some(80)) else {
-        cx.bad_arg("invalid_address", addr, format!("`{}` is not a HOST:PORT address", addr.text()), "write e.g. `127.0.0.1:3001` or `users.internal:3001`");
+        cx.bad_arg(
+            "invalid_address",
+            addr,
+            format!("`{}` is not a HOST:PORT address", addr.text()),
+            "write e.g. `127.0.0.1:3001` or `users.internal:3001`",
+        );
         return None;
     };
     let mut s = UpstreamServer {
@@ -764,21 +1098,36 @@ fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Opt
                 Ok(w) if (1..=1000).contains(&w) => s.weight = w,
                 _ => {
                     ok = false;
-                    cx.bad_arg("invalid_number", a, format!("bad weight `{v}`"), "weight is a whole number from 1 to 1000");
+                    cx.bad_arg(
+                        "invalid_number",
+                        a,
+                        format!("bad weight `{v}`"),
+                        "weight is a whole number from 1 to 1000",
+                    );
                 }
             },
             Some(("max_fails", v)) => match v.parse::<u32>() {
                 Ok(n) => s.max_fails = n,
                 Err(_) => {
                     ok = false;
-                    cx.bad_arg("invalid_number", a, format!("bad max_fails `{v}`"), "max_fails is a whole number (0 = never mark down)");
+                    cx.bad_arg(
+                        "invalid_number",
+                        a,
+                        format!("bad max_fails `{v}`"),
+                        "max_fails is a whole number (0 = never mark down)",
+                    );
                 }
             },
             Some(("fail_timeout", v)) => match value::parse_duration(v) {
                 Ok(d) => s.fail_timeout = d,
                 Err(e) => {
                     ok = false;
-                    cx.bad_arg("invalid_duration", a, format!("bad fail_timeout: {e}"), "write e.g. `fail_timeout=10s`");
+                    cx.bad_arg(
+                        "invalid_duration",
+                        a,
+                        format!("bad fail_timeout: {e}"),
+                        "write e.g. `fail_timeout=10s`",
+                    );
                 }
             },
             None if t == "backup" => s.backup = true,
@@ -794,7 +1143,11 @@ fn upstream_server(cx: &mut Cx<'_>, m: &Directive, resolve_ttl: Duration) -> Opt
             }
         }
     }
-    if !s.resolve && s.host.parse::<IpAddr>().is_err() && !s.host.starts_with('[') && s.host != "localhost" {
+    if !s.resolve
+        && s.host.parse::<IpAddr>().is_err()
+        && !s.host.starts_with('[')
+        && s.host != "localhost"
+    {
         // Resolved once at load time; fine, but say nothing: NGINX does the same.
     }
     ok.then_some(s)
@@ -818,21 +1171,36 @@ fn health_check_params(cx: &mut Cx<'_>, m: &Directive) -> Option<HealthCheck> {
             }
             Some(("interval", v)) => value::parse_duration(v).map(|d| h.interval = d),
             Some(("timeout", v)) => value::parse_duration(v).map(|d| h.timeout = d),
-            Some(("fails", v)) => v.parse().map(|n| h.fails = n).map_err(|_| format!("bad number `{v}`")),
-            Some(("passes", v)) => v.parse().map(|n| h.passes = n).map_err(|_| format!("bad number `{v}`")),
+            Some(("fails", v)) => v
+                .parse()
+                .map(|n| h.fails = n)
+                .map_err(|_| format!("bad number `{v}`")),
+            Some(("passes", v)) => v
+                .parse()
+                .map(|n| h.passes = n)
+                .map_err(|_| format!("bad number `{v}`")),
             _ => Err(format!("unknown health_check parameter `{t}`")),
         };
         if let Err(e) = r {
             ok = false;
-            cx.bad_arg("invalid_value", a, e, "write `health_check uri=/healthz interval=5s timeout=1s fails=3 passes=2;`");
+            cx.bad_arg(
+                "invalid_value",
+                a,
+                e,
+                "write `health_check uri=/healthz interval=5s timeout=1s fails=3 passes=2;`",
+            );
         }
     }
     if h.interval.is_zero() || h.fails == 0 || h.passes == 0 {
         ok = false;
         cx.push(
-            Diagnostic::error("invalid_value", m.args_span(), "health_check interval, fails and passes must be positive")
-                .label("here")
-                .help("e.g. `interval=5s fails=3 passes=2`"),
+            Diagnostic::error(
+                "invalid_value",
+                m.args_span(),
+                "health_check interval, fails and passes must be positive",
+            )
+            .label("here")
+            .help("e.g. `interval=5s fails=3 passes=2`"),
         );
     }
     ok.then_some(h)
@@ -879,13 +1247,24 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     if let Some((_, alg)) = JWT_ALGS.iter().find(|(n, _)| *n == t) {
                         algorithms.push(*alg);
                     } else if t.eq_ignore_ascii_case("none") {
-                        cx.bad_arg("jwt_alg_none", a, "`none` is never accepted", "unsigned tokens are not authentication; list real algorithms");
+                        cx.bad_arg_labeled(
+                            "jwt_alg_none",
+                            a,
+                            "JWT algorithm `none` is never accepted",
+                            "this would accept unsigned tokens",
+                            "unsigned tokens are not authentication: remove `none` and list real algorithms",
+                        );
                     } else {
                         let help = match did_you_mean(&t, JWT_ALGS.iter().map(|(n, _)| *n)) {
                             Some(s) => format!("did you mean `{s}`?"),
                             None => "algorithms: HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA".into(),
                         };
-                        cx.bad_arg("unknown_algorithm", a, format!("unknown JWT algorithm `{t}`"), help);
+                        cx.bad_arg(
+                            "unknown_algorithm",
+                            a,
+                            format!("unknown JWT algorithm `{t}`"),
+                            help,
+                        );
                     }
                 }
             }
@@ -901,20 +1280,35 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 if let Some(t) = cx.template(&m.args[0]) {
                     match t.as_literal() {
                         Some(s) if !s.is_empty() => keys.push((JwtKeySource::Secret(s), m.span)),
-                        _ => cx.bad_arg("invalid_value", &m.args[0], "the secret must be a non-empty fixed value", "write `secret $env_JWT_SECRET;`"),
+                        _ => cx.bad_arg(
+                            "invalid_value",
+                            &m.args[0],
+                            "the secret must be a non-empty fixed value",
+                            "write `secret $env_JWT_SECRET;`",
+                        ),
                     }
                 }
             }
             "jwks_url" => {
                 let url = m.args[0].text();
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    cx.bad_arg("invalid_url", &m.args[0], format!("`{url}` is not an http(s) URL"), "write `jwks_url https://auth.example.com/.well-known/jwks.json;`");
+                    cx.bad_arg(
+                        "invalid_url",
+                        &m.args[0],
+                        format!("`{url}` is not an http(s) URL"),
+                        "write `jwks_url https://auth.example.com/.well-known/jwks.json;`",
+                    );
                 }
                 let mut refresh = Duration::from_secs(600);
                 if let Some(a) = m.args.get(1) {
                     match a.text().strip_prefix("refresh=").map(value::parse_duration) {
                         Some(Ok(r)) => refresh = r,
-                        _ => cx.bad_arg("invalid_value", a, format!("unknown jwks_url option `{}`", a.text()), "write `refresh=10m`"),
+                        _ => cx.bad_arg(
+                            "invalid_value",
+                            a,
+                            format!("unknown jwks_url option `{}`", a.text()),
+                            "write `refresh=10m`",
+                        ),
                     }
                 }
                 keys.push((JwtKeySource::JwksUrl { url, refresh }, m.span));
@@ -930,7 +1324,12 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     "cookie" => TokenFrom::Cookie(v),
                     "query" => TokenFrom::Query(v),
                     other => {
-                        cx.bad_arg("invalid_value", &m.args[0], format!("unknown token source `{other}`"), "write `token_from header NAME`, `cookie NAME` or `query NAME`");
+                        cx.bad_arg(
+                            "invalid_value",
+                            &m.args[0],
+                            format!("unknown token source `{other}`"),
+                            "write `token_from header NAME`, `cookie NAME` or `query NAME`",
+                        );
                         def.token_from.clone()
                     }
                 };
@@ -955,21 +1354,39 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         return None;
     }
     match keys.len() {
+        0 if d.children().iter().any(|c| {
+            matches!(
+                c.name.as_str(),
+                "key_file" | "secret" | "jwks_file" | "jwks_url"
+            )
+        }) =>
+        {
+            // Written but invalid (say, an unset `$env_`): already reported.
+            return None;
+        }
         0 => {
             cx.push(
-                Diagnostic::error("missing_directive", name_span, format!("`auth_jwt {name}` has no key"))
-                    .label("no key source inside")
-                    .help("add one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
+                Diagnostic::error(
+                    "missing_directive",
+                    name_span,
+                    format!("`auth_jwt {name}` has no key"),
+                )
+                .label("no key source inside")
+                .help("add one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
             );
             return None;
         }
         1 => {}
         _ => {
             cx.push(
-                Diagnostic::error("conflicting_keys", keys[1].1, format!("`auth_jwt {name}` has more than one key source"))
-                    .label("second key source")
-                    .secondary(keys[0].1, "first key source")
-                    .help("keep one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
+                Diagnostic::error(
+                    "conflicting_keys",
+                    keys[1].1,
+                    format!("`auth_jwt {name}` has more than one key source"),
+                )
+                .label("second key source")
+                .secondary(keys[0].1, "first key source")
+                .help("keep one of `key_file`, `secret`, `jwks_file`, `jwks_url`"),
             );
             return None;
         }
@@ -978,7 +1395,12 @@ pub(crate) fn jwt_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let hmac = algorithms.iter().any(|a| a.is_hmac());
     let asym = algorithms.iter().any(|a| !a.is_hmac());
     let is_secret = matches!(source, JwtKeySource::Secret(_));
-    if (hmac && !is_secret) || (asym && is_secret) || (hmac && asym) {
+    let fits = if is_secret {
+        hmac && !asym
+    } else {
+        asym && !hmac
+    };
+    if !fits {
         cx.push(
             Diagnostic::error("jwt_key_mismatch", alg_span.unwrap_or(name_span), "the algorithms do not fit the key")
                 .label(if is_secret { "an HMAC secret only verifies HS256/384/512" } else { "a public key cannot verify HS* tokens" })
@@ -1008,7 +1430,12 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
             "key" => key = cx.template(a).unwrap_or(key),
             "rate" => match value::parse_rate(&a.text()) {
                 Ok(r) => rate = Some(r),
-                Err(e) => cx.bad_arg("invalid_rate", a, format!("bad rate: {e}"), "rates are `10r/s`, `100r/m`, `100r/15m`, `5000r/h`"),
+                Err(e) => cx.bad_arg(
+                    "invalid_rate",
+                    a,
+                    format!("bad rate: {e}"),
+                    "rates are `10r/s`, `100r/m`, `100r/15m`, `5000r/h`",
+                ),
             },
             "burst" => burst = cx.number(a, "request count").unwrap_or(0),
             "store" => {
@@ -1018,28 +1445,51 @@ pub(crate) fn rate_limit_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
                 } else if t.starts_with("redis://") {
                     store = RateStore::Redis(t);
                 } else {
-                    cx.bad_arg("invalid_value", a, format!("unknown store `{t}`"), "write `store memory;` or `store redis://127.0.0.1:6379/0;`");
+                    cx.bad_arg(
+                        "invalid_value",
+                        a,
+                        format!("unknown store `{t}`"),
+                        "write `store memory;` or `store redis://127.0.0.1:6379/0;`",
+                    );
                 }
             }
             "max_keys" => match cx.number::<u64>(a, "key count") {
-                Some(0) => cx.bad_arg("invalid_number", a, "max_keys must be at least 1", "e.g. `max_keys 1000000;`"),
+                Some(0) => cx.bad_arg(
+                    "invalid_number",
+                    a,
+                    "max_keys must be at least 1",
+                    "e.g. `max_keys 1000000;`",
+                ),
                 Some(n) => max_keys = n,
                 None => {}
             },
             "on_store_error" => match a.text().as_str() {
                 "allow" => allow = true,
                 "deny" => allow = false,
-                other => cx.bad_arg("invalid_value", a, format!("expected `allow` or `deny`, found `{other}`"), "write `on_store_error allow;` or `deny`"),
+                other => cx.bad_arg(
+                    "invalid_value",
+                    a,
+                    format!("expected `allow` or `deny`, found `{other}`"),
+                    "write `on_store_error allow;` or `deny`",
+                ),
             },
             _ => {}
         }
     }
     cx.jwt_claim_uses = saved;
     let Some(rate) = rate else {
+        if d.children().iter().any(|c| c.name == "rate") {
+            // Written but invalid (or misplaced): already reported.
+            return None;
+        }
         cx.push(
-            Diagnostic::error("missing_directive", d.args[0].span, format!("`rate_limit {name}` has no rate"))
-                .label("no `rate` inside")
-                .help("add e.g. `rate 100r/15m;`"),
+            Diagnostic::error(
+                "missing_directive",
+                d.args[0].span,
+                format!("`rate_limit {name}` has no rate"),
+            )
+            .label("no `rate` inside")
+            .help("add e.g. `rate 100r/15m;`"),
         );
         return None;
     };
@@ -1063,7 +1513,11 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         max_size: 256 * 1024 * 1024,
         ttl: Duration::from_secs(600),
         key: Template {
-            pieces: vec![Piece::Var(Var::Scheme), Piece::Var(Var::Host), Piece::Var(Var::RequestUri)],
+            pieces: vec![
+                Piece::Var(Var::Scheme),
+                Piece::Var(Var::Host),
+                Piece::Var(Var::RequestUri),
+            ],
         },
         stale_while_revalidate: Duration::ZERO,
         stale_if_error: Duration::ZERO,
@@ -1079,7 +1533,9 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "max_entry_size" => entry = cx.size(a),
             "ttl" => c.ttl = cx.duration(a).unwrap_or(c.ttl),
             "key" => c.key = cx.template(a).unwrap_or(c.key.clone()),
-            "stale_while_revalidate" => c.stale_while_revalidate = cx.duration(a).unwrap_or_default(),
+            "stale_while_revalidate" => {
+                c.stale_while_revalidate = cx.duration(a).unwrap_or_default()
+            }
             "stale_if_error" => c.stale_if_error = cx.duration(a).unwrap_or_default(),
             "methods" => {
                 c.methods.clear();
@@ -1088,7 +1544,12 @@ pub(crate) fn cache_def(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                     if matches!(t.as_str(), "GET" | "HEAD" | "POST") {
                         c.methods.push(t);
                     } else {
-                        cx.bad_arg("invalid_value", a, format!("method `{t}` cannot be cached"), "cacheable methods: GET, HEAD, POST");
+                        cx.bad_arg(
+                            "invalid_value",
+                            a,
+                            format!("method `{t}` cannot be cached"),
+                            "cacheable methods: GET, HEAD, POST",
+                        );
                     }
                 }
             }
@@ -1125,7 +1586,12 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         match m.name.as_str() {
             "listen" => match socket_addr(&a.text()) {
                 Some(addr) => listen = Some((addr, a.span)),
-                None => cx.bad_arg("invalid_address", a, format!("`{}` is not an address", a.text()), "write `listen 127.0.0.1:9901;`"),
+                None => cx.bad_arg(
+                    "invalid_address",
+                    a,
+                    format!("`{}` is not an address", a.text()),
+                    "write `listen 127.0.0.1:9901;`",
+                ),
             },
             "allow" => {
                 if let Some(c) = cx.cidr(a) {
@@ -1136,6 +1602,9 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         }
     }
     let Some((addr, span)) = listen else {
+        if d.children().iter().any(|c| c.name == "listen") {
+            return None;
+        }
         cx.push(
             Diagnostic::error("missing_directive", d.name_span, "`admin` has no `listen`")
                 .label("no `listen` inside")
@@ -1145,12 +1614,20 @@ pub(crate) fn admin(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     };
     if !addr.ip().is_loopback() && allow.is_empty() {
         cx.push(
-            Diagnostic::error("admin_public", span, "the admin listener is reachable from other hosts")
-                .label("not a loopback address")
-                .help("listen on 127.0.0.1, or add `allow CIDR;` lines naming who may reach it"),
+            Diagnostic::error(
+                "admin_public",
+                span,
+                "the admin listener is reachable from other hosts",
+            )
+            .label("not a loopback address")
+            .help("listen on 127.0.0.1, or add `allow CIDR;` lines naming who may reach it"),
         );
     }
-    Some(Setting::Admin(Admin { listen: addr, allow, span }))
+    Some(Setting::Admin(Admin {
+        listen: addr,
+        allow,
+        span,
+    }))
 }
 
 pub(crate) fn worker_threads(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
@@ -1161,7 +1638,12 @@ pub(crate) fn worker_threads(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
     match cx.number::<usize>(a, "thread count") {
         Some(n) if (1..=1024).contains(&n) => Some(Setting::WorkerThreads(Some(n))),
         Some(_) => {
-            cx.bad_arg("invalid_number", a, "worker_threads must be from 1 to 1024", "write a number or `auto`");
+            cx.bad_arg(
+                "invalid_number",
+                a,
+                "worker_threads must be from 1 to 1024",
+                "write a number or `auto`",
+            );
             None
         }
         None => None,
@@ -1187,7 +1669,12 @@ pub(crate) fn error_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "warn" => LogLevel::Warn,
             "error" | "crit" | "alert" | "emerg" => LogLevel::Error,
             other => {
-                cx.bad_arg("invalid_value", &d.args[1], format!("unknown log level `{other}`"), "levels: trace, debug, info, warn, error");
+                cx.bad_arg(
+                    "invalid_value",
+                    &d.args[1],
+                    format!("unknown log level `{other}`"),
+                    "levels: trace, debug, info, warn, error",
+                );
                 return None;
             }
         },
@@ -1198,7 +1685,12 @@ pub(crate) fn error_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
 pub(crate) fn access_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     if d.args[0].text() == "off" {
         if d.args.len() > 1 {
-            cx.bad_arg("wrong_argument_count", &d.args[1], "`access_log off` takes nothing more", "write `access_log off;`");
+            cx.bad_arg(
+                "wrong_argument_count",
+                &d.args[1],
+                "`access_log off` takes nothing more",
+                "write `access_log off;`",
+            );
         }
         return Some(Setting::AccessLog(AccessLog::Off));
     }
@@ -1208,7 +1700,12 @@ pub(crate) fn access_log(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Some(f) if f == "json" => AccessLogFormat::Json,
         Some(f) if f == "combined" => AccessLogFormat::Combined,
         Some(f) => {
-            cx.bad_arg("invalid_value", &d.args[1], format!("unknown access log format `{f}`"), "formats: json, combined");
+            cx.bad_arg(
+                "invalid_value",
+                &d.args[1],
+                format!("unknown access log format `{f}`"),
+                "formats: json, combined",
+            );
             return None;
         }
     };
@@ -1222,7 +1719,12 @@ pub(crate) fn shutdown_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting
 pub(crate) fn listen(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let a = &d.args[0];
     let Some(addr) = socket_addr(&a.text()) else {
-        cx.bad_arg("invalid_address", a, format!("`{}` is not a listen address", a.text()), "write `listen 8080;`, `listen 127.0.0.1:8080;` or `listen [::1]:8080;`");
+        cx.bad_arg(
+            "invalid_address",
+            a,
+            format!("`{}` is not a listen address", a.text()),
+            "write `listen 8080;`, `listen 127.0.0.1:8080;` or `listen [::1]:8080;`",
+        );
         return None;
     };
     let mut l = Listen {
@@ -1237,7 +1739,12 @@ pub(crate) fn listen(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "ssl" => l.ssl = true,
             "http2" => l.http2 = true,
             "default_server" | "default" => l.default_server = true,
-            other => cx.bad_arg("invalid_value", o, format!("unknown listen option `{other}`"), "options: ssl, http2, default_server"),
+            other => cx.bad_arg(
+                "invalid_value",
+                o,
+                format!("unknown listen option `{other}`"),
+                "options: ssl, http2, default_server",
+            ),
         }
     }
     Some(Setting::Listen(l))
@@ -1247,27 +1754,32 @@ pub(crate) fn server_name(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let mut names = Vec::new();
     for a in &d.args {
         let t = a.text();
-        if let Some(re) = t.strip_prefix('~') {
-            let sub = Arg {
-                value: re.to_string(),
-                literal_dollars: Vec::new(),
-                raw: re.to_string(),
-                quote: None,
-                span: a.span.sub(1, a.span.len()),
-            };
+        if t.starts_with('~') {
+            let sub = arg_tail(a, 1);
             if let Some(r) = cx.regex(&sub, true) {
                 names.push(ServerName::Regex(r));
             }
         } else if let Some(rest) = t.strip_prefix("*.") {
-            names.push(ServerName::LeadingWildcard(format!(".{}", rest.to_ascii_lowercase())));
+            names.push(ServerName::LeadingWildcard(format!(
+                ".{}",
+                rest.to_ascii_lowercase()
+            )));
         } else if let Some(rest) = t.strip_suffix(".*") {
-            names.push(ServerName::TrailingWildcard(format!("{}.", rest.to_ascii_lowercase())));
+            names.push(ServerName::TrailingWildcard(format!(
+                "{}.",
+                rest.to_ascii_lowercase()
+            )));
         } else if let Some(rest) = t.strip_prefix('.') {
             // NGINX: `.example.com` is `example.com` and `*.example.com`.
             names.push(ServerName::Exact(rest.to_ascii_lowercase()));
             names.push(ServerName::LeadingWildcard(t.to_ascii_lowercase()));
         } else if t.contains('*') {
-            cx.bad_arg("invalid_server_name", a, format!("`{t}`: a wildcard must be the first or last label"), "write `*.example.com` or `www.example.*`, or use `~regex`");
+            cx.bad_arg(
+                "invalid_server_name",
+                a,
+                format!("`{t}`: a wildcard must be the first or last label"),
+                "write `*.example.com` or `www.example.*`, or use `~regex`",
+            );
         } else {
             names.push(ServerName::Exact(t.to_ascii_lowercase()));
         }
@@ -1284,7 +1796,9 @@ pub(crate) fn ssl_certificate_key(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
 }
 
 pub(crate) fn proxy_ssl_trusted_certificate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
-    Some(Setting::ProxySslTrustedCertificate(cx.path(&d.args[0], true)))
+    Some(Setting::ProxySslTrustedCertificate(
+        cx.path(&d.args[0], true),
+    ))
 }
 
 pub(crate) fn client_header_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
@@ -1300,7 +1814,12 @@ pub(crate) fn client_max_header_size(cx: &mut Cx<'_>, d: &Directive) -> Option<S
     match cx.size(&d.args[0]) {
         Some(n) if n >= 1024 => Some(Setting::ClientMaxHeaderSize(n)),
         Some(_) => {
-            cx.bad_arg("invalid_size", &d.args[0], "client_max_header_size must be at least 1k", "e.g. `client_max_header_size 32k;`");
+            cx.bad_arg(
+                "invalid_size",
+                &d.args[0],
+                "client_max_header_size must be at least 1k",
+                "e.g. `client_max_header_size 32k;`",
+            );
             None
         }
         None => None,
@@ -1309,7 +1828,12 @@ pub(crate) fn client_max_header_size(cx: &mut Cx<'_>, d: &Directive) -> Option<S
 pub(crate) fn max_connections(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     match cx.number::<usize>(&d.args[0], "connection count") {
         Some(0) => {
-            cx.bad_arg("invalid_number", &d.args[0], "max_connections must be at least 1", "e.g. `max_connections 10000;`");
+            cx.bad_arg(
+                "invalid_number",
+                &d.args[0],
+                "max_connections must be at least 1",
+                "e.g. `max_connections 10000;`",
+            );
             None
         }
         n => n.map(Setting::MaxConnections),
@@ -1323,21 +1847,48 @@ pub(crate) fn real_ip_header(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> 
 }
 
 /// `http[s]://NAME_OR_HOST:PORT[/URI]` → (tls, target, uri text and its offset).
-fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<(bool, ProxyTarget, Option<(&'u str, usize)>)> {
+/// `(tls, target, URI part and its byte offset in the argument)`.
+type UrlParts<'u> = (bool, ProxyTarget, Option<(&'u str, usize)>);
+
+fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<UrlParts<'u>> {
     let (tls, rest, off) = if let Some(r) = text.strip_prefix("http://") {
         (false, r, 7)
     } else if let Some(r) = text.strip_prefix("https://") {
         (true, r, 8)
     } else {
-        cx.bad_arg("invalid_url", a, format!("`{text}` is not an http:// or https:// URL"), "write `proxy_pass http://UPSTREAM;` or `http://HOST:PORT/URI`");
+        cx.bad_arg(
+            "invalid_url",
+            a,
+            format!("`{text}` is not an http:// or https:// URL"),
+            "write `proxy_pass http://UPSTREAM;` or `http://HOST:PORT/URI`",
+        );
         return None;
     };
-    let (authority, uri) = match rest.find('/') {
+    // The authority ends at the first `/`, or where a variable starts the
+    // URI: NGINX accepts `proxy_pass http://backend$request_uri;`.
+    let split = rest
+        .char_indices()
+        .find(|&(i, c)| c == '/' || (c == '$' && !a.literal_dollars.contains(&(off + i))))
+        .map(|(i, _)| i);
+    let (authority, uri) = match split {
         Some(i) => (&rest[..i], Some((&rest[i..], off + i))),
         None => (rest, None),
     };
-    if authority.contains('$') {
-        cx.bad_arg("unsupported", a, "variables in the upstream host are not supported", "name an `upstream` or write `host:port`");
+    let var_follows = split.is_some_and(|i| rest[i..].starts_with('$'));
+    let known_host = cx.defs.upstreams.iter().any(|(n, _)| n == authority)
+        || host_port(authority, None).is_some();
+    if var_follows && !known_host {
+        let host_end = rest.find('/').unwrap_or(rest.len());
+        let span = cx.arg_sub_span(a, off, off + host_end);
+        cx.push(
+            Diagnostic::error(
+                "unsupported",
+                span,
+                "variables in the upstream host are not supported",
+            )
+            .label("the host is built from a variable")
+            .help("name an `upstream` or write `host:port`; variables may follow in the URI part"),
+        );
         return None;
     }
     if cx.defs.upstreams.iter().any(|(n, _)| n == authority) {
@@ -1354,7 +1905,10 @@ fn split_url<'u>(cx: &mut Cx<'_>, a: &'u Arg, text: &'u str) -> Option<(bool, Pr
     match host_port(authority, None) {
         Some((host, port)) => Some((tls, ProxyTarget::Address { host, port }, uri)),
         None => {
-            let suggestion = did_you_mean(authority, cx.defs.upstreams.iter().map(|(n, _)| n.as_str())).map(str::to_string);
+            let suggestion =
+                did_you_mean(authority, cx.defs.upstreams.iter().map(|(n, _)| n.as_str()))
+                    .map(str::to_string);
+            cx.mark_suggested_used(DefKind::Upstream, suggestion.as_deref());
             let span = cx.arg_sub_span(a, off, off + authority.len());
             cx.push(
                 Diagnostic::error("unknown_upstream", span, format!("unknown upstream `{authority}`"))
@@ -1378,7 +1932,12 @@ pub(crate) fn proxy_pass(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Some((u, off)) => {
             let sub = Arg {
                 value: u.to_string(),
-                literal_dollars: a.literal_dollars.iter().filter(|o| **o >= off).map(|o| o - off).collect(),
+                literal_dollars: a
+                    .literal_dollars
+                    .iter()
+                    .filter(|o| **o >= off)
+                    .map(|o| o - off)
+                    .collect(),
                 raw: u.to_string(),
                 quote: None,
                 span: cx.arg_sub_span(a, off, off + u.len()),
@@ -1395,20 +1954,32 @@ pub(crate) fn proxy_pass(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             Some(t)
         }
     };
-    Some(Setting::ProxyPass(ProxyPass { tls, target, uri, span: d.span }))
+    Some(Setting::ProxyPass(ProxyPass {
+        tls,
+        target,
+        uri,
+        span: d.span,
+    }))
 }
 
 pub(crate) fn return_(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let a = &d.args[0];
     let t = a.text();
-    if d.args.len() == 1 && (t.starts_with("http://") || t.starts_with("https://") || t.starts_with("$scheme")) {
+    if d.args.len() == 1
+        && (t.starts_with("http://") || t.starts_with("https://") || t.starts_with("$scheme"))
+    {
         let url = cx.template(a)?;
         return Some(Setting::Return(Return::Redirect { code: 302, url }));
     }
     let code: u16 = match t.parse() {
         Ok(c) if (100..=599).contains(&c) => c,
         _ => {
-            cx.bad_arg("invalid_status", a, format!("`{t}` is not an HTTP status code"), "write `return 404;`, `return 200 \"text\";` or `return 301 https://...;`");
+            cx.bad_arg(
+                "invalid_status",
+                a,
+                format!("`{t}` is not an HTTP status code"),
+                "write `return 404;`, `return 200 \"text\";` or `return 301 https://...;`",
+            );
             return None;
         }
     };
@@ -1420,7 +1991,10 @@ pub(crate) fn return_(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         }
         Some(txt) => {
             let text = cx.template(txt)?;
-            Some(Setting::Return(Return::Text { code, text: Some(text) }))
+            Some(Setting::Return(Return::Text {
+                code,
+                text: Some(text),
+            }))
         }
         None => Some(Setting::Return(Return::Text { code, text: None })),
     }
@@ -1433,28 +2007,41 @@ pub(crate) fn rewrite(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         match f.text().as_str() {
             "break" => brk = true,
             "last" | "redirect" | "permanent" => {
-                cx.bad_arg(
+                cx.bad_arg_labeled(
                     "unsupported_rewrite_flag",
                     f,
                     format!("`rewrite ... {}` is not supported in v1", f.text()),
+                    "unsupported flag",
                     "use `break` (the rewritten path is sent upstream), or `return 301|302 URL;` for redirects",
                 );
                 return None;
             }
             other => {
-                cx.bad_arg("invalid_value", f, format!("unknown rewrite flag `{other}`"), "the only flag is `break`");
+                cx.bad_arg(
+                    "invalid_value",
+                    f,
+                    format!("unknown rewrite flag `{other}`"),
+                    "the only flag is `break`",
+                );
                 return None;
             }
         }
     }
     let repl_text = d.args[1].text();
     if repl_text.starts_with("http://") || repl_text.starts_with("https://") {
-        cx.bad_arg("unsupported_rewrite_flag", &d.args[1], "a rewrite to a URL is a redirect, not supported in v1", "use `return 302 URL;`");
+        cx.bad_arg_labeled(
+            "unsupported_rewrite_flag",
+            &d.args[1],
+            "a rewrite to a URL is a redirect, not supported in v1",
+            "redirect target",
+            "use `return 302 URL;`",
+        );
         return None;
     }
     let saved = (cx.capture_count, cx.named_captures.clone());
     cx.capture_count = cx.capture_count.max(regex.captures_len() - 1);
-    cx.named_captures.extend(regex.capture_names().flatten().map(str::to_string));
+    cx.named_captures
+        .extend(regex.capture_names().flatten().map(str::to_string));
     let replacement = cx.template(&d.args[1]);
     cx.capture_count = saved.0;
     cx.named_captures = saved.1;
@@ -1475,30 +2062,43 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         let valid = !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid {
             ok = false;
-            cx.bad_arg("invalid_call_name", &m.args[0], format!("`{n}` is not a call name"), "call names are letters, digits and `_`");
+            cx.bad_arg(
+                "invalid_call_name",
+                &m.args[0],
+                format!("`{n}` is not a call name"),
+                "call names are letters, digits and `_`",
+            );
             continue;
         }
         if let Some((_, first)) = names.iter().find(|(x, _)| *x == n) {
             let first = *first;
             ok = false;
             cx.push(
-                Diagnostic::error("duplicate_call", m.args[0].span, format!("call `{n}` is defined twice"))
-                    .label("again here")
-                    .secondary(first, "first defined here")
-                    .help("give each call its own name"),
+                Diagnostic::error(
+                    "duplicate_call",
+                    m.args[0].span,
+                    format!("call `{n}` is defined twice"),
+                )
+                .label("again here")
+                .secondary(first, "first defined here")
+                .help("give each call its own name"),
             );
             continue;
         }
         let shadows = value::VAR_NAMES.contains(&n.as_str())
+            || (n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
             || cx.named_captures.contains(&n)
-            || ["arg_", "http_", "cookie_", "jwt_claim_", "env_"].iter().any(|p| n.starts_with(p));
+            || ["arg_", "http_", "cookie_", "jwt_claim_", "env_"]
+                .iter()
+                .any(|p| n.starts_with(p));
         if shadows {
             ok = false;
-            cx.bad_arg(
+            cx.bad_arg_labeled(
                 "call_shadows_variable",
                 &m.args[0],
                 format!("call `{n}` has the name of a variable"),
-                format!("rename the call: `${n}.field` would be ambiguous with the variable `${n}`"),
+                format!("`${n}` is already a variable"),
+                format!("rename the call (e.g. `{n}_call`): `${n}.field` would be ambiguous with the variable `${n}`"),
             );
             continue;
         }
@@ -1524,10 +2124,19 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                 let (u, off) = uri.unwrap_or(("/", text.len()));
                 let sub = Arg {
                     value: u.to_string(),
-                    literal_dollars: a.literal_dollars.iter().filter(|o| **o >= off).map(|o| o - off).collect(),
+                    literal_dollars: a
+                        .literal_dollars
+                        .iter()
+                        .filter(|o| **o >= off)
+                        .map(|o| o - off)
+                        .collect(),
                     raw: u.to_string(),
                     quote: None,
-                    span: if uri.is_some() { cx.arg_sub_span(a, off, off + u.len()) } else { a.span },
+                    span: if uri.is_some() {
+                        cx.arg_sub_span(a, off, off + u.len())
+                    } else {
+                        a.span
+                    },
                 };
                 let Some(t) = cx.template_with(&sub, &call_names) else {
                     ok = false;
@@ -1539,14 +2148,18 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
                         if *call == n {
                             ok = false;
                             cx.push(
-                                Diagnostic::error("aggregate_cycle", a.span, format!("call `{n}` refers to itself"))
-                                    .label("self-reference")
-                                    .help("a call can only use fields of other calls"),
+                                Diagnostic::error(
+                                    "aggregate_cycle",
+                                    a.span,
+                                    format!("call `{n}` refers to itself"),
+                                )
+                                .label("self-reference")
+                                .help("a call can only use fields of other calls"),
                             );
-                        } else if let Some(i) = call_names.iter().position(|c| c == call) {
-                            if !deps.contains(&i) {
-                                deps.push(i);
-                            }
+                        } else if let Some(i) = call_names.iter().position(|c| c == call)
+                            && !deps.contains(&i)
+                        {
+                            deps.push(i);
                         }
                     }
                 }
@@ -1563,7 +2176,12 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
             "on_error" => match m.args[0].text().as_str() {
                 "partial" => partial = true,
                 "fail" => partial = false,
-                other => cx.bad_arg("invalid_value", &m.args[0], format!("expected `partial` or `fail`, found `{other}`"), "write `on_error partial;` or `on_error fail;`"),
+                other => cx.bad_arg(
+                    "invalid_value",
+                    &m.args[0],
+                    format!("expected `partial` or `fail`, found `{other}`"),
+                    "write `on_error partial;` or `on_error fail;`",
+                ),
             },
             _ => {}
         }
@@ -1586,14 +2204,27 @@ pub(crate) fn aggregate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         Err(cycle) => {
             let chain: Vec<&str> = cycle.iter().map(|i| calls[*i].name.as_str()).collect();
             cx.push(
-                Diagnostic::error("aggregate_cycle", calls[cycle[0]].span, "aggregate calls depend on each other in a cycle")
-                    .label("this call is part of the cycle")
-                    .help(format!("break the cycle: {} → {}", chain.join(" → "), chain[0])),
+                Diagnostic::error(
+                    "aggregate_cycle",
+                    calls[cycle[0]].span,
+                    "aggregate calls depend on each other in a cycle",
+                )
+                .label("this call is part of the cycle")
+                .help(format!(
+                    "break the cycle: {} → {}",
+                    chain.join(" → "),
+                    chain[0]
+                )),
             );
             return None;
         }
     };
-    Some(Setting::Aggregate(Aggregate { calls, timeout, partial, waves }))
+    Some(Setting::Aggregate(Aggregate {
+        calls,
+        timeout,
+        partial,
+        waves,
+    }))
 }
 
 /// Group calls into waves (Kahn's algorithm by levels); `Err` holds a cycle.
@@ -1604,7 +2235,13 @@ fn waves(calls: &[AggregateCall]) -> Result<Vec<Vec<usize>>, Vec<usize>> {
     let mut done = 0;
     while done < n {
         let ready: Vec<usize> = (0..n)
-            .filter(|&i| level[i].is_none() && calls[i].deps.iter().all(|d| level[*d].is_some_and(|l| l < out.len())))
+            .filter(|&i| {
+                level[i].is_none()
+                    && calls[i]
+                        .deps
+                        .iter()
+                        .all(|d| level[*d].is_some_and(|l| l < out.len()))
+            })
             .collect();
         if ready.is_empty() {
             // Find a cycle among the rest by walking dependencies.
@@ -1646,7 +2283,12 @@ pub(crate) fn add_header(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         None => false,
         Some(t) if t == "always" => true,
         Some(t) => {
-            cx.bad_arg("invalid_value", &d.args[2], format!("unknown add_header flag `{t}`"), "the only flag is `always`");
+            cx.bad_arg(
+                "invalid_value",
+                &d.args[2],
+                format!("unknown add_header flag `{t}`"),
+                "the only flag is `always`",
+            );
             return None;
         }
     };
@@ -1688,7 +2330,12 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
             "non_idempotent" => n.non_idempotent = true,
             "off" => off = Some(a.span),
             other => {
-                cx.bad_arg("invalid_value", a, format!("unknown condition `{other}`"), "conditions: error, timeout, http_502, http_503, http_504, non_idempotent, off");
+                cx.bad_arg(
+                    "invalid_value",
+                    a,
+                    format!("unknown condition `{other}`"),
+                    "conditions: error, timeout, http_502, http_503, http_504, non_idempotent, off",
+                );
                 return None;
             }
         }
@@ -1696,9 +2343,13 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
     if let Some(span) = off {
         if d.args.len() > 1 {
             cx.push(
-                Diagnostic::error("invalid_value", span, "`off` cannot be combined with other conditions")
-                    .label("here")
-                    .help("write `proxy_next_upstream off;` alone"),
+                Diagnostic::error(
+                    "invalid_value",
+                    span,
+                    "`off` cannot be combined with other conditions",
+                )
+                .label("here")
+                .help("write `proxy_next_upstream off;` alone"),
             );
             return None;
         }
@@ -1707,7 +2358,8 @@ pub(crate) fn proxy_next_upstream(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
     Some(Setting::ProxyNextUpstream(n))
 }
 pub(crate) fn proxy_next_upstream_tries(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
-    cx.number(&d.args[0], "try count").map(Setting::ProxyNextUpstreamTries)
+    cx.number(&d.args[0], "try count")
+        .map(Setting::ProxyNextUpstreamTries)
 }
 pub(crate) fn client_max_body_size(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     cx.size(&d.args[0]).map(Setting::ClientMaxBodySize)
@@ -1742,7 +2394,8 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             _ => None,
         })
         .collect();
-    s.proxy_set_header.retain(|(n, _)| !set_names.contains(n.as_str()));
+    s.proxy_set_header
+        .retain(|(n, _)| !set_names.contains(n.as_str()));
     let add_names: HashSet<String> = items
         .iter()
         .filter_map(|i| match &i.setting {
@@ -1750,7 +2403,8 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             _ => None,
         })
         .collect();
-    s.add_header.retain(|h| !add_names.contains(&h.name.to_ascii_lowercase()));
+    s.add_header
+        .retain(|h| !add_names.contains(&h.name.to_ascii_lowercase()));
     for i in items {
         match &i.setting {
             Setting::ProxySetHeader(n, v) => {
@@ -1772,7 +2426,9 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             Setting::ProxyNextUpstream(n) => s.proxy_next_upstream = *n,
             Setting::ProxyNextUpstreamTries(n) => s.proxy_next_upstream_tries = *n,
             Setting::ClientMaxBodySize(n) => s.client_max_body_size = *n,
-            Setting::ProxySslTrustedCertificate(p) => s.proxy_ssl_trusted_certificate = Some(p.clone()),
+            Setting::ProxySslTrustedCertificate(p) => {
+                s.proxy_ssl_trusted_certificate = Some(p.clone())
+            }
             Setting::AuthJwt(p) => s.auth_jwt = *p,
             Setting::RateLimit(None) => s.rate_limits.clear(),
             Setting::RateLimit(Some(p)) => {
@@ -1865,10 +2521,14 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
         if let Some(name) = single {
             if let Some(first) = once.get(name) {
                 cx.push(
-                    Diagnostic::error("duplicate_directive", item.name_span, format!("`{name}` is set twice"))
-                        .label("set again here")
-                        .secondary(*first, "first set here")
-                        .help("keep one"),
+                    Diagnostic::error(
+                        "duplicate_directive",
+                        item.name_span,
+                        format!("`{name}` is set twice"),
+                    )
+                    .label("set again here")
+                    .secondary(*first, "first set here")
+                    .help("keep one"),
                 );
             } else {
                 once.insert(name, item.name_span);
@@ -1879,25 +2539,41 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::ErrorLog(e) => config.error_log = e.clone(),
             Setting::ShutdownTimeout(d) => config.shutdown_timeout = *d,
             Setting::Admin(a) => config.admin = Some(a.clone()),
-            Setting::Upstream(u) => {
-                if cx.defs.upstreams.get(config.upstreams.len()).is_some_and(|(n, s)| *n == u.name && *s == u.span) {
-                    config.upstreams.push(u.clone());
-                }
+            Setting::Upstream(u)
+                if cx
+                    .defs
+                    .upstreams
+                    .get(config.upstreams.len())
+                    .is_some_and(|(n, s)| *n == u.name && *s == u.span) =>
+            {
+                config.upstreams.push(u.clone());
             }
-            Setting::JwtDef(j) => {
-                if cx.defs.jwt.get(config.jwt.len()).is_some_and(|(n, s)| *n == j.name && *s == j.span) {
-                    config.jwt.push(j.clone());
-                }
+            Setting::JwtDef(j)
+                if cx
+                    .defs
+                    .jwt
+                    .get(config.jwt.len())
+                    .is_some_and(|(n, s)| *n == j.name && *s == j.span) =>
+            {
+                config.jwt.push(j.clone());
             }
-            Setting::RateLimitDef(r) => {
-                if cx.defs.rate_limits.get(config.rate_limits.len()).is_some_and(|(n, s)| *n == r.name && *s == r.span) {
-                    config.rate_limits.push(r.clone());
-                }
+            Setting::RateLimitDef(r)
+                if cx
+                    .defs
+                    .rate_limits
+                    .get(config.rate_limits.len())
+                    .is_some_and(|(n, s)| *n == r.name && *s == r.span) =>
+            {
+                config.rate_limits.push(r.clone());
             }
-            Setting::CacheDef(c) => {
-                if cx.defs.caches.get(config.caches.len()).is_some_and(|(n, s)| *n == c.name && *s == c.span) {
-                    config.caches.push(c.clone());
-                }
+            Setting::CacheDef(c)
+                if cx
+                    .defs
+                    .caches
+                    .get(config.caches.len())
+                    .is_some_and(|(n, s)| *n == c.name && *s == c.span) =>
+            {
+                config.caches.push(c.clone());
             }
             Setting::Server(s) => server_items.push((s, item.span)),
             _ => {}
@@ -1909,12 +2585,31 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
         && config.caches.len() == cx.defs.caches.len();
 
     for (draft, span) in server_items {
-        let uses: Vec<Span> = main_jwt_uses.iter().chain(&draft.jwt_claim_uses).copied().collect();
-        if let Some(s) = assemble_server(cx, &draft.items, span, &base, &base_limits, &base_real_ip, &uses, &config, defs_complete) {
+        let uses: Vec<Span> = main_jwt_uses
+            .iter()
+            .chain(&draft.jwt_claim_uses)
+            .copied()
+            .collect();
+        if let Some(s) = assemble_server(
+            cx,
+            draft,
+            span,
+            &base,
+            &base_limits,
+            &base_real_ip,
+            &uses,
+            &config,
+            defs_complete,
+        ) {
             config.servers.push(s);
         }
     }
-    if cx.diags.error_count() == 0 && config.servers.is_empty() && !items.iter().any(|i| matches!(i.setting, Setting::Server(_))) {
+    if cx.diags.error_count() == 0
+        && config.servers.is_empty()
+        && !items
+            .iter()
+            .any(|i| matches!(i.setting, Setting::Server(_)))
+    {
         let span = Span::default();
         cx.push(
             Diagnostic::error("no_server", span, "the config has no `server`")
@@ -1930,7 +2625,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
 #[allow(clippy::too_many_arguments)]
 fn assemble_server(
     cx: &mut Cx<'_>,
-    items: &[Item],
+    draft: &ServerDraft,
     span: Span,
     base: &LocationSettings,
     base_limits: &ClientLimits,
@@ -1939,10 +2634,14 @@ fn assemble_server(
     config: &Config,
     defs_complete: bool,
 ) -> Option<Server> {
+    let items = &draft.items[..];
     let mut limits = base_limits.clone();
     let mut real_ip = base_real_ip.clone();
     // A server's own real-IP list replaces the inherited one (NGINX).
-    if items.iter().any(|i| matches!(i.setting, Setting::SetRealIpFrom(_))) {
+    if items
+        .iter()
+        .any(|i| matches!(i.setting, Setting::SetRealIpFrom(_)))
+    {
         real_ip.trusted.clear();
     }
     apply_client(&mut limits, &mut real_ip, items);
@@ -1965,34 +2664,53 @@ fn assemble_server(
             _ => {}
         }
     }
-    if listens.is_empty() {
+    if listens.is_empty() && !draft.listen_written {
         cx.push(
-            Diagnostic::error("missing_directive", Span { end: span.start + 6, ..span }, "`server` has no `listen`")
-                .label("this server listens nowhere")
-                .help("add `listen 8080;`"),
+            Diagnostic::error(
+                "missing_directive",
+                Span {
+                    end: span.start + 6,
+                    ..span
+                },
+                "`server` has no `listen`",
+            )
+            .label("this server listens nowhere")
+            .help("add `listen 8080;`"),
         );
     }
     let wants_tls = listens.iter().any(|l| l.ssl);
     let tls = match (cert, key) {
-        (Some((c, _)), Some((k, _))) => Some(Tls { certificate: c, key: k }),
+        (Some((c, _)), Some((k, _))) => Some(Tls {
+            certificate: c,
+            key: k,
+        }),
         (Some((_, s)), None) | (None, Some((_, s))) => {
             cx.push(
-                Diagnostic::error("incomplete_tls", s, "`ssl_certificate` and `ssl_certificate_key` go together")
-                    .label("the other one is missing")
-                    .help("set both in this server"),
+                Diagnostic::error(
+                    "incomplete_tls",
+                    s,
+                    "`ssl_certificate` and `ssl_certificate_key` go together",
+                )
+                .label("the other one is missing")
+                .help("set both in this server"),
             );
             None
         }
         (None, None) => None,
     };
-    if wants_tls && tls.is_none() {
-        if let Some(l) = listens.iter().find(|l| l.ssl) {
-            cx.push(
-                Diagnostic::error("missing_certificate", l.span, "`listen ... ssl` without a certificate")
-                    .label("TLS listener")
-                    .help("add `ssl_certificate FILE;` and `ssl_certificate_key FILE;` to this server"),
-            );
-        }
+    if wants_tls
+        && tls.is_none()
+        && let Some(l) = listens.iter().find(|l| l.ssl)
+    {
+        cx.push(
+            Diagnostic::error(
+                "missing_certificate",
+                l.span,
+                "`listen ... ssl` without a certificate",
+            )
+            .label("TLS listener")
+            .help("add `ssl_certificate FILE;` and `ssl_certificate_key FILE;` to this server"),
+        );
     }
     check_locations(cx, &drafts);
     let mut locations = Vec::new();
@@ -2016,32 +2734,72 @@ fn assemble_server(
                 handler = Some((h, i.name_span));
             }
         }
-        if l.handlers.is_empty() && server_return.is_none() {
+        if l.handlers.is_empty() && !l.misspelled_handler && server_return.is_none() {
             cx.push(
                 Diagnostic::error("no_handler", l.key_span, "location has no handler")
                     .label("requests here would have nowhere to go")
-                    .help("add `proxy_pass http://UPSTREAM;`, `return CODE;` or an `aggregate { }` block"),
+                    .help("add a handler: `proxy_pass http://UPSTREAM;`, `return CODE;` or `aggregate {...}`"),
             );
         }
         // `$jwt_claim_*` needs an `auth_jwt` applying here; so do limit and
         // cache keys that use claims.
         if settings.auth_jwt.is_none() {
-            for s in l.jwt_claim_uses.iter().chain(main_jwt_uses) {
+            for s in &l.jwt_claim_uses {
                 cx.push(
-                    Diagnostic::error("jwt_claim_without_auth", *s, "`$jwt_claim_*` used where no `auth_jwt` applies")
-                        .label("no token is verified for this location")
-                        .help("apply `auth_jwt NAME;` to the location or its server"),
+                    Diagnostic::error(
+                        "jwt_claim_without_auth",
+                        *s,
+                        "`$jwt_claim_*` used where no `auth_jwt` applies",
+                    )
+                    .label("no token is verified in this location")
+                    .help("apply `auth_jwt NAME;` to the location or its server"),
                 );
             }
+            // Inherited uses: reported once each, at the first location
+            // that lacks `auth_jwt`.
+            for s in main_jwt_uses {
+                if cx.reported_claim_uses.insert(*s) {
+                    cx.push(
+                        Diagnostic::error("jwt_claim_without_auth", *s, "`$jwt_claim_*` used where no `auth_jwt` applies")
+                            .label("inherited by a location without `auth_jwt`")
+                            .secondary(l.key_span, "no token is verified in this location")
+                            .help("apply `auth_jwt NAME;` at the same level as this directive, or to every location that inherits it"),
+                    );
+                }
+            }
             if defs_complete {
+                let claims = |t: &Template| t.vars().any(|v| matches!(v, Var::JwtClaim(_)));
+                let mut keyed: Vec<String> = Vec::new();
                 for r in &settings.rate_limits {
-                    if config.rate_limits[*r].key.vars().any(|v| matches!(v, Var::JwtClaim(_))) {
-                        cx.push(
-                            Diagnostic::error("jwt_claim_without_auth", l.key_span, format!("rate limit `{}` keys on a JWT claim but no `auth_jwt` applies here", config.rate_limits[*r].name))
-                                .label("this location")
-                                .help("apply `auth_jwt NAME;` here, or use a limit keyed on something else"),
-                        );
+                    if claims(&config.rate_limits[*r].key) {
+                        keyed.push(format!("rate limit `{}`", config.rate_limits[*r].name));
                     }
+                }
+                if let Some(c) = settings.cache.filter(|c| claims(&config.caches[*c].key)) {
+                    keyed.push(format!("cache `{}`", config.caches[c].name));
+                }
+                let targets: Vec<&ProxyTarget> = match handler.as_ref().map(|(h, _)| h) {
+                    Some(Handler::Proxy(p)) => vec![&p.target],
+                    Some(Handler::Aggregate(a)) => a.calls.iter().map(|c| &c.target).collect(),
+                    _ => Vec::new(),
+                };
+                for t in targets {
+                    if let ProxyTarget::Upstream(u) = t {
+                        let up = &config.upstreams[*u];
+                        if matches!(&up.balance, Balance::Hash { key, .. } if claims(key)) {
+                            let what = format!("upstream `{}`", up.name);
+                            if !keyed.contains(&what) {
+                                keyed.push(what);
+                            }
+                        }
+                    }
+                }
+                for what in keyed {
+                    cx.push(
+                        Diagnostic::error("jwt_claim_without_auth", l.key_span, format!("{what} keys on a JWT claim but no `auth_jwt` applies here"))
+                            .label("no token is verified in this location")
+                            .help("apply `auth_jwt NAME;` here, or key on something that does not need a token"),
+                    );
                 }
             }
         }
@@ -2090,10 +2848,14 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
             Modifier::Exact => {
                 if let Some(first) = exact.get(l.pattern.as_str()) {
                     cx.push(
-                        Diagnostic::error("duplicate_location", l.key_span, format!("duplicate location `= {}`", l.pattern))
-                            .label("this location can never match")
-                            .secondary(*first, "the same location is defined here first, and wins")
-                            .help("remove one of them, or merge their directives"),
+                        Diagnostic::error(
+                            "duplicate_location",
+                            l.key_span,
+                            format!("duplicate location `= {}`", l.pattern),
+                        )
+                        .label("this location can never match")
+                        .secondary(*first, "the same location is defined here first, and wins")
+                        .help("remove one of them, or merge their directives"),
                     );
                 } else {
                     exact.insert(&l.pattern, l.key_span);
@@ -2103,20 +2865,39 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
                 if let Some((first, fm)) = prefixes.get(l.pattern.as_str()) {
                     if *fm == l.modifier {
                         cx.push(
-                            Diagnostic::error("duplicate_location", l.key_span, format!("duplicate location `{}`", l.key_text()))
-                                .label("this location can never match")
-                                .secondary(*first, "the same location is defined here first, and wins")
-                                .help("remove one of them, or merge their directives"),
+                            Diagnostic::error(
+                                "duplicate_location",
+                                l.key_span,
+                                format!("duplicate location `{}`", l.key_text()),
+                            )
+                            .label("this location can never match")
+                            .secondary(*first, "the same location is defined here first, and wins")
+                            .help("remove one of them, or merge their directives"),
                         );
                     } else {
-                        let (winner, loser) = if l.modifier == Modifier::PrefixNoRegex { ("this `^~` location", *first) } else { ("the `^~` location", l.key_span) };
+                        let (winner, loser) = if l.modifier == Modifier::PrefixNoRegex {
+                            ("this `^~` location", *first)
+                        } else {
+                            ("the `^~` location", l.key_span)
+                        };
                         let _ = winner;
-                        let (lspan, wspan) = if l.modifier == Modifier::PrefixNoRegex { (loser, l.key_span) } else { (l.key_span, *first) };
+                        let (lspan, wspan) = if l.modifier == Modifier::PrefixNoRegex {
+                            (loser, l.key_span)
+                        } else {
+                            (l.key_span, *first)
+                        };
                         cx.push(
-                            Diagnostic::error("unreachable_location", lspan, format!("location `{}` can never match", l.pattern))
-                                .label("shadowed by an identical `^~` prefix")
-                                .secondary(wspan, "this `^~` location has the same prefix and always wins")
-                                .help("remove one of them: NGINX treats them as the same location"),
+                            Diagnostic::error(
+                                "unreachable_location",
+                                lspan,
+                                format!("location `{}` can never match", l.pattern),
+                            )
+                            .label("shadowed by an identical `^~` prefix")
+                            .secondary(
+                                wspan,
+                                "this `^~` location has the same prefix and always wins",
+                            )
+                            .help("remove one of them: NGINX treats them as the same location"),
                         );
                     }
                 } else {
@@ -2125,14 +2906,19 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
             }
             Modifier::Regex | Modifier::RegexCaseless => {
                 let earlier = regexes.iter().find(|(e, _)| {
-                    e.pattern == l.pattern && (e.modifier == l.modifier || e.modifier == Modifier::RegexCaseless)
+                    e.pattern == l.pattern
+                        && (e.modifier == l.modifier || e.modifier == Modifier::RegexCaseless)
                 });
                 if let Some((_, first)) = earlier {
                     cx.push(
-                        Diagnostic::error("unreachable_location", l.key_span, format!("location `{}` can never match", l.key_text()))
-                            .label("an earlier regex location matches everything this one does")
-                            .secondary(*first, "this one is tried first and wins")
-                            .help("remove the later location, or merge their directives"),
+                        Diagnostic::error(
+                            "unreachable_location",
+                            l.key_span,
+                            format!("location `{}` can never match", l.key_text()),
+                        )
+                        .label("an earlier regex location matches everything this one does")
+                        .secondary(*first, "this one is tried first and wins")
+                        .help("remove the later location, or merge their directives"),
                     );
                 } else if let Some((p, pspan)) = hidden_by_no_regex_prefix(l, drafts) {
                     cx.push(
@@ -2150,30 +2936,40 @@ fn check_locations(cx: &mut Cx<'_>, drafts: &[&LocationDraft]) {
 
 /// A regex anchored at `^` with a literal start that lies under a `^~`
 /// prefix (and under no longer plain prefix) can never be tried.
-fn hidden_by_no_regex_prefix<'d>(l: &LocationDraft, drafts: &[&'d LocationDraft]) -> Option<(&'d str, Span)> {
+fn hidden_by_no_regex_prefix<'d>(
+    l: &LocationDraft,
+    drafts: &[&'d LocationDraft],
+) -> Option<(&'d str, Span)> {
     if l.modifier != Modifier::Regex {
         return None;
     }
     let lit = anchored_literal_prefix(&l.pattern)?;
     let best = drafts
         .iter()
-        .filter(|d| matches!(d.modifier, Modifier::Prefix | Modifier::PrefixNoRegex) && lit.starts_with(d.pattern.as_str()))
+        .filter(|d| {
+            matches!(d.modifier, Modifier::Prefix | Modifier::PrefixNoRegex)
+                && lit.starts_with(d.pattern.as_str())
+        })
         .max_by_key(|d| d.pattern.len())?;
     if best.modifier != Modifier::PrefixNoRegex {
         return None;
     }
     // A longer plain prefix that some matching path could reach would let
     // the regex be tried.
-    let escapes = drafts
-        .iter()
-        .any(|d| d.modifier == Modifier::Prefix && d.pattern.len() > best.pattern.len() && d.pattern.starts_with(lit.as_str()));
+    let escapes = drafts.iter().any(|d| {
+        d.modifier == Modifier::Prefix
+            && d.pattern.len() > best.pattern.len()
+            && d.pattern.starts_with(lit.as_str())
+    });
     (!escapes).then_some((best.pattern.as_str(), best.key_span))
 }
 
 fn anchored_literal_prefix(pattern: &str) -> Option<String> {
     use regex_syntax::hir::{HirKind, Look};
     let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
-    let HirKind::Concat(parts) = hir.kind() else { return None };
+    let HirKind::Concat(parts) = hir.kind() else {
+        return None;
+    };
     let mut it = parts.iter();
     let first = it.next()?;
     if !matches!(first.kind(), HirKind::Look(Look::Start)) {
@@ -2210,17 +3006,28 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
             if let Some((first, fsi)) = seen.get(&l.addr) {
                 if *fsi == si {
                     cx.push(
-                        Diagnostic::error("duplicate_listen", l.span, format!("`listen {}` appears twice in one server", l.addr))
-                            .label("again here")
-                            .secondary(first.span, "first here")
-                            .help("remove the duplicate"),
+                        Diagnostic::error(
+                            "duplicate_listen",
+                            l.span,
+                            format!("`listen {}` appears twice in one server", l.addr),
+                        )
+                        .label("again here")
+                        .secondary(first.span, "first here")
+                        .help("remove the duplicate"),
                     );
                 } else if first.ssl != l.ssl || first.http2 != l.http2 {
                     cx.push(
-                        Diagnostic::error("listen_conflict", l.span, format!("`{}` is used twice with different settings", l.addr))
-                            .label(format!("ssl={} http2={} here", l.ssl, l.http2))
-                            .secondary(first.span, format!("ssl={} http2={} here", first.ssl, first.http2))
-                            .help("servers sharing an address must agree on `ssl` and `http2`"),
+                        Diagnostic::error(
+                            "listen_conflict",
+                            l.span,
+                            format!("`{}` is used twice with different settings", l.addr),
+                        )
+                        .label(format!("ssl={} http2={} here", l.ssl, l.http2))
+                        .secondary(
+                            first.span,
+                            format!("ssl={} http2={} here", first.ssl, first.http2),
+                        )
+                        .help("servers sharing an address must agree on `ssl` and `http2`"),
                     );
                 }
             } else {
@@ -2229,24 +3036,35 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
             if l.default_server {
                 if let Some(first) = defaults.get(&l.addr) {
                     cx.push(
-                        Diagnostic::error("duplicate_default_server", l.span, format!("two default servers for `{}`", l.addr))
-                            .label("second default_server")
-                            .secondary(*first, "first default_server")
-                            .help("keep `default_server` on one of them"),
+                        Diagnostic::error(
+                            "duplicate_default_server",
+                            l.span,
+                            format!("two default servers for `{}`", l.addr),
+                        )
+                        .label("second default_server")
+                        .secondary(*first, "first default_server")
+                        .help("keep `default_server` on one of them"),
                     );
                 } else {
                     defaults.insert(l.addr, l.span);
                 }
             }
             for n in &s.names {
-                if let ServerName::Exact(name) = n {
-                    if names.insert((l.addr, name.clone()), ()).is_some() {
-                        cx.push(
-                            Diagnostic::warning("conflicting_server_name", l.span, format!("server name `{name}` on `{}` is used by an earlier server", l.addr))
-                                .label("this server will not get requests for it")
-                                .help("remove the name from one of the servers"),
-                        );
-                    }
+                if let ServerName::Exact(name) = n
+                    && names.insert((l.addr, name.clone()), ()).is_some()
+                {
+                    cx.push(
+                        Diagnostic::warning(
+                            "conflicting_server_name",
+                            l.span,
+                            format!(
+                                "server name `{name}` on `{}` is used by an earlier server",
+                                l.addr
+                            ),
+                        )
+                        .label("this server will not get requests for it")
+                        .help("remove the name from one of the servers"),
+                    );
                 }
             }
         }
@@ -2254,17 +3072,28 @@ fn listen_checks(cx: &mut Cx<'_>, config: &Config) {
 }
 
 fn unused_definitions(cx: &mut Cx<'_>) {
-    for kind in [DefKind::Upstream, DefKind::Jwt, DefKind::RateLimit, DefKind::Cache] {
+    for kind in [
+        DefKind::Upstream,
+        DefKind::Jwt,
+        DefKind::RateLimit,
+        DefKind::Cache,
+    ] {
         let list = cx.defs_of(kind).clone();
         for (i, (name, span)) in list.iter().enumerate() {
             if !cx.used.contains(&(kind, i)) {
                 cx.diags.push(
-                    Diagnostic::warning("unused_definition", *span, format!("`{} {name}` is never used", kind.word()))
-                        .label("defined here, used nowhere")
-                        .help(match kind {
-                            DefKind::Upstream => format!("use it with `proxy_pass http://{name};`, or remove it"),
-                            k => format!("apply it with `{} {name};`, or remove it", k.word()),
-                        }),
+                    Diagnostic::warning(
+                        "unused_definition",
+                        *span,
+                        format!("`{} {name}` is never used", kind.word()),
+                    )
+                    .label("defined here, used nowhere")
+                    .help(match kind {
+                        DefKind::Upstream => {
+                            format!("use it with `proxy_pass http://{name};`, or remove it")
+                        }
+                        k => format!("apply it with `{} {name};`, or remove it", k.word()),
+                    }),
                 );
             }
         }

@@ -49,7 +49,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         if start == i {
             return Err(format!("`{s}` is not a duration"));
         }
-        let n: u128 = s[start..i].parse().map_err(|_| format!("`{s}` is too large"))?;
+        let n: u128 = s[start..i]
+            .parse()
+            .map_err(|_| format!("`{s}` is too large"))?;
         let ustart = i;
         while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
             i += 1;
@@ -67,7 +69,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             u => return Err(format!("`{s}`: unknown unit `{u}` (use ms, s, m, h, d)")),
         };
         if rank >= last_rank {
-            return Err(format!("`{s}`: units must go from largest to smallest, each once"));
+            return Err(format!(
+                "`{s}`: units must go from largest to smallest, each once"
+            ));
         }
         last_rank = rank;
         total = total.saturating_add(n.saturating_mul(ms));
@@ -128,6 +132,7 @@ pub const VAR_NAMES: &[&str] = &[
     "request_id",
     "server_name",
     "server_port",
+    "query_string",
 ];
 
 /// How a template resolves names that are not request variables.
@@ -276,7 +281,9 @@ fn resolve_var(name: &str, env: &TemplateEnv<'_>) -> Result<Resolved, (String, S
                 return Ok(Resolved::Var(Var::Arg(rest.to_string())));
             }
             if let Some(rest) = name.strip_prefix("http_").filter(|r| !r.is_empty()) {
-                return Ok(Resolved::Var(Var::Http(rest.to_ascii_lowercase().replace('_', "-"))));
+                return Ok(Resolved::Var(Var::Http(
+                    rest.to_ascii_lowercase().replace('_', "-"),
+                )));
             }
             if let Some(rest) = name.strip_prefix("cookie_").filter(|r| !r.is_empty()) {
                 return Ok(Resolved::Var(Var::Cookie(rest.to_string())));
@@ -289,12 +296,28 @@ fn resolve_var(name: &str, env: &TemplateEnv<'_>) -> Result<Resolved, (String, S
                     Some(v) => Ok(Resolved::Text(v)),
                     None => Err((
                         format!("environment variable `{rest}` is not set"),
-                        format!("set `{rest}` in the gateway's environment, or write the value here"),
+                        format!(
+                            "set `{rest}` in the gateway's environment, or write the value here"
+                        ),
                     )),
                 };
             }
             if env.named_captures.iter().any(|c| c == name) {
                 return Ok(Resolved::Var(Var::Named(name.to_string())));
+            }
+            if env.calls.iter().any(|c| c == name) {
+                return Err((
+                    format!("`${name}` is a call, not a variable"),
+                    format!("refer to a field of its JSON response: `${name}.FIELD`"),
+                ));
+            }
+            if let Some(call) =
+                crate::config::diagnostics::did_you_mean(name, env.calls.iter().map(String::as_str))
+            {
+                return Err((
+                    format!("unknown variable `${name}`"),
+                    format!("did you mean the call `{call}` (`${call}.FIELD`)?"),
+                ));
             }
             let known = VAR_NAMES
                 .iter()
@@ -345,7 +368,10 @@ mod tests {
                 per: Duration::from_secs(900)
             })
         );
-        assert_eq!(parse_rate("10r/s").map(|r| r.per), Ok(Duration::from_secs(1)));
+        assert_eq!(
+            parse_rate("10r/s").map(|r| r.per),
+            Ok(Duration::from_secs(1))
+        );
         assert!(parse_rate("10/s").is_err());
         assert!(parse_rate("0r/s").is_err());
     }
@@ -357,7 +383,8 @@ mod tests {
             named_captures: &["id".to_string()],
             calls: &["order".to_string()],
         };
-        let t = parse_template("a$host${uri}b$ $env_X/$id/$order.user.id$1", &[], &env).unwrap();
+        let t = parse_template("a$host${uri}b$ $env_X/$id/$order.user.id$1", &[], &env)
+            .expect("valid template");
         assert_eq!(
             t.pieces,
             vec![
@@ -376,7 +403,7 @@ mod tests {
         );
         assert!(parse_template("$nope", &[], &env).is_err());
         assert!(parse_template("$env_Y", &[], &env).is_err());
-        let lit = parse_template("a$b", &[1], &env).unwrap();
+        let lit = parse_template("a$b", &[1], &env).expect("literal dollar");
         assert_eq!(lit.as_literal().as_deref(), Some("a$b"));
     }
 }
