@@ -21,8 +21,10 @@ pub const DEMO_CONF: &str = include_str!("../examples/demo.conf");
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -31,14 +33,25 @@ pub fn respond(kind: &str, path: &str) -> Response<Full<Bytes>> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     let mut parts = rest.splitn(2, '/');
     let collection = parts.next().unwrap_or("");
-    let id: Option<u64> = parts.next().and_then(|s| s.trim_end_matches('/').parse().ok());
+    let id: Option<u64> = parts
+        .next()
+        .and_then(|s| s.trim_end_matches('/').parse().ok());
     if collection != kind {
-        return json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found", "path": path}));
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found", "path": path}),
+        );
     }
     let body = match (kind, id) {
-        ("users", Some(id)) => serde_json::json!({"id": id, "name": format!("User {id}"), "email": format!("user{id}@example.com")}),
-        ("orders", Some(id)) => serde_json::json!({"id": id, "userId": 7, "productId": 3, "quantity": 2, "status": "shipped"}),
-        ("products", Some(id)) => serde_json::json!({"id": id, "name": format!("Product {id}"), "price": 19.99}),
+        ("users", Some(id)) => {
+            serde_json::json!({"id": id, "name": format!("User {id}"), "email": format!("user{id}@example.com")})
+        }
+        ("orders", Some(id)) => {
+            serde_json::json!({"id": id, "userId": 7, "productId": 3, "quantity": 2, "status": "shipped"})
+        }
+        ("products", Some(id)) => {
+            serde_json::json!({"id": id, "name": format!("Product {id}"), "price": 19.99})
+        }
         (k, None) => serde_json::json!({"service": k, "items": [1, 2, 3]}),
         _ => serde_json::json!({}),
     };
@@ -50,7 +63,9 @@ pub async fn service(kind: &'static str, addr: SocketAddr) -> std::io::Result<()
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| async move {
                     Ok::<_, Infallible>(respond(kind, req.uri().path()))
@@ -78,7 +93,8 @@ pub fn run() -> Result<i32, crate::server::ServeError> {
         .map_err(crate::server::ServeError::Runtime)?;
     for (kind, port) in [("users", 3001u16), ("orders", 3002), ("products", 3003)] {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        rt.block_on(service(kind, addr)).map_err(|source| crate::server::ServeError::Bind { addr, source })?;
+        rt.block_on(service(kind, addr))
+            .map_err(|source| crate::server::ServeError::Bind { addr, source })?;
     }
     eprintln!(
         "tollgate demo: users, orders and products services on 127.0.0.1:3001-3003\n\

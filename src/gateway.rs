@@ -86,10 +86,18 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
 
 /// Compile a validated config into a snapshot. `previous` lends upstream
 /// health state for unchanged blocks.
-pub fn compile(config: Config, generation: u64, previous: Option<&Gateway>) -> Result<Gateway, CompileError> {
+pub fn compile(
+    config: Config,
+    generation: u64,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, CompileError> {
     let mut b = RouterBuilder::new();
     for s in &config.servers {
-        let listens: Vec<(SocketAddr, bool)> = s.listens.iter().map(|l| (l.addr, l.default_server)).collect();
+        let listens: Vec<(SocketAddr, bool)> = s
+            .listens
+            .iter()
+            .map(|l| (l.addr, l.default_server))
+            .collect();
         let mut names: Vec<ServerNameSpec> = s
             .names
             .iter()
@@ -127,7 +135,11 @@ pub fn compile(config: Config, generation: u64, previous: Option<&Gateway>) -> R
         let prev = previous
             .and_then(|p| p.upstreams.iter().find(|x| x.name == u.name))
             .map(|p| &p.peers);
-        let peers = Peers::new_with_state(u.servers.iter().map(PeerSpec::from), Algorithm::from(&u.balance), prev);
+        let peers = Peers::new_with_state(
+            u.servers.iter().map(PeerSpec::from),
+            Algorithm::from(&u.balance),
+            prev,
+        );
         let _ = i;
         upstreams.push(Arc::new(UpstreamPool {
             name: u.name.clone(),

@@ -19,9 +19,9 @@
 
 pub mod compile;
 pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod observe;
 pub mod proxy;
 pub mod routes;
-pub mod gateway;
 pub mod server;
-pub mod demo;
-pub mod observe;

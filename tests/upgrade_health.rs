@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 struct Gw {
@@ -40,12 +43,18 @@ impl Gw {
                 l.lock().expect("log").push(line);
             }
         });
-        wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         Gw { child, log }
     }
 
     fn logged(&self, needle: &str) -> bool {
-        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 }
 
@@ -99,7 +108,9 @@ fn upgrade_upstream() -> SocketAddr {
                         }
                     }
                 } else {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
                 }
             });
         }
@@ -116,18 +127,26 @@ fn websocket_upgrade_is_tunnelled_both_ways() {
     );
     let _gw = Gw::start(&conf, port);
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .expect("write");
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).expect("read head"), 1, "connection closed during the 101");
+        assert_eq!(
+            s.read(&mut b).expect("read head"),
+            1,
+            "connection closed during the 101"
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
     for msg in ["hello", "second message"] {
         s.write_all(msg.as_bytes()).expect("write frame");
         let mut got = vec![0u8; msg.len()];
@@ -159,11 +178,18 @@ fn switchable_upstream(name: &'static str, healthy: Arc<AtomicBool>) -> SocketAd
                         }
                     }
                     let (status, body) = if target == "/healthz" {
-                        if healthy.load(Ordering::SeqCst) { ("200 OK", "up".to_string()) } else { ("503 Unavailable", "down".to_string()) }
+                        if healthy.load(Ordering::SeqCst) {
+                            ("200 OK", "up".to_string())
+                        } else {
+                            ("503 Unavailable", "down".to_string())
+                        }
                     } else {
                         ("200 OK", name.to_string())
                     };
-                    let resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if s.write_all(resp.as_bytes()).is_err() {
                         return;
                     }
@@ -176,8 +202,10 @@ fn switchable_upstream(name: &'static str, healthy: Arc<AtomicBool>) -> SocketAd
 
 fn get_body(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("write");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
@@ -210,5 +238,7 @@ fn active_health_check_takes_a_server_out_and_back() {
     // b recovers: after two passes it is back.
     b_ok.store(true, Ordering::SeqCst);
     wait_until(Duration::from_secs(10), || gw.logged("health check: up"));
-    wait_until(Duration::from_secs(5), || (0..6).any(|_| get_body(port) == "b"));
+    wait_until(Duration::from_secs(5), || {
+        (0..6).any(|_| get_body(port) == "b")
+    });
 }

@@ -432,20 +432,31 @@ impl AddrTable {
                 .unwrap_or_default(),
         };
         for &idx in &draft.servers {
-            let Some(server) = servers.get(idx) else { continue };
+            let Some(server) = servers.get(idx) else {
+                continue;
+            };
             for name in &server.names {
                 // First server wins a contested name, as in NGINX.
                 match name {
                     ServerNameSpec::Exact(n) => {
-                        table.exact.entry(n.to_ascii_lowercase().into()).or_insert(idx);
+                        table
+                            .exact
+                            .entry(n.to_ascii_lowercase().into())
+                            .or_insert(idx);
                     }
                     ServerNameSpec::LeadingWildcard(n) => {
                         let n = n.strip_prefix('*').unwrap_or(n);
-                        table.leading.entry(n.to_ascii_lowercase().into()).or_insert(idx);
+                        table
+                            .leading
+                            .entry(n.to_ascii_lowercase().into())
+                            .or_insert(idx);
                     }
                     ServerNameSpec::TrailingWildcard(n) => {
                         let n = n.strip_suffix('*').unwrap_or(n);
-                        table.trailing.entry(n.to_ascii_lowercase().into()).or_insert(idx);
+                        table
+                            .trailing
+                            .entry(n.to_ascii_lowercase().into())
+                            .or_insert(idx);
                     }
                     ServerNameSpec::Regex(re) => table.regexes.push((re.clone(), idx)),
                 }
@@ -518,7 +529,10 @@ impl ServerRoutes {
         for (idx, loc) in locations.iter().enumerate() {
             match loc.modifier {
                 Modifier::Exact => {
-                    statics.entry(loc.pattern.as_str().into()).or_default().exact = Some(idx);
+                    statics
+                        .entry(loc.pattern.as_str().into())
+                        .or_default()
+                        .exact = Some(idx);
                 }
                 Modifier::Prefix | Modifier::PrefixNoRegex => prefixes.push((
                     loc.pattern.as_bytes(),
@@ -529,7 +543,9 @@ impl ServerRoutes {
                     },
                 )),
                 Modifier::Regex | Modifier::RegexCaseless => {
-                    let Some(regex) = loc.regex.clone() else { continue };
+                    let Some(regex) = loc.regex.clone() else {
+                        continue;
+                    };
                     patterns.push(if loc.modifier == Modifier::RegexCaseless {
                         format!("(?i){}", loc.pattern)
                     } else {
@@ -784,8 +800,12 @@ impl PrefixTrie {
                 break;
             };
             let Ok(k) = kids.binary_search(&b) else { break };
-            let Some(child) = self.nodes.get(first + k) else { break };
-            let Some(label) = self.labels.get(child.label.clone()) else { break };
+            let Some(child) = self.nodes.get(first + k) else {
+                break;
+            };
+            let Some(label) = self.labels.get(child.label.clone()) else {
+                break;
+            };
             if !path.get(pos..).is_some_and(|rest| rest.starts_with(label)) {
                 break;
             }

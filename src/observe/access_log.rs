@@ -35,13 +35,18 @@ struct Writer {
     tx: SyncSender<Msg>,
 }
 
-static WRITERS: LazyLock<Mutex<HashMap<LogTarget, Writer>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static WRITERS: LazyLock<Mutex<HashMap<LogTarget, Writer>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 fn open(target: &LogTarget) -> Box<dyn Write + Send> {
     match target {
         LogTarget::Stdout => Box::new(std::io::stdout()),
         LogTarget::Stderr => Box::new(std::io::stderr()),
-        LogTarget::File(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+        LogTarget::File(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
             Ok(f) => Box::new(f),
             Err(e) => {
                 tracing::error!(path = %p.display(), error = %e, "cannot open access log; lines are discarded");
@@ -158,9 +163,13 @@ impl Record {
             .inc();
         METRICS
             .duration
-            .get_or_create(&RouteLabels { route: self.route.clone() })
+            .get_or_create(&RouteLabels {
+                route: self.route.clone(),
+            })
             .observe(elapsed.as_secs_f64());
-        let AccessLog::On { target, format } = &self.log else { return };
+        let AccessLog::On { target, format } = &self.log else {
+            return;
+        };
         let line = match format {
             AccessLogFormat::Json => self.json(bytes, elapsed),
             AccessLogFormat::Combined => self.combined(bytes),
@@ -192,7 +201,11 @@ impl Record {
     }
 
     fn combined(&self, bytes: u64) -> String {
-        let q = if self.query.is_empty() { String::new() } else { format!("?{}", self.query) };
+        let q = if self.query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", self.query)
+        };
         format!(
             "{} - - [{}] \"{} {}{} HTTP/1.1\" {} {} \"{}\" \"{}\"",
             self.remote_addr,
@@ -202,8 +215,16 @@ impl Record {
             q,
             self.status,
             bytes,
-            if self.referer.is_empty() { "-" } else { &self.referer },
-            if self.user_agent.is_empty() { "-" } else { &self.user_agent },
+            if self.referer.is_empty() {
+                "-"
+            } else {
+                &self.referer
+            },
+            if self.user_agent.is_empty() {
+                "-"
+            } else {
+                &self.user_agent
+            },
         )
     }
 }
@@ -270,7 +291,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {

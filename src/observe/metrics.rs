@@ -63,7 +63,8 @@ pub struct ReasonLabels {
 fn latency_histogram() -> Histogram {
     // 100 µs … 30 s, roughly ×2.5 per bucket.
     Histogram::new([
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
     ])
 }
 
@@ -100,17 +101,61 @@ impl Metrics {
             registry: Registry::default(),
         };
         let mut r = Registry::default();
-        r.register("gateway_requests", "Requests served, by route, method and status", m.requests.clone());
-        r.register("gateway_request_duration_seconds", "Request duration, by route", m.duration.clone());
-        r.register("gateway_upstream_requests", "Requests sent upstream, by upstream, server and status", m.upstream_requests.clone());
-        r.register("gateway_upstream_up", "1 when an upstream server is up", m.upstream_up.clone());
-        r.register("gateway_rate_limited", "Requests rejected by a rate limit", m.rate_limited.clone());
-        r.register("gateway_cache_requests", "Cache lookups, by cache and X-Cache-Status", m.cache_requests.clone());
-        r.register("gateway_config_reloads", "Config reloads, by result", m.reloads.clone());
-        r.register("gateway_auth_failures", "Authentication failures, by policy and reason", m.auth_failures.clone());
-        r.register("gateway_connections_active", "Open client connections", m.connections_active.clone());
-        r.register("gateway_config_generation", "The generation of the config being served", m.config_generation.clone());
-        r.register("gateway_access_log_dropped", "Access log lines dropped because the writer fell behind", m.access_log_dropped.clone());
+        r.register(
+            "gateway_requests",
+            "Requests served, by route, method and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "gateway_request_duration_seconds",
+            "Request duration, by route",
+            m.duration.clone(),
+        );
+        r.register(
+            "gateway_upstream_requests",
+            "Requests sent upstream, by upstream, server and status",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "gateway_upstream_up",
+            "1 when an upstream server is up",
+            m.upstream_up.clone(),
+        );
+        r.register(
+            "gateway_rate_limited",
+            "Requests rejected by a rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "gateway_cache_requests",
+            "Cache lookups, by cache and X-Cache-Status",
+            m.cache_requests.clone(),
+        );
+        r.register(
+            "gateway_config_reloads",
+            "Config reloads, by result",
+            m.reloads.clone(),
+        );
+        r.register(
+            "gateway_auth_failures",
+            "Authentication failures, by policy and reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "gateway_connections_active",
+            "Open client connections",
+            m.connections_active.clone(),
+        );
+        r.register(
+            "gateway_config_generation",
+            "The generation of the config being served",
+            m.config_generation.clone(),
+        );
+        r.register(
+            "gateway_access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 

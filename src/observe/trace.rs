@@ -11,7 +11,9 @@ pub struct TraceContext {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl TraceContext {
@@ -60,15 +62,25 @@ mod tests {
 
     #[test]
     fn continues_a_valid_trace() {
-        let t = TraceContext::from_header(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let t = TraceContext::from_header(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(t.span_id, "00f067aa0ba902b7");
-        assert!(t.header().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(
+            t.header()
+                .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
     }
 
     #[test]
     fn starts_a_new_one_on_garbage() {
-        for bad in ["", "zz", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-ABC-1-01"] {
+        for bad in [
+            "",
+            "zz",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-ABC-1-01",
+        ] {
             let t = TraceContext::from_header(Some(bad));
             assert_eq!(t.trace_id.len(), 32);
             assert_eq!(t.span_id.len(), 16);

@@ -20,7 +20,12 @@ const MAX_CALL_BODY: usize = 8 * 1024 * 1024;
 
 /// Resolve `$CALL.a.b` against finished calls; a missing or non-scalar
 /// field fails the dependent call.
-fn render(call: &AggregateCall, agg: &Aggregate, vars: &RequestVars<'_>, results: &[Option<Value>]) -> Result<String, String> {
+fn render(
+    call: &AggregateCall,
+    agg: &Aggregate,
+    vars: &RequestVars<'_>,
+    results: &[Option<Value>],
+) -> Result<String, String> {
     let mut out = String::new();
     for p in &call.uri.pieces {
         match p {
@@ -42,7 +47,13 @@ fn render(call: &AggregateCall, agg: &Aggregate, vars: &RequestVars<'_>, results
                     .ok_or_else(|| format!("`{name}.{}` is missing", path.join(".")))?;
                 }
                 match v {
-                    Value::String(s) => out.push_str(&percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()),
+                    Value::String(s) => out.push_str(
+                        &percent_encoding::utf8_percent_encode(
+                            s,
+                            percent_encoding::NON_ALPHANUMERIC,
+                        )
+                        .to_string(),
+                    ),
                     Value::Number(n) => out.push_str(&n.to_string()),
                     Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
                     _ => return Err(format!("`{name}.{}` is not a scalar", path.join("."))),
@@ -70,9 +81,19 @@ async fn one_call(
                 .pick(&PickContext::new(Instant::now()).tried(&tried))
                 .ok_or("no upstream server available")?;
             let p = pick.peer();
-            (pool.addr(p).map(|a| a.to_string()).unwrap_or_default(), pool.hosts[p].clone(), Some(pick), Some(pool.clone()))
+            (
+                pool.addr(p).map(|a| a.to_string()).unwrap_or_default(),
+                pool.hosts[p].clone(),
+                Some(pick),
+                Some(pool.clone()),
+            )
         }
-        ProxyTarget::Address { host, port } => (format!("{host}:{port}"), format!("{host}:{port}"), None, None),
+        ProxyTarget::Address { host, port } => (
+            format!("{host}:{port}"),
+            format!("{host}:{port}"),
+            None,
+            None,
+        ),
     };
     let uri = format!("http://{authority}{target}");
     let mut b = Request::builder().method("GET").uri(uri);
@@ -100,7 +121,15 @@ async fn one_call(
     .await;
     if let (Some(pool), Some(pick)) = (pool, pick) {
         let ok = result.is_ok();
-        pool.peers.report(pick.peer(), if ok { Outcome::Success } else { Outcome::Failure }, Instant::now());
+        pool.peers.report(
+            pick.peer(),
+            if ok {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            Instant::now(),
+        );
     }
     result
 }
@@ -132,7 +161,10 @@ pub async fn run(
     }
     for (name, value) in &settings.proxy_set_header {
         let v = vars.render(value);
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(v),
+        ) {
             headers.insert(n, v);
         }
     }
@@ -158,7 +190,9 @@ pub async fn run(
                 for (i, r) in done {
                     match r {
                         Ok(v) => results[i] = Some(v),
-                        Err(e) => tracing::warn!(call = %agg.calls[i].name, error = %e, "aggregate call failed"),
+                        Err(e) => {
+                            tracing::warn!(call = %agg.calls[i].name, error = %e, "aggregate call failed")
+                        }
                     }
                 }
             }
@@ -170,7 +204,11 @@ pub async fn run(
     }
     let complete = results.iter().all(Option::is_some);
     if !complete && !agg.partial {
-        let (status, msg) = if timed_out { (StatusCode::GATEWAY_TIMEOUT, "Gateway timeout") } else { (StatusCode::BAD_GATEWAY, "Bad gateway") };
+        let (status, msg) = if timed_out {
+            (StatusCode::GATEWAY_TIMEOUT, "Gateway timeout")
+        } else {
+            (StatusCode::BAD_GATEWAY, "Bad gateway")
+        };
         return error_response(status, msg, vars.request_id, &settings.request_id_header);
     }
     let mut obj = serde_json::Map::new();
@@ -178,7 +216,10 @@ pub async fn run(
         obj.insert(c.name.clone(), r.unwrap_or(Value::Null));
     }
     let mut resp = Response::new(full_body(Value::Object(obj).to_string()));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut().insert(
         "x-aggregate-complete",
         HeaderValue::from_static(if complete { "true" } else { "false" }),

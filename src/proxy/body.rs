@@ -27,7 +27,9 @@ pub enum BodyError {
 }
 
 fn classify(e: BoxError) -> BodyError {
-    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+    if e.downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+    {
         BodyError::TooLarge
     } else if e.downcast_ref::<BodyError>().is_some() {
         match e.downcast::<BodyError>() {
@@ -49,7 +51,11 @@ pub struct ClientBody {
 
 impl ClientBody {
     /// Wrap the incoming body and read its first frame (within `timeout`).
-    pub async fn start(incoming: hyper::body::Incoming, limit: u64, timeout: Duration) -> Result<ClientBody, BodyError> {
+    pub async fn start(
+        incoming: hyper::body::Incoming,
+        limit: u64,
+        timeout: Duration,
+    ) -> Result<ClientBody, BodyError> {
         let mut rest: Body = if limit > 0 {
             http_body_util::Limited::new(incoming, limit as usize).boxed()
         } else {
@@ -78,7 +84,10 @@ impl HttpBody for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(f) = self.first.take() {
             return Poll::Ready(Some(Ok(f)));
         }
@@ -89,7 +98,9 @@ impl HttpBody for ClientBody {
             }
             Poll::Pending => {
                 let timeout = self.timeout;
-                let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyError::Timeout)))),
                     Poll::Pending => Poll::Pending,

@@ -22,7 +22,9 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::compile::normalize::normalize_path;
 use crate::compile::router::Lookup;
-use crate::config::model::{Handler, Location, LocationSettings, Modifier, ProxyPass, ProxyTarget, Return, Server};
+use crate::config::model::{
+    Handler, Location, LocationSettings, Modifier, ProxyPass, ProxyTarget, Return, Server,
+};
 use crate::gateway::Gateway;
 use crate::proxy::balance::{Outcome, PickContext, Tried};
 use crate::proxy::vars::RequestVars;
@@ -52,10 +54,10 @@ impl Shared {
     }
 
     fn client(&self, connect_timeout: Duration) -> Client<HttpConnector, Body> {
-        if let Ok(list) = self.clients.read() {
-            if let Some((_, c)) = list.iter().find(|(d, _)| *d == connect_timeout) {
-                return c.clone();
-            }
+        if let Ok(list) = self.clients.read()
+            && let Some((_, c)) = list.iter().find(|(d, _)| *d == connect_timeout)
+        {
+            return c.clone();
         }
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(connect_timeout));
@@ -121,12 +123,24 @@ fn empty() -> Body {
 }
 
 /// `{"error": "...", "status": N, "request_id": "..."}`
-pub fn error_response(status: StatusCode, message: &str, request_id: &str, id_header: &str) -> Response<Body> {
-    let body = serde_json::json!({"error": message, "status": status.as_u16(), "request_id": request_id});
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+    id_header: &str,
+) -> Response<Body> {
+    let body =
+        serde_json::json!({"error": message, "status": status.as_u16(), "request_id": request_id});
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let (Ok(n), Ok(v)) = (HeaderName::try_from(id_header), HeaderValue::try_from(request_id)) {
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::try_from(id_header),
+        HeaderValue::try_from(request_id),
+    ) {
         resp.headers_mut().insert(n, v);
     }
     resp
@@ -135,7 +149,10 @@ pub fn error_response(status: StatusCode, message: &str, request_id: &str, id_he
 /// A sane incoming id is kept (§4): ≤ 128 chars of `[A-Za-z0-9._:-]`.
 fn sane_id(v: &HeaderValue) -> Option<&str> {
     let s = v.to_str().ok()?;
-    let ok = !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
     ok.then_some(s)
 }
 
@@ -193,7 +210,9 @@ fn encode_path(p: &str) -> String {
 /// `$remote_addr`: the peer, or the real client behind trusted proxies
 /// (NGINX `real_ip_recursive on`).
 fn remote_addr(server: &Server, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let Some(hname) = &server.real_ip.header else { return peer };
+    let Some(hname) = &server.real_ip.header else {
+        return peer;
+    };
     let trusted = |ip: IpAddr| server.real_ip.trusted.iter().any(|c| c.contains(ip));
     if !trusted(peer) {
         return peer;
@@ -245,10 +264,18 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         Some(pq) => (pq.path().to_string(), pq.query().unwrap_or("").to_string()),
         None => (req.uri().to_string(), String::new()),
     };
-    let header = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let header = |n: header::HeaderName| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let (user_agent, referer) = (header(header::USER_AGENT), header(header::REFERER));
     let trace = crate::observe::trace::TraceContext::from_header(
-        req.headers().get("traceparent").and_then(|v| v.to_str().ok()),
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
     );
     let mut out = Outcome_ {
         route: "none".into(),
@@ -282,7 +309,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         log: out.log,
     };
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, crate::observe::access_log::LoggedBody::new(body, record).boxed())
+    Response::from_parts(
+        parts,
+        crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+    )
 }
 
 async fn serve_request(
@@ -310,8 +340,14 @@ async fn serve_request(
         .unwrap_or_else(new_request_id);
     let early_id = out.request_id.clone();
     let bad = |id: &str| {
-        let mut r = error_response(StatusCode::BAD_REQUEST, "Bad request", id, default_id_header);
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut r = error_response(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            id,
+            default_id_header,
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     };
     if !framing_ok(req.headers()) {
@@ -336,11 +372,43 @@ async fn serve_request(
         Err(_) => return bad(&early_id),
     };
     let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
-        return error_response(StatusCode::NOT_FOUND, "Not found", &early_id, default_id_header);
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &early_id,
+            default_id_header,
+        );
     };
     let server = &gw.config.servers[si];
     out.server = crate::routes::server_label(&gw.config, si);
     out.log = server.settings.access_log.clone();
+    // A server-level `return` answers before any location is matched
+    // (NGINX's server rewrite phase).
+    if let Some(r) = &server.server_return {
+        let settings = &server.settings;
+        let id = request_id(&req, settings);
+        out.request_id = id.clone();
+        let empty_caps: Vec<Option<String>> = Vec::new();
+        let request_uri = pq.as_str().to_string();
+        let vars = RequestVars {
+            remote_addr: remote_addr(server, conn.peer.ip(), req.headers()),
+            host: &host,
+            scheme: if conn.tls { "https" } else { "http" },
+            method: req.method().as_str(),
+            uri: &path,
+            request_uri: &request_uri,
+            args: pq.query().unwrap_or(""),
+            headers: req.headers(),
+            request_id: &id,
+            server_name: "",
+            server_port: conn.local.port(),
+            captures: &empty_caps,
+            named: &[],
+        };
+        let mut resp = return_response(r, &vars);
+        finish_response(&mut resp, settings, &vars);
+        return resp;
+    }
     let (li, captures, named) = match gw.router.lookup(si, &path) {
         Lookup::Found { location, captures } => {
             let loc = &server.locations[location];
@@ -370,14 +438,24 @@ async fn serve_request(
                 target.push('?');
                 target.push_str(q);
             }
-            let mut resp = error_response(StatusCode::MOVED_PERMANENTLY, "Moved permanently", &id, &settings.request_id_header);
+            let mut resp = error_response(
+                StatusCode::MOVED_PERMANENTLY,
+                "Moved permanently",
+                &id,
+                &settings.request_id_header,
+            );
             if let Ok(v) = HeaderValue::try_from(target) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
             return resp;
         }
         Lookup::NotFound => {
-            return error_response(StatusCode::NOT_FOUND, "Not found", &early_id, default_id_header);
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                &early_id,
+                default_id_header,
+            );
         }
     };
     let loc = &server.locations[li];
@@ -396,7 +474,11 @@ async fn serve_request(
             _ => None,
         })
         .unwrap_or("");
-    let effective_host = if host.is_empty() { server_name.to_string() } else { host.clone() };
+    let effective_host = if host.is_empty() {
+        server_name.to_string()
+    } else {
+        host.clone()
+    };
     let request_uri = pq.as_str().to_string();
     let args = pq.query().unwrap_or("").to_string();
     let method = req.method().clone();
@@ -416,11 +498,7 @@ async fn serve_request(
         captures: &captures,
         named: &named,
     };
-    let handler = match &server.server_return {
-        Some(r) => Handler::Return(r.clone()),
-        None => loc.handler.clone(),
-    };
-    let mut resp = match &handler {
+    let mut resp = match &loc.handler {
         Handler::Return(r) => return_response(r, &vars),
         Handler::Proxy(p) => {
             let ctx = ProxyCtx {
@@ -435,10 +513,14 @@ async fn serve_request(
             };
             match proxy(shared, &ctx, p, req, &mut out.upstream).await {
                 Ok(r) => r,
-                Err(e) => error_response(e.status(), &e.to_string(), &id, &settings.request_id_header),
+                Err(e) => {
+                    error_response(e.status(), &e.to_string(), &id, &settings.request_id_header)
+                }
             }
         }
-        Handler::Aggregate(a) => crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &headers_snapshot).await,
+        Handler::Aggregate(a) => {
+            crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &headers_snapshot).await
+        }
     };
     finish_response(&mut resp, settings, &vars);
     resp
@@ -456,7 +538,9 @@ fn framing_ok(h: &HeaderMap) -> bool {
     }
     match te.first() {
         None => true,
-        Some(v) => v.to_str().is_ok_and(|s| s.trim().eq_ignore_ascii_case("chunked")),
+        Some(v) => v
+            .to_str()
+            .is_ok_and(|s| s.trim().eq_ignore_ascii_case("chunked")),
     }
 }
 
@@ -474,7 +558,9 @@ fn host_only(raw: &str) -> Option<String> {
             None => raw.to_string(),
         }
     };
-    let ok = h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    let ok = h
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
     ok.then(|| h.trim_end_matches('.').to_ascii_lowercase())
 }
 
@@ -497,7 +583,10 @@ fn finish_response(resp: &mut Response<Body>, settings: &LocationSettings, vars:
             if v.is_empty() {
                 continue;
             }
-            if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.name.as_str()), HeaderValue::try_from(v)) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::try_from(h.name.as_str()),
+                HeaderValue::try_from(v),
+            ) {
                 resp.headers_mut().append(n, v);
             }
         }
@@ -517,7 +606,10 @@ fn return_response(r: &Return, vars: &RequestVars<'_>) -> Response<Body> {
             let mut resp = Response::new(if body.is_empty() { empty() } else { full(body) });
             *resp.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::OK);
             if text.is_some() {
-                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
             }
             resp
         }
@@ -557,12 +649,17 @@ fn upstream_target(ctx: &ProxyCtx<'_>, p: &ProxyPass) -> String {
     for rw in &ctx.loc.rewrites {
         let current = rewritten.clone().unwrap_or_else(|| ctx.path.to_string());
         if let Some(caps) = rw.regex.captures(&current) {
-            let c: Vec<Option<String>> = (0..caps.len()).map(|i| caps.get(i).map(|m| m.as_str().to_string())).collect();
+            let c: Vec<Option<String>> = (0..caps.len())
+                .map(|i| caps.get(i).map(|m| m.as_str().to_string()))
+                .collect();
             let named: Vec<(String, String)> = rw
                 .regex
                 .capture_names()
                 .flatten()
-                .filter_map(|n| caps.name(n).map(|m| (n.to_string(), m.as_str().to_string())))
+                .filter_map(|n| {
+                    caps.name(n)
+                        .map(|m| (n.to_string(), m.as_str().to_string()))
+                })
                 .chain(vars.named.iter().cloned())
                 .collect();
             let v = RequestVars {
@@ -605,12 +702,18 @@ fn upstream_target(ctx: &ProxyCtx<'_>, p: &ProxyPass) -> String {
         None => vars.request_uri.to_string(),
         Some(t) if t.has_vars() => {
             let s = vars.render(t);
-            if s.starts_with('/') { s } else { format!("/{s}") }
+            if s.starts_with('/') {
+                s
+            } else {
+                format!("/{s}")
+            }
         }
         Some(t) => {
             let base = t.as_literal().unwrap_or_default();
             let rest = match ctx.loc.modifier {
-                Modifier::Prefix | Modifier::PrefixNoRegex => ctx.path.get(ctx.loc.pattern.len()..).unwrap_or(""),
+                Modifier::Prefix | Modifier::PrefixNoRegex => {
+                    ctx.path.get(ctx.loc.pattern.len()..).unwrap_or("")
+                }
                 _ => "",
             };
             let mut s = encode_path(&format!("{base}{rest}"));
@@ -621,7 +724,10 @@ fn upstream_target(ctx: &ProxyCtx<'_>, p: &ProxyPass) -> String {
 }
 
 fn idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 async fn proxy(
@@ -696,7 +802,9 @@ async fn proxy(
             host_override = Some(v);
             continue;
         }
-        let Ok(n) = HeaderName::try_from(name.as_str()) else { continue };
+        let Ok(n) = HeaderName::try_from(name.as_str()) else {
+            continue;
+        };
         if v.is_empty() {
             headers.remove(&n);
         } else if let Ok(v) = HeaderValue::try_from(v) {
@@ -739,7 +847,9 @@ async fn proxy(
     for attempt in 0..max_tries {
         let (authority, host_header, pick) = match &pool {
             Some(pool) => {
-                let mut pc = PickContext::new(Instant::now()).client_ip(ctx.vars.remote_addr).tried(&tried);
+                let mut pc = PickContext::new(Instant::now())
+                    .client_ip(ctx.vars.remote_addr)
+                    .tried(&tried);
                 if let Some(k) = hash_key_bytes {
                     pc = pc.hash_key(k);
                 }
@@ -750,10 +860,16 @@ async fn proxy(
                     break;
                 };
                 let i = pick.peer();
-                (pool.addr(i).map(|a| a.to_string()).unwrap_or_default(), pool.hosts[i].clone(), Some(pick))
+                (
+                    pool.addr(i).map(|a| a.to_string()).unwrap_or_default(),
+                    pool.hosts[i].clone(),
+                    Some(pick),
+                )
             }
             None => match &p.target {
-                ProxyTarget::Address { host, port } => (format!("{host}:{port}"), format!("{host}:{port}"), None),
+                ProxyTarget::Address { host, port } => {
+                    (format!("{host}:{port}"), format!("{host}:{port}"), None)
+                }
                 ProxyTarget::Upstream(_) => return Err(ProxyError::NoUpstream),
             },
         };
@@ -805,7 +921,9 @@ async fn proxy(
         };
         let retry_allowed = !had_body && upgrade.is_none() && attempt + 1 < max_tries;
         match result {
-            Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() => {
+            Ok(Ok(mut resp))
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() =>
+            {
                 report(Outcome::Success);
                 let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
                 let upstream_side = hyper::upgrade::on(&mut resp);
@@ -815,7 +933,9 @@ async fn proxy(
                 let (mut rparts, _) = resp.into_parts();
                 let keep_upgrade = rparts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut rparts.headers);
-                rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                rparts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 if let Some(u) = keep_upgrade {
                     rparts.headers.insert(header::UPGRADE, u);
                 }
@@ -823,7 +943,9 @@ async fn proxy(
             }
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
-                let retry_status = (status == 502 && next.http_502) || (status == 503 && next.http_503) || (status == 504 && next.http_504);
+                let retry_status = (status == 502 && next.http_502)
+                    || (status == 503 && next.http_503)
+                    || (status == 504 && next.http_504);
                 if retry_status {
                     report(Outcome::Failure);
                     if retry_allowed && can_resend {
@@ -877,7 +999,11 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if asks { h.get(header::UPGRADE).cloned() } else { None }
+    if asks {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
 }
 
 /// Copy bytes both ways between the upgraded client and upstream
@@ -886,7 +1012,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     let (c, u) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
         (c, u) => {
-            tracing::debug!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade failed");
+            tracing::debug!(
+                client_ok = c.is_ok(),
+                upstream_ok = u.is_ok(),
+                "upgrade failed"
+            );
             return;
         }
     };

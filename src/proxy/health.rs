@@ -45,9 +45,10 @@ pub fn start(gw: &Gateway) {
 pub async fn probe(addr: SocketAddr, host: &str, uri: &str, timeout: Duration) -> bool {
     let attempt = async {
         let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .ok()?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -72,7 +73,9 @@ async fn check_loop(pool: Weak<UpstreamPool>, peer: usize, hc: HealthCheck) {
     loop {
         tick.tick().await;
         let Some(p) = pool.upgrade() else { return };
-        let (Some(addr), Some(host)) = (p.addr(peer), p.hosts.get(peer).cloned()) else { return };
+        let (Some(addr), Some(host)) = (p.addr(peer), p.hosts.get(peer).cloned()) else {
+            return;
+        };
         drop(p);
         let ok = probe(addr, &host, &hc.uri, hc.timeout).await;
         let Some(p) = pool.upgrade() else { return };
@@ -92,7 +95,13 @@ async fn check_loop(pool: Weak<UpstreamPool>, peer: usize, hc: HealthCheck) {
     }
 }
 
-async fn resolve_loop(pool: Weak<UpstreamPool>, peer: usize, host: String, port: u16, ttl: Duration) {
+async fn resolve_loop(
+    pool: Weak<UpstreamPool>,
+    peer: usize,
+    host: String,
+    port: u16,
+    ttl: Duration,
+) {
     let mut tick = tokio::time::interval(ttl.max(Duration::from_secs(1)));
     tick.tick().await;
     loop {
@@ -102,14 +111,16 @@ async fn resolve_loop(pool: Weak<UpstreamPool>, peer: usize, host: String, port:
         let Some(pool) = pool.upgrade() else { return };
         match found {
             Ok(Ok(addr)) => {
-                if let Some(slot) = pool.addrs.get(peer) {
-                    if **slot.load() != addr {
-                        tracing::info!(upstream = %pool.name, server = %host, %addr, "re-resolved");
-                        slot.store(Arc::new(addr));
-                    }
+                if let Some(slot) = pool.addrs.get(peer)
+                    && **slot.load() != addr
+                {
+                    tracing::info!(upstream = %pool.name, server = %host, %addr, "re-resolved");
+                    slot.store(Arc::new(addr));
                 }
             }
-            Ok(Err(e)) => tracing::warn!(upstream = %pool.name, server = %host, error = %e, "re-resolve failed; keeping the old address"),
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %pool.name, server = %host, error = %e, "re-resolve failed; keeping the old address")
+            }
             Err(_) => {}
         }
     }

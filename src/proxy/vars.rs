@@ -75,11 +75,11 @@ impl RequestVars<'_> {
             Var::Cookie(name) => {
                 for h in self.headers.get_all(http::header::COOKIE) {
                     for c in h.to_str().unwrap_or("").split(';') {
-                        if let Some((k, val)) = c.trim().split_once('=') {
-                            if k == name {
-                                out.push_str(val);
-                                return;
-                            }
+                        if let Some((k, val)) = c.trim().split_once('=')
+                            && k == name
+                        {
+                            out.push_str(val);
+                            return;
                         }
                     }
                 }

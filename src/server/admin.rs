@@ -30,10 +30,17 @@ pub struct AdminCtx {
     pub ready: watch::Receiver<bool>,
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -64,14 +71,24 @@ async fn route(ctx: AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
             refresh_gauges(&ctx.shared);
-            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", METRICS.encode())
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                METRICS.encode(),
+            )
         }
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             if *ctx.ready.borrow() {
-                json(StatusCode::OK, serde_json::json!({"status": "ready", "generation": ctx.shared.gateway.load().generation}))
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"status": "ready", "generation": ctx.shared.gateway.load().generation}),
+                )
             } else {
-                json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "starting"}))
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"status": "starting"}),
+                )
             }
         }
         (&Method::GET, "/config") => {
@@ -90,17 +107,25 @@ async fn route(ctx: AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let mut rx = ctx.outcome.clone();
             rx.borrow_and_update();
             if ctx.reload_tx.send("admin").await.is_err() {
-                return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "shutting down"}));
+                return json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"error": "shutting down"}),
+                );
             }
-            let waited = tokio::time::timeout(std::time::Duration::from_secs(30), rx.changed()).await;
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_secs(30), rx.changed()).await;
             if waited.is_err() {
-                return json(StatusCode::GATEWAY_TIMEOUT, serde_json::json!({"error": "reload did not finish in 30s"}));
+                return json(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    serde_json::json!({"error": "reload did not finish in 30s"}),
+                );
             }
             let outcome = rx.borrow().clone();
             match outcome {
-                ReloadOutcome::Applied { generation } => {
-                    json(StatusCode::OK, serde_json::json!({"result": "applied", "generation": generation}))
-                }
+                ReloadOutcome::Applied { generation } => json(
+                    StatusCode::OK,
+                    serde_json::json!({"result": "applied", "generation": generation}),
+                ),
                 ReloadOutcome::Rejected { generation, reason } => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     serde_json::json!({"result": "rejected", "generation": generation, "reason": reason}),
@@ -113,15 +138,25 @@ async fn route(ctx: AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
             if gw.config.caches.iter().any(|c| c.name == name) {
                 json(StatusCode::OK, serde_json::json!({"purged": 0}))
             } else {
-                json(StatusCode::NOT_FOUND, serde_json::json!({"error": format!("no cache named `{name}`"), "status": 404}))
+                json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": format!("no cache named `{name}`"), "status": 404}),
+                )
             }
         }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "Not found", "status": 404})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "Not found", "status": 404}),
+        ),
     }
 }
 
 /// Bind and serve the admin listener; the task ends when `stop` fires.
-pub async fn start(admin: &Admin, ctx: AdminCtx, mut stop: watch::Receiver<bool>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn start(
+    admin: &Admin,
+    ctx: AdminCtx,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(admin.listen).await?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(addr = %local, "admin listening on {local}");
@@ -132,7 +167,9 @@ pub async fn start(admin: &Admin, ctx: AdminCtx, mut stop: watch::Receiver<bool>
                 a = listener.accept() => a,
                 _ = stop.changed() => return,
             };
-            let Ok((stream, peer)) = accepted else { continue };
+            let Ok((stream, peer)) = accepted else {
+                continue;
+            };
             if !allow.is_empty() && !allow.iter().any(|c| c.contains(peer.ip())) {
                 continue;
             }

@@ -34,13 +34,19 @@ pub mod admin;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot read `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the config is invalid:\n{0}")]
     Invalid(String),
     #[error(transparent)]
     Compile(#[from] crate::gateway::CompileError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -55,7 +61,11 @@ pub enum ReloadOutcome {
 }
 
 /// Load, validate and compile; diagnostics rendered as text on failure.
-pub fn load(path: &Path, generation: u64, previous: Option<&Gateway>) -> Result<Gateway, ServeError> {
+pub fn load(
+    path: &Path,
+    generation: u64,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, ServeError> {
     let (config, loaded, diags) = load_config(path).map_err(|source| ServeError::Read {
         path: path.to_path_buf(),
         source,
@@ -65,24 +75,37 @@ pub fn load(path: &Path, generation: u64, previous: Option<&Gateway>) -> Result<
             log_warnings(&diags, &loaded.sources);
             Ok(compile(c, generation, previous)?)
         }
-        _ => Err(ServeError::Invalid(diagnostics::render_human(&diags.sorted(), &loaded.sources, false, 100))),
+        _ => Err(ServeError::Invalid(diagnostics::render_human(
+            &diags.sorted(),
+            &loaded.sources,
+            false,
+            100,
+        ))),
     }
 }
 
 fn log_warnings(diags: &Diagnostics, sources: &crate::config::source::SourceMap) {
     for d in diags.iter() {
         let (lc, _) = sources.line_col(d.span);
-        tracing::warn!(code = d.code, "{}:{}:{}: {}", sources.path(d.span.file).display(), lc.line, lc.column, d.message);
+        tracing::warn!(
+            code = d.code,
+            "{}:{}:{}: {}",
+            sources.path(d.span.file).display(),
+            lc.line,
+            lc.column,
+            d.message
+        );
     }
 }
 
 /// Run the gateway until SIGTERM/SIGINT. Returns the process exit code.
 pub fn run(path: &Path) -> Result<i32, ServeError> {
     let gw = load(path, 1, None)?;
-    let threads = gw
-        .config
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = gw.config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -154,7 +177,8 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     #[cfg(unix)]
     {
         let tx = reload_tx.clone();
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     let _ = tx.send("SIGHUP").await;
@@ -183,7 +207,9 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 let mut bind_error = None;
                 for (addr, lim) in &want {
                     if !listeners.contains_key(addr) {
-                        match start_listener(*addr, lim.clone(), shared.clone(), graceful.clone()).await {
+                        match start_listener(*addr, lim.clone(), shared.clone(), graceful.clone())
+                            .await
+                        {
                             Ok(h) => {
                                 listeners.insert(*addr, h);
                             }
@@ -192,12 +218,21 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     }
                 }
                 if let Some(reason) = bind_error {
-                    METRICS.reloads.get_or_create(&ResultLabels { result: "rejected".into() }).inc();
+                    METRICS
+                        .reloads
+                        .get_or_create(&ResultLabels {
+                            result: "rejected".into(),
+                        })
+                        .inc();
                     tracing::error!(generation, reason = %reason, trigger = why, "reload rejected");
                     let _ = outcome_tx.send(ReloadOutcome::Rejected { generation, reason });
                     continue;
                 }
-                let gone: Vec<SocketAddr> = listeners.keys().filter(|a| !want.contains_key(a)).copied().collect();
+                let gone: Vec<SocketAddr> = listeners
+                    .keys()
+                    .filter(|a| !want.contains_key(a))
+                    .copied()
+                    .collect();
                 for a in gone {
                     if let Some(h) = listeners.remove(&a) {
                         let _ = h.stop.send(true);
@@ -209,8 +244,10 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 let new_admin = new.config.admin.clone();
                 shared.gateway.store(Arc::new(new));
                 crate::observe::access_log::reopen_all();
-                let admin_changed = admin_task.as_ref().map(|(a, _)| a.listen) != new_admin.as_ref().map(|a| a.listen)
-                    || admin_task.as_ref().map(|(a, _)| &a.allow) != new_admin.as_ref().map(|a| &a.allow);
+                let admin_changed = admin_task.as_ref().map(|(a, _)| a.listen)
+                    != new_admin.as_ref().map(|a| a.listen)
+                    || admin_task.as_ref().map(|(a, _)| &a.allow)
+                        != new_admin.as_ref().map(|a| &a.allow);
                 if admin_changed {
                     if let Some((_, stop)) = admin_task.take() {
                         let _ = stop.send(true);
@@ -219,14 +256,28 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                         admin_task = start_admin(a).await;
                     }
                 }
-                METRICS.reloads.get_or_create(&ResultLabels { result: "applied".into() }).inc();
+                METRICS
+                    .reloads
+                    .get_or_create(&ResultLabels {
+                        result: "applied".into(),
+                    })
+                    .inc();
                 METRICS.config_generation.set(generation as i64);
                 tracing::info!(generation, trigger = why, "reload applied");
                 let _ = outcome_tx.send(ReloadOutcome::Applied { generation });
             }
             Err(e) => {
-                METRICS.reloads.get_or_create(&ResultLabels { result: "rejected".into() }).inc();
-                tracing::error!(generation, trigger = why, "reload rejected, the previous config keeps serving:\n{e}");
+                METRICS
+                    .reloads
+                    .get_or_create(&ResultLabels {
+                        result: "rejected".into(),
+                    })
+                    .inc();
+                tracing::error!(
+                    generation,
+                    trigger = why,
+                    "reload rejected, the previous config keeps serving:\n{e}"
+                );
                 let _ = outcome_tx.send(ReloadOutcome::Rejected {
                     generation,
                     reason: e.to_string(),
@@ -253,7 +304,11 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -317,7 +372,9 @@ async fn start_listener(
                 .half_close(true)
                 .max_buf_size((limits.max_header_size as usize).max(8192));
             builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
             let fut = graceful.watch(conn);
             METRICS.connections_active.inc();
             tokio::spawn(async move {
@@ -334,28 +391,45 @@ async fn start_listener(
 
 /// Watch the directories of every config file (editors save by rename),
 /// debounced, and send a reload on any change to one of the files.
-fn watch_files(files: &[PathBuf], tx: mpsc::Sender<&'static str>) -> Option<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>> {
+fn watch_files(
+    files: &[PathBuf],
+    tx: mpsc::Sender<&'static str>,
+) -> Option<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+> {
     use notify::RecursiveMode;
     let watched: Vec<PathBuf> = files
         .iter()
         .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
         .collect();
     let names = watched.clone();
-    let mut debouncer = notify_debouncer_full::new_debouncer(Duration::from_millis(200), None, move |res: notify_debouncer_full::DebounceEventResult| {
-        if let Ok(events) = res {
-            let hit = events.iter().any(|e| {
-                e.paths.iter().any(|p| {
-                    let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                    names.iter().any(|n| *n == p || n.file_name() == p.file_name() && n.parent() == p.parent())
-                })
-            });
-            if hit {
-                let _ = tx.try_send("file change");
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        Duration::from_millis(200),
+        None,
+        move |res: notify_debouncer_full::DebounceEventResult| {
+            if let Ok(events) = res {
+                let hit = events.iter().any(|e| {
+                    e.paths.iter().any(|p| {
+                        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                        names.iter().any(|n| {
+                            *n == p || n.file_name() == p.file_name() && n.parent() == p.parent()
+                        })
+                    })
+                });
+                if hit {
+                    let _ = tx.try_send("file change");
+                }
             }
-        }
-    })
+        },
+    )
     .ok()?;
-    let mut dirs: Vec<PathBuf> = watched.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+    let mut dirs: Vec<PathBuf> = watched
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .collect();
     dirs.sort();
     dirs.dedup();
     for d in dirs {
