@@ -99,10 +99,10 @@ fn is_normal(bytes: &[u8]) -> Result<bool, NormalizeError> {
 /// path that is only `/` is empty but needs nothing, hence `rest` empty is
 /// fine.
 fn starts_dot_or_empty_segment(rest: &[u8]) -> bool {
-    match rest {
-        [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..] => true,
-        _ => false,
-    }
+    matches!(
+        rest,
+        [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
+    )
 }
 
 fn percent_decode(bytes: &[u8]) -> Result<Vec<u8>, NormalizeError> {

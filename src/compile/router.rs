@@ -57,7 +57,6 @@
 //! else the first server listening on it. A name claimed by two servers of
 //! one address goes to the first (NGINX warns "conflicting server name").
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -205,13 +204,7 @@ impl RouterBuilder {
             Modifier::Regex => 2,
             Modifier::RegexCaseless => 3,
         };
-        if !draft.seen.insert((kind, pattern.to_owned())) {
-            return Err(RouterError::DuplicateLocation {
-                server,
-                modifier: modifier.as_str(),
-                pattern: pattern.to_owned(),
-            });
-        }
+        // Compile first: an invalid regex is reported as such, every time.
         let regex = if modifier.is_regex() {
             let re = RegexBuilder::new(pattern)
                 .case_insensitive(modifier == Modifier::RegexCaseless)
@@ -224,6 +217,13 @@ impl RouterBuilder {
         } else {
             None
         };
+        if !draft.seen.insert((kind, pattern.to_owned())) {
+            return Err(RouterError::DuplicateLocation {
+                server,
+                modifier: modifier.as_str(),
+                pattern: pattern.to_owned(),
+            });
+        }
         draft.locations.push(LocationDraft {
             modifier,
             pattern: pattern.to_owned(),
@@ -239,7 +239,8 @@ impl RouterBuilder {
         for (idx, server) in self.servers.iter().enumerate() {
             for &(addr, default) in &server.listens {
                 let draft = addr_drafts.entry(addr).or_default();
-                if !draft.servers.contains(&idx) {
+                // Servers arrive in index order, so a repeat is the last one.
+                if draft.servers.last() != Some(&idx) {
                     draft.servers.push(idx);
                 }
                 if default {
@@ -300,8 +301,12 @@ pub enum Lookup<'p> {
 #[derive(Debug, Clone)]
 pub struct Captures<'p> {
     path: &'p str,
-    groups: Option<(CaptureLocations, Arc<[Option<Box<str>>]>)>,
+    groups: Option<(CaptureLocations, GroupNames)>,
 }
+
+/// The name of each group of a regex, by group index, shared by every
+/// match of that regex.
+type GroupNames = Arc<[Option<Box<str>>]>;
 
 impl<'p> Captures<'p> {
     fn none(path: &'p str) -> Self {
@@ -572,17 +577,11 @@ impl ServerRoutes {
                 .get(loc.pattern.as_str())
                 .and_then(|e| e.exact)
                 .unwrap_or(idx);
-            match statics.entry(key.into()) {
-                Entry::Occupied(mut e) => {
-                    e.get_mut().redirect.get_or_insert(reported);
-                }
-                Entry::Vacant(e) => {
-                    e.insert(StaticEntry {
-                        exact: None,
-                        redirect: Some(reported),
-                    });
-                }
-            }
+            statics
+                .entry(key.into())
+                .or_default()
+                .redirect
+                .get_or_insert(reported);
         }
         let static_lens = statics.keys().fold(0u128, |m, k| m | len_bit(k.len()));
         let regexes = if regexes.is_empty() {
@@ -670,7 +669,7 @@ struct RegexLocations {
 struct RegexLocation {
     location: usize,
     regex: Regex,
-    names: Arc<[Option<Box<str>>]>,
+    names: GroupNames,
 }
 
 impl RegexLocations {
@@ -796,20 +795,30 @@ impl PrefixTrie {
             }
             let Some(&b) = path.get(pos) else { break };
             let first = node.first_child;
-            let Some(kids) = self.first_bytes.get(first..first + node.child_count) else {
+            let kids = self
+                .first_bytes
+                .get(first..first + node.child_count)
+                .unwrap_or_default();
+            // Fan-out is small almost everywhere; a short linear scan beats
+            // the mispredicted branches of a binary search there.
+            let k = if kids.len() <= 16 {
+                kids.iter().position(|&k| k == b)
+            } else {
+                kids.binary_search(&b).ok()
+            };
+            let Some(child) = k.and_then(|k| self.nodes.get(first + k)) else {
                 break;
             };
-            let Ok(k) = kids.binary_search(&b) else { break };
-            let Some(child) = self.nodes.get(first + k) else {
-                break;
-            };
-            let Some(label) = self.labels.get(child.label.clone()) else {
-                break;
-            };
-            if !path.get(pos..).is_some_and(|rest| rest.starts_with(label)) {
+            // The first byte of the label matched already.
+            let rest = self
+                .labels
+                .get(child.label.start + 1..child.label.end)
+                .unwrap_or_default();
+            let end = pos + 1 + rest.len();
+            if path.get(pos + 1..end) != Some(rest) {
                 break;
             }
-            pos += label.len();
+            pos = end;
             node = child;
         }
         best
