@@ -670,6 +670,11 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
                 return Ok(upstream_response(resp, settings));
             }
             Ok(Err(e)) => {
+                // A streamed body over client_max_body_size is the client's
+                // fault: 413, and no mark against the upstream.
+                if body_too_large(&e) {
+                    return Err(ProxyError::BodyTooLarge);
+                }
                 report(Outcome::Failure);
                 let connect = e.is_connect();
                 tracing::warn!(upstream = %authority, error = %e, "upstream request failed");
@@ -692,6 +697,17 @@ async fn proxy(shared: &Shared, ctx: &ProxyCtx<'_>, p: &ProxyPass, req: Request<
         }
     }
     Err(last_err)
+}
+
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn upstream_response(resp: Response<Incoming>, settings: &LocationSettings) -> Response<Body> {
