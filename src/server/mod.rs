@@ -292,7 +292,10 @@ fn watch_files(files: &[PathBuf], tx: mpsc::Sender<&'static str>) -> Option<noti
     let names = watched.clone();
     let mut debouncer = notify_debouncer_full::new_debouncer(Duration::from_millis(200), None, move |res: notify_debouncer_full::DebounceEventResult| {
         if let Ok(events) = res {
-            let hit = events.iter().any(|e| {
+            // Opening and reading a file (as every reload does) is an
+            // access event: only changes may trigger a reload, or one
+            // change would reload forever.
+            let hit = events.iter().filter(|e| !matches!(e.kind, notify::EventKind::Access(_))).any(|e| {
                 e.paths.iter().any(|p| {
                     let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
                     names.iter().any(|n| *n == p || n.file_name() == p.file_name() && n.parent() == p.parent())
