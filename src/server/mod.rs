@@ -116,7 +116,6 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
         listeners.insert(*addr, h);
     }
     let (outcome_tx, _outcome_rx) = watch::channel(ReloadOutcome::Applied { generation: 1 });
-    tracing::info!(generation = 1, "serving {}", path.display());
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
     let _watcher = watch_files(&files, reload_tx.clone());
@@ -137,6 +136,9 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
         }
     };
+    // Only now is a SIGHUP or a file change sure to be seen: "serving"
+    // means ready for both (a SIGHUP before the handler exists kills us).
+    tracing::info!(generation = 1, "serving {}", path.display());
     let mut generation = 1u64;
     loop {
         let why = tokio::select! {
