@@ -93,6 +93,16 @@ struct ListenerHandle {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl ListenerHandle {
+    /// Stop accepting and wait until the socket is closed and the accept
+    /// task, with its handle on the graceful-shutdown tracker, is gone.
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 /// Client-side limits of the server(s) on each address (first server wins).
 fn limits_by_addr(config: &Config) -> HashMap<SocketAddr, ClientLimits> {
     let mut m = HashMap::new();
@@ -152,17 +162,25 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
             Ok(new) => {
                 let want = limits_by_addr(&new.config);
                 let mut bind_error = None;
+                let mut started = Vec::new();
                 for (addr, lim) in &want {
                     if !listeners.contains_key(addr) {
                         match start_listener(*addr, lim.clone(), shared.clone(), graceful.clone()).await {
                             Ok(h) => {
                                 listeners.insert(*addr, h);
+                                started.push(*addr);
                             }
                             Err(e) => bind_error = Some(e.to_string()),
                         }
                     }
                 }
                 if let Some(reason) = bind_error {
+                    // The old config keeps serving: it has no such listeners.
+                    for a in started {
+                        if let Some(h) = listeners.remove(&a) {
+                            h.close().await;
+                        }
+                    }
                     tracing::error!(generation, reason = %reason, trigger = why, "reload rejected");
                     let _ = outcome_tx.send(ReloadOutcome::Rejected { generation, reason });
                     continue;
@@ -170,8 +188,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 let gone: Vec<SocketAddr> = listeners.keys().filter(|a| !want.contains_key(a)).copied().collect();
                 for a in gone {
                     if let Some(h) = listeners.remove(&a) {
-                        let _ = h.stop.send(true);
-                        h.task.abort();
+                        h.close().await;
                         tracing::info!(addr = %a, "listener closed");
                     }
                 }
