@@ -207,8 +207,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     for (_, h) in listeners.drain() {
-        let _ = h.stop.send(true);
-        h.task.abort();
+        h.close().await;
     }
     let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
     match tokio::time::timeout(shutdown_timeout, graceful.shutdown()).await {
