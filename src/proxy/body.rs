@@ -115,7 +115,12 @@ impl HttpBody for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         let rest = self.rest.size_hint();
-        let n = self.first.as_ref().and_then(|f| f.data_ref()).map(|d| d.len() as u64).unwrap_or(0);
+        let n = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
         // Upper before lower: `set_lower` above the current upper panics.
         let mut h = SizeHint::new();
         if let Some(u) = rest.upper() {
