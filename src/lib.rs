@@ -24,3 +24,4 @@ pub mod routes;
 pub mod gateway;
 pub mod server;
 pub mod demo;
+pub mod policy;
