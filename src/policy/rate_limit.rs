@@ -30,6 +30,9 @@ use crate::config::model::{Rate, RateLimitDef, RateStore, Template};
 /// How long one Redis decision may take before it counts as a store error.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(150);
 
+/// How far before its creation a memory limiter's clock starts.
+const EPOCH_SLACK: Duration = Duration::from_secs(3600);
+
 /// Why a `rate_limit` block could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
@@ -180,7 +183,11 @@ impl MemoryLimiter {
         let max_keys = usize::try_from(def.max_keys.max(1)).unwrap_or(usize::MAX);
         MemoryLimiter {
             gcra: Gcra::new(def.rate, def.burst),
-            epoch: Instant::now(),
+            // Set in the past so that an `Instant` taken just before the
+            // limiter was built still counts from its true distance.
+            epoch: Instant::now()
+                .checked_sub(EPOCH_SLACK)
+                .unwrap_or_else(Instant::now),
             hash: Default::default(),
             cells: quick_cache::sync::Cache::new(max_keys),
         }
