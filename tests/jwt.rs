@@ -2,6 +2,9 @@
 //! key sources (PEM, secret, JWKS file, JWKS over HTTP with refresh), token
 //! extraction, the remembered-token cache. Keys are generated at test time.
 
+// A failed setup step should stop the test with its panic.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -3,6 +3,9 @@
 //! distinct keys, the shared empty key, carry-over across a reload, and the
 //! Redis store against a real `redis-server` started by the test.
 
+// A failed setup step should stop the test with its panic.
+#![allow(clippy::unwrap_used)]
+
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

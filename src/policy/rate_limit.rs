@@ -364,7 +364,7 @@ impl RedisLimiter {
 
 enum Store {
     Memory(MemoryLimiter),
-    Redis(RedisLimiter),
+    Redis(Box<RedisLimiter>),
 }
 
 /// One `rate_limit` block, ready to count requests.
@@ -387,7 +387,7 @@ impl Limiter {
     pub fn new(def: &RateLimitDef) -> Result<Limiter, RateLimitError> {
         let store = match &def.store {
             RateStore::Memory => Store::Memory(MemoryLimiter::new(def)),
-            RateStore::Redis(url) => Store::Redis(RedisLimiter::new(def, url)?),
+            RateStore::Redis(url) => Store::Redis(Box::new(RedisLimiter::new(def, url)?)),
         };
         Ok(Limiter {
             def: def.clone(),
