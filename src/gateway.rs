@@ -21,6 +21,16 @@ use crate::proxy::balance::{Algorithm, PeerSpec, Peers};
 pub enum CompileError {
     #[error(transparent)]
     Router(#[from] RouterError),
+    #[error("auth_jwt `{name}`: {source}")]
+    Jwt {
+        name: String,
+        source: crate::policy::jwt::JwtError,
+    },
+    #[error("rate_limit `{name}`: {source}")]
+    RateLimit {
+        name: String,
+        source: crate::policy::rate_limit::RateLimitError,
+    },
     #[error("upstream `{upstream}`: cannot resolve `{server}`: {reason}")]
     Resolve {
         upstream: String,
@@ -72,6 +82,11 @@ pub struct Gateway {
     pub router: Router,
     /// Index = index in `config.upstreams`.
     pub upstreams: Vec<Arc<UpstreamPool>>,
+    /// Index = index in `config.jwt`.
+    pub jwt: Vec<Arc<crate::policy::jwt::JwtVerifier>>,
+    /// Index = index in `config.rate_limits`; counters outlive a reload
+    /// when the block is unchanged (they live in [`RATE_LIMITS`]).
+    pub limiters: Vec<Arc<crate::policy::rate_limit::Limiter>>,
     pub started: Instant,
 }
 
@@ -82,6 +97,19 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .map_err(|e| e.to_string())?
         .next()
         .ok_or_else(|| "no address".to_string())
+}
+
+/// Rate-limit counters of the process, shared by every snapshot: an
+/// unchanged `rate_limit` block finds its limiter again after a reload.
+pub static RATE_LIMITS: std::sync::LazyLock<crate::policy::rate_limit::RateLimitStore> =
+    std::sync::LazyLock::new(crate::policy::rate_limit::RateLimitStore::new);
+
+fn same_jwt(a: &crate::config::model::JwtDef, b: &crate::config::model::JwtDef) -> bool {
+    let strip = |d: &crate::config::model::JwtDef| crate::config::model::JwtDef {
+        span: Default::default(),
+        ..d.clone()
+    };
+    strip(a) == strip(b)
 }
 
 /// Compile a validated config into a snapshot. `previous` lends upstream
@@ -150,7 +178,41 @@ pub fn compile(
             tasks: std::sync::Mutex::new(Vec::new()),
         }));
     }
+    let mut jwt = Vec::new();
+    for def in &config.jwt {
+        // An unchanged block keeps its verifier (keys, remembered tokens).
+        let same = previous.and_then(|p| {
+            p.config
+                .jwt
+                .iter()
+                .position(|d| same_jwt(d, def))
+                .and_then(|i| p.jwt.get(i).cloned())
+        });
+        let v = match same {
+            Some(v) => v,
+            None => Arc::new(crate::policy::jwt::JwtVerifier::new(def).map_err(|source| {
+                CompileError::Jwt {
+                    name: def.name.clone(),
+                    source,
+                }
+            })?),
+        };
+        jwt.push(v);
+    }
+    let mut limiters = Vec::new();
+    for def in &config.rate_limits {
+        limiters.push(
+            RATE_LIMITS
+                .get(def)
+                .map_err(|source| CompileError::RateLimit {
+                    name: def.name.clone(),
+                    source,
+                })?,
+        );
+    }
     Ok(Gateway {
+        jwt,
+        limiters,
         generation,
         loaded_at: std::time::SystemTime::now(),
         config: Arc::new(config),

@@ -22,7 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;
-pub mod policy;

@@ -243,6 +243,9 @@ struct Outcome_ {
     remote_addr: String,
     log: crate::config::model::AccessLog,
     upstream: Option<UpstreamInfo>,
+    auth: Option<&'static str>,
+    rate_limit: Option<&'static str>,
+    cache: Option<&'static str>,
 }
 
 /// The upstream exchange of a proxied request, for the access log.
@@ -284,6 +287,9 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         remote_addr: conn.peer.ip().to_string(),
         log: gw.config.defaults.access_log.clone(),
         upstream: None,
+        auth: None,
+        rate_limit: None,
+        cache: None,
     };
     let resp = serve_request(&shared, &gw, conn, req, &trace, &mut out).await;
     let record = crate::observe::access_log::Record {
@@ -301,9 +307,9 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         upstream_addr: out.upstream.as_ref().map(|u| u.addr.clone()),
         upstream_status: out.upstream.as_ref().and_then(|u| u.status),
         upstream_duration: out.upstream.as_ref().map(|u| u.duration),
-        auth: None,
-        rate_limit: None,
-        cache: None,
+        auth: out.auth,
+        rate_limit: out.rate_limit,
+        cache: out.cache,
         user_agent,
         referer,
         log: out.log,
@@ -404,6 +410,7 @@ async fn serve_request(
             server_port: conn.local.port(),
             captures: &empty_caps,
             named: &[],
+            claims: None,
         };
         let mut resp = return_response(r, &vars);
         finish_response(&mut resp, settings, &vars);
@@ -482,6 +489,49 @@ async fn serve_request(
     let request_uri = pq.as_str().to_string();
     let args = pq.query().unwrap_or("").to_string();
     let method = req.method().clone();
+    let mut req = req;
+    // Authentication (§6): before anything else of the location runs.
+    let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
+        None => None,
+        Some(v) => match v.authenticate(req.headers(), &args, std::time::SystemTime::now()) {
+            Ok(c) => {
+                out.auth = Some("ok");
+                // Claim headers are the gateway's: drop what the client sent.
+                let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
+                for (claim, h) in &def.forward_claims {
+                    req.headers_mut().remove(h.as_str());
+                    if let (Some(val), Ok(n)) = (c.get(claim), HeaderName::try_from(h.as_str()))
+                        && let Ok(val) = HeaderValue::try_from(val)
+                    {
+                        req.headers_mut().insert(n, val);
+                    }
+                }
+                Some(c)
+            }
+            Err(r) => {
+                out.auth = Some(if r.is_invalid() { "invalid" } else { "missing" });
+                tracing::info!(policy = v.name(), reason = %r, request_id = %id, "authentication failed");
+                crate::observe::metrics::METRICS
+                    .auth_failures
+                    .get_or_create(&crate::observe::metrics::ReasonLabels {
+                        policy: v.name().to_string(),
+                        reason: format!("{r:?}")
+                            .split('(')
+                            .next()
+                            .unwrap_or("")
+                            .to_ascii_lowercase(),
+                    })
+                    .inc();
+                let mut resp =
+                    error_response(r.status(), r.message(), &id, &settings.request_id_header);
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
+                );
+                return resp;
+            }
+        },
+    };
     let headers_snapshot = req.headers().clone();
     let vars = RequestVars {
         remote_addr: remote,
@@ -497,7 +547,58 @@ async fn serve_request(
         server_port: conn.local.port(),
         captures: &captures,
         named: &named,
+        claims: claims.as_deref(),
     };
+    // Rate limits (§7): every limit of the location applies.
+    let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
+    if !settings.rate_limits.is_empty() {
+        let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
+        for &i in &settings.rate_limits {
+            let Some(lim) = gw.limiters.get(i) else {
+                continue;
+            };
+            let key = vars.render(lim.key());
+            match lim.decide(&key, Instant::now()).await {
+                crate::policy::rate_limit::Decision::Counted(v) => {
+                    if !v.allowed {
+                        out.rate_limit = Some("limited");
+                        crate::observe::metrics::METRICS
+                            .rate_limited
+                            .get_or_create(&crate::observe::metrics::LimitLabels {
+                                limit: lim.name().to_string(),
+                            })
+                            .inc();
+                        let mut resp = error_response(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "Too many requests",
+                            &id,
+                            &settings.request_id_header,
+                        );
+                        v.write_headers(resp.headers_mut());
+                        return resp;
+                    }
+                    verdicts.push(v);
+                }
+                crate::policy::rate_limit::Decision::StoreError => {
+                    tracing::warn!(limit = lim.name(), "rate limit store unavailable");
+                    if !lim.on_store_error_allow() {
+                        out.rate_limit = Some("store_error");
+                        return error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Rate limit store unavailable",
+                            &id,
+                            &settings.request_id_header,
+                        );
+                    }
+                    out.rate_limit = Some("store_error_allowed");
+                }
+            }
+        }
+        if out.rate_limit.is_none() {
+            out.rate_limit = Some("allowed");
+        }
+        limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
+    }
     let mut resp = match &loc.handler {
         Handler::Return(r) => return_response(r, &vars),
         Handler::Proxy(p) => {
@@ -523,6 +624,9 @@ async fn serve_request(
         }
     };
     finish_response(&mut resp, settings, &vars);
+    if let Some(v) = limit_headers {
+        v.write_headers(resp.headers_mut());
+    }
     resp
 }
 

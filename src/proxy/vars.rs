@@ -25,6 +25,8 @@ pub struct RequestVars<'a> {
     pub captures: &'a [Option<String>],
     /// Named captures.
     pub named: &'a [(String, String)],
+    /// The verified token's claims, when an `auth_jwt` applies.
+    pub claims: Option<&'a crate::policy::jwt::Claims>,
 }
 
 impl RequestVars<'_> {
@@ -95,9 +97,11 @@ impl RequestVars<'_> {
                     out.push_str(v);
                 }
             }
-            // Claims arrive with the JWT policy (issue 4); until then no
-            // location can have them (the checker requires `auth_jwt`).
-            Var::JwtClaim(_) => {}
+            Var::JwtClaim(name) => {
+                if let Some(v) = self.claims.and_then(|c| c.get(name)) {
+                    out.push_str(&v);
+                }
+            }
             Var::ServerName => out.push_str(self.server_name),
             Var::ServerPort => {
                 let _ = write!(out, "{}", self.server_port);

@@ -100,18 +100,26 @@ fn log_warnings(diags: &Diagnostics, sources: &crate::config::source::SourceMap)
 
 /// Run the gateway until SIGTERM/SIGINT. Returns the process exit code.
 pub fn run(path: &Path) -> Result<i32, ServeError> {
-    let gw = load(path, 1, None)?;
-    let threads = gw.config.worker_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    // The thread count comes from the config, so read it once up front; the
+    // real load happens inside the runtime (policies may start tasks).
+    let threads = load_config(path)
+        .ok()
+        .and_then(|(c, _, _)| c)
+        .and_then(|c| c.worker_threads)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(serve(path.to_path_buf(), gw))
+    rt.block_on(async {
+        let gw = load(path, 1, None)?;
+        serve(path.to_path_buf(), gw).await
+    })
 }
 
 struct ListenerHandle {
