@@ -131,7 +131,7 @@ fn every_invalid_token_is_401_invalid_token_never_echoing_why() {
     let gw = jwt_gateway(&up);
     let exp = now() + 600;
     let base = serde_json::json!({"sub": "u", "exp": exp, "iss": "https://auth.example.com/", "aud": "orders-api"});
-    let mut with = |k: &str, v: serde_json::Value| {
+    let with = |k: &str, v: serde_json::Value| {
         let mut c = base.clone();
         c[k] = v;
         c
