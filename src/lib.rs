@@ -25,3 +25,4 @@ pub mod gateway;
 pub mod server;
 pub mod demo;
 pub mod observe;
+pub mod policy;
