@@ -7,3 +7,4 @@
 //! snapshot.
 
 pub mod cache;
+pub mod wrap;
