@@ -844,3 +844,29 @@ async fn registry_carries_unchanged_blocks_over_reloads() {
     assert_eq!(registry.len(), 1);
     assert!(Arc::ptr_eq(&registry.get_or_create(&changed), &fresh));
 }
+
+/// A 304 (answer to the client's own conditional) leaves the stored
+/// response alone; a refetched response that may not be stored removes it.
+#[tokio::test(start_paused = true)]
+async fn refetch_outcome_decides_the_fate_of_the_old_entry() {
+    let mut d = def("t_forget");
+    d.stale_if_error = Duration::from_secs(300);
+    let cache = Cache::new(&d);
+    let calls = counter();
+    let fetch = upstream(&calls, Duration::ZERO, |n| match n {
+        0 => Ok(resp(200, &[("cache-control", "max-age=10")], "good")),
+        1 => Ok(resp(304, &[], "")),
+        3 => Ok(resp(200, &[("cache-control", "no-store")], "secret")),
+        _ => Err(FetchError::new(StatusCode::BAD_GATEWAY, "Bad gateway")),
+    });
+    run(&cache, "/o", &get(), &fetch).await;
+    advance(Duration::from_secs(20)).await;
+    let (s, code, _, _) = run(&cache, "/o", &get(), &fetch).await;
+    assert_eq!((s.as_str(), code), ("EXPIRED", StatusCode::NOT_MODIFIED));
+    let (s, _, _, b) = run(&cache, "/o", &get(), &fetch).await;
+    assert_eq!((s.as_str(), &b[..]), ("STALE", &b"good"[..]));
+    let (s, _, _, b) = run(&cache, "/o", &get(), &fetch).await;
+    assert_eq!((s.as_str(), &b[..]), ("EXPIRED", &b"secret"[..]));
+    let (s, code, _, _) = run(&cache, "/o", &get(), &fetch).await;
+    assert_eq!((s.as_str(), code), ("MISS", StatusCode::BAD_GATEWAY));
+}

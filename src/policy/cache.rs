@@ -529,8 +529,12 @@ enum Refusal {
     /// The request had `Authorization` and the response is not `public`
     /// nor has `s-maxage`: the request was not cacheable (BYPASS).
     Authorization,
-    /// The response says no, or is too large (MISS/EXPIRED).
+    /// The response says no, or is too large (MISS/EXPIRED); an older
+    /// stored response must not outlive it.
     Response,
+    /// 304 or 206: an answer to the client's conditional or range request
+    /// that says nothing against the stored response.
+    Partial,
 }
 
 /// Everything decided from the response head, before its body is read.
@@ -858,10 +862,11 @@ impl Cache {
         ) {
             Err(refusal) => {
                 finish(flight, Outcome::NotShared);
-                if refusal == Refusal::Authorization {
-                    return (CacheStatus::Bypass, resp);
+                match refusal {
+                    Refusal::Authorization => return (CacheStatus::Bypass, resp),
+                    Refusal::Response => self.forget(ctx.flight_key, ctx.found.as_ref()),
+                    Refusal::Partial => {}
                 }
-                self.forget(ctx.flight_key, ctx.found.as_ref());
                 (ctx.base, resp)
             }
             Ok(plan) => (ctx.base, self.tee(resp, plan, flight)),
@@ -955,6 +960,9 @@ impl Cache {
             }),
         };
         let code = status.as_u16();
+        if code == 304 || code == 206 {
+            return Err(Refusal::Partial);
+        }
         let lifetime = match explicit {
             Some(secs) if EXPLICIT_STATUSES.contains(&code) => Duration::from_secs(secs),
             None if TTL_STATUSES.contains(&code) => self.def.ttl,
