@@ -855,7 +855,7 @@ async fn proxy(
     }
     let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     let has_body = chunked || content_length.is_some_and(|n| n > 0);
-    let mut body: Option<Body> = if has_body {
+    let body: Option<Body> = if has_body {
         let b = crate::proxy::body::ClientBody::start(body, limit, ctx.body_timeout)
             .await
             .map_err(|e| match e {
@@ -867,6 +867,37 @@ async fn proxy(
     } else {
         None
     };
+    let prep = prepare(ctx, p, &parts);
+    send(
+        shared,
+        ctx.gw,
+        p,
+        &ctx.loc.settings,
+        &prep,
+        body,
+        &mut parts.extensions,
+        info,
+    )
+    .await
+}
+
+/// Everything about the upstream request that does not depend on which
+/// server is picked: computed once, reused by every try (and, for cached
+/// locations, by background refreshes).
+#[derive(Clone)]
+pub struct Prepared {
+    pub method: http::Method,
+    /// Path and query sent upstream.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub host_override: Option<String>,
+    pub hash_key: Option<String>,
+    pub client_ip: IpAddr,
+    pub upgrade: Option<HeaderValue>,
+}
+
+fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> Prepared {
+    let settings = &ctx.loc.settings;
     let target = upstream_target(ctx, p);
     let mut headers = parts.headers.clone();
     let upgrade = upgrade_protocol(&parts.headers);
@@ -915,14 +946,48 @@ async fn proxy(
             headers.insert(n, v);
         }
     }
+    let hash_key = match &p.target {
+        ProxyTarget::Upstream(i) => match ctx.gw.upstreams.get(*i).map(|u| &u.def.balance) {
+            Some(crate::config::model::Balance::Hash { key, .. }) => Some(ctx.vars.render(key)),
+            _ => None,
+        },
+        ProxyTarget::Address { .. } => None,
+    };
+    Prepared {
+        method: parts.method.clone(),
+        target,
+        headers,
+        host_override,
+        hash_key,
+        client_ip: ctx.vars.remote_addr,
+        upgrade,
+    }
+}
+
+/// Send a prepared request, trying servers per `proxy_next_upstream`.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    shared: &Shared,
+    gw: &Gateway,
+    p: &ProxyPass,
+    settings: &LocationSettings,
+    prep: &Prepared,
+    mut body: Option<Body>,
+    extensions: &mut http::Extensions,
+    info: &mut Option<UpstreamInfo>,
+) -> Result<Response<Body>, ProxyError> {
+    let target = &prep.target;
+    let headers = &prep.headers;
+    let host_override = &prep.host_override;
+    let upgrade = &prep.upgrade;
     let client = shared.client(settings.proxy_connect_timeout);
     let read_timeout = settings.proxy_read_timeout;
     let next = settings.proxy_next_upstream;
-    let can_resend = idempotent(&parts.method) || next.non_idempotent;
+    let can_resend = idempotent(&prep.method) || next.non_idempotent;
 
     // The peers to try.
     let pool = match &p.target {
-        ProxyTarget::Upstream(i) => ctx.gw.upstreams.get(*i).cloned(),
+        ProxyTarget::Upstream(i) => gw.upstreams.get(*i).cloned(),
         ProxyTarget::Address { .. } => None,
     };
     let max_tries = match &pool {
@@ -937,22 +1002,12 @@ async fn proxy(
     };
     let mut tried = Tried::new();
     let mut last_err = ProxyError::NoUpstream;
-    let hash_key;
-    let hash_key_bytes: Option<&[u8]> = match &pool {
-        Some(pool) => match &pool.def.balance {
-            crate::config::model::Balance::Hash { key, .. } => {
-                hash_key = ctx.vars.render(key);
-                Some(hash_key.as_bytes())
-            }
-            _ => None,
-        },
-        None => None,
-    };
+    let hash_key_bytes: Option<&[u8]> = prep.hash_key.as_deref().map(str::as_bytes);
     for attempt in 0..max_tries {
         let (authority, host_header, pick) = match &pool {
             Some(pool) => {
                 let mut pc = PickContext::new(Instant::now())
-                    .client_ip(ctx.vars.remote_addr)
+                    .client_ip(prep.client_ip)
                     .tried(&tried);
                 if let Some(k) = hash_key_bytes {
                     pc = pc.hash_key(k);
@@ -984,7 +1039,7 @@ async fn proxy(
             Ok(u) => u,
             Err(_) => return Err(ProxyError::BadRequest),
         };
-        let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
+        let mut builder = Request::builder().method(prep.method.clone()).uri(uri);
         if let Some(h) = builder.headers_mut() {
             *h = headers.clone();
             let host_value = host_override.clone().unwrap_or(host_header);
@@ -1029,7 +1084,7 @@ async fn proxy(
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() =>
             {
                 report(Outcome::Success);
-                let client_side = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+                let client_side = extensions.remove::<hyper::upgrade::OnUpgrade>();
                 let upstream_side = hyper::upgrade::on(&mut resp);
                 if let Some(client_side) = client_side {
                     tokio::spawn(tunnel(client_side, upstream_side));
