@@ -14,8 +14,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_string());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9000".to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         let small = Bytes::from_static(b"ok\n");
@@ -34,10 +38,14 @@ fn main() -> std::io::Result<()> {
                     };
                     async move {
                         let mut r = Response::new(Full::new(body));
-                        r.headers_mut()
-                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
-                        r.headers_mut()
-                            .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("max-age=60"));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain"),
+                        );
+                        r.headers_mut().insert(
+                            http::header::CACHE_CONTROL,
+                            http::HeaderValue::from_static("max-age=60"),
+                        );
                         Ok::<_, Infallible>(r)
                     }
                 });
