@@ -21,6 +21,8 @@ use crate::proxy::balance::{Algorithm, PeerSpec, Peers};
 pub enum CompileError {
     #[error(transparent)]
     Router(#[from] RouterError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("upstream `{upstream}`: cannot resolve `{server}`: {reason}")]
     Resolve {
         upstream: String,
@@ -73,6 +75,8 @@ pub struct Gateway {
     /// Index = index in `config.upstreams`.
     pub upstreams: Vec<Arc<UpstreamPool>>,
     pub started: Instant,
+    /// Listener certificates and upstream trust, read at (re)load.
+    pub tls: crate::tls::GatewayTls,
 }
 
 pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
@@ -121,6 +125,7 @@ pub fn compile(
         }
     }
     let router = b.build()?;
+    let tls = crate::tls::GatewayTls::load(&config)?;
     let mut upstreams = Vec::new();
     for (i, u) in config.upstreams.iter().enumerate() {
         let mut addrs = Vec::new();
@@ -157,5 +162,6 @@ pub fn compile(
         router,
         upstreams,
         started: previous.map(|p| p.started).unwrap_or_else(Instant::now),
+        tls,
     })
 }

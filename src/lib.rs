@@ -25,3 +25,4 @@ pub mod observe;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod tls;
