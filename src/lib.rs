@@ -19,6 +19,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod gateway;
 pub mod observe;
