@@ -152,3 +152,48 @@ fn every_directive_has_a_syntax_line_and_a_doc() {
         assert!(!d.doc.is_empty(), "`{}` has no doc", d.name);
     }
 }
+
+/// Every config shown in docs/ is (a contiguous part of) a file under
+/// examples/, which the example tests check: a ```nginx block starts with
+/// `# examples/NAME.conf` and its other lines appear in that file, in order.
+#[test]
+fn every_config_in_the_docs_is_an_example_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    let mut blocks = 0;
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).expect("read doc");
+        let mut lines = text.lines();
+        while let Some(l) = lines.next() {
+            if l.trim() != "```nginx" {
+                continue;
+            }
+            blocks += 1;
+            let body: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+            let name = doc.display();
+            let file = body
+                .first()
+                .and_then(|l| l.strip_prefix("# "))
+                .filter(|f| f.starts_with("examples/") && f.ends_with(".conf"))
+                .unwrap_or_else(|| {
+                    panic!("{name}: an nginx block must start with `# examples/NAME.conf`")
+                });
+            let example = std::fs::read_to_string(root.join(file))
+                .unwrap_or_else(|e| panic!("{name}: {file}: {e}"));
+            let ex: Vec<&str> = example.lines().map(str::trim_end).collect();
+            let want: Vec<&str> = body[1..].iter().map(|l| l.trim_end()).collect();
+            let found = want.is_empty() || ex.windows(want.len()).any(|w| w == want.as_slice());
+            assert!(
+                found,
+                "{name}: this block is not a part of {file} (keep them in step):\n{}",
+                want.join("\n")
+            );
+        }
+    }
+    assert!(blocks > 0, "no nginx blocks found in docs/");
+}
