@@ -6,8 +6,11 @@ use std::path::Path;
 
 use tollgate::config::schema::{BlockKind, Ctx, DIRECTIVES, DirectiveSpec};
 
-/// Sections, in reading order: a title, an intro, and which entries go in.
-const SECTIONS: &[(&str, &str, fn(&DirectiveSpec) -> bool)] = &[
+/// A section: a title, an intro, and which entries go in.
+type Section = (&'static str, &'static str, fn(&DirectiveSpec) -> bool);
+
+/// The sections, in reading order.
+const SECTIONS: &[Section] = &[
     ("Anywhere", "", |d| {
         d.contexts.len() > 3 && d.contexts.contains(&Ctx::Upstream)
     }),
