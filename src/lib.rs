@@ -23,6 +23,7 @@ pub mod ctl;
 pub mod demo;
 pub mod gateway;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;

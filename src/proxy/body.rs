@@ -114,14 +114,19 @@ impl HttpBody for ClientBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut h = self.rest.size_hint();
-        if let Some(f) = &self.first {
-            let n = f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
-            h.set_lower(h.lower() + n);
-            if let Some(u) = h.upper() {
-                h.set_upper(u + n);
-            }
+        let rest = self.rest.size_hint();
+        let n = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
+        // Upper before lower: `set_lower` above the current upper panics.
+        let mut h = SizeHint::new();
+        if let Some(u) = rest.upper() {
+            h.set_upper(u.saturating_add(n));
         }
+        h.set_lower(rest.lower().saturating_add(n));
         h
     }
 }

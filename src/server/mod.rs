@@ -122,6 +122,16 @@ struct ListenerHandle {
     tls: tls::ListenerTls,
 }
 
+impl ListenerHandle {
+    /// Stop accepting and wait until the socket is closed and the accept
+    /// task, with its handle on the graceful-shutdown tracker, is gone.
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 /// Client-side limits of the server(s) on each address (first server wins).
 fn limits_by_addr(config: &Config) -> HashMap<SocketAddr, ClientLimits> {
     let mut m = HashMap::new();
@@ -150,7 +160,6 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     let (outcome_tx, outcome_rx) = watch::channel(ReloadOutcome::Applied { generation: 1 });
     let (ready_tx, ready_rx) = watch::channel(true);
     let _ = &ready_tx;
-    tracing::info!(generation = 1, "serving {}", path.display());
     METRICS.config_generation.set(1);
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(4);
@@ -197,6 +206,9 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
         }
     };
+    // Only now is a SIGHUP or a file change sure to be seen: "serving"
+    // means ready for both (a SIGHUP before the handler exists kills us).
+    tracing::info!(generation = 1, "serving {}", path.display());
     let mut generation = 1u64;
     loop {
         let why = tokio::select! {
@@ -210,6 +222,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
             Ok(new) => {
                 let want = limits_by_addr(&new.config);
                 let mut bind_error = None;
+                let mut started = Vec::new();
                 for (addr, lim) in &want {
                     if !listeners.contains_key(addr) {
                         let tls = new.tls.listeners.get(addr).cloned();
@@ -224,6 +237,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                         {
                             Ok(h) => {
                                 listeners.insert(*addr, h);
+                                started.push(*addr);
                             }
                             Err(e) => bind_error = Some(e.to_string()),
                         }
@@ -236,6 +250,12 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                             result: "rejected".into(),
                         })
                         .inc();
+                    // The old config keeps serving: it has no such listeners.
+                    for a in started {
+                        if let Some(h) = listeners.remove(&a) {
+                            h.close().await;
+                        }
+                    }
                     tracing::error!(generation, reason = %reason, trigger = why, "reload rejected");
                     let _ = outcome_tx.send(ReloadOutcome::Rejected { generation, reason });
                     continue;
@@ -247,8 +267,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     .collect();
                 for a in gone {
                     if let Some(h) = listeners.remove(&a) {
-                        let _ = h.stop.send(true);
-                        h.task.abort();
+                        h.close().await;
                         tracing::info!(addr = %a, "listener closed");
                     }
                 }
@@ -304,8 +323,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     }
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     for (_, h) in listeners.drain() {
-        let _ = h.stop.send(true);
-        h.task.abort();
+        h.close().await;
     }
     let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
     match tokio::time::timeout(shutdown_timeout, graceful.shutdown()).await {
@@ -477,14 +495,21 @@ fn watch_files(
         None,
         move |res: notify_debouncer_full::DebounceEventResult| {
             if let Ok(events) = res {
-                let hit = events.iter().any(|e| {
-                    e.paths.iter().any(|p| {
-                        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-                        names.iter().any(|n| {
-                            *n == p || n.file_name() == p.file_name() && n.parent() == p.parent()
+                // Opening and reading a file (as every reload does) is an
+                // access event: only changes may trigger a reload, or one
+                // change would reload forever.
+                let hit = events
+                    .iter()
+                    .filter(|e| !matches!(e.kind, notify::EventKind::Access(_)))
+                    .any(|e| {
+                        e.paths.iter().any(|p| {
+                            let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                            names.iter().any(|n| {
+                                *n == p
+                                    || n.file_name() == p.file_name() && n.parent() == p.parent()
+                            })
                         })
-                    })
-                });
+                    });
                 if hit {
                     let _ = tx.try_send("file change");
                 }
