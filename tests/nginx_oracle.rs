@@ -61,7 +61,7 @@ fn random_locations(rng: &mut Rng) -> Vec<(Modifier, String)> {
             1 | 2 => (Modifier::Prefix, rng.pick(PREFIXES).to_string()),
             3 => (Modifier::PrefixNoRegex, rng.pick(PREFIXES).to_string()),
             _ => {
-                let m = if rng.next() % 2 == 0 {
+                let m = if rng.next().is_multiple_of(2) {
                     Modifier::Regex
                 } else {
                     Modifier::RegexCaseless
@@ -91,7 +91,7 @@ fn random_path(rng: &mut Rng) -> String {
         p.push('/');
         p.push_str(rng.pick(PATH_PIECES));
     }
-    if rng.next() % 7 == 0 {
+    if rng.next().is_multiple_of(7) {
         p = p.replace('/', "//");
     }
     p
