@@ -31,6 +31,8 @@ pub enum CompileError {
         name: String,
         source: crate::policy::rate_limit::RateLimitError,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("upstream `{upstream}`: cannot resolve `{server}`: {reason}")]
     Resolve {
         upstream: String,
@@ -88,6 +90,8 @@ pub struct Gateway {
     /// when the block is unchanged (they live in [`RATE_LIMITS`]).
     pub limiters: Vec<Arc<crate::policy::rate_limit::Limiter>>,
     pub started: Instant,
+    /// Listener certificates and upstream trust, read at (re)load.
+    pub tls: crate::tls::GatewayTls,
 }
 
 pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
@@ -149,6 +153,7 @@ pub fn compile(
         }
     }
     let router = b.build()?;
+    let tls = crate::tls::GatewayTls::load(&config)?;
     let mut upstreams = Vec::new();
     for (i, u) in config.upstreams.iter().enumerate() {
         let mut addrs = Vec::new();
@@ -219,5 +224,6 @@ pub fn compile(
         router,
         upstreams,
         started: previous.map(|p| p.started).unwrap_or_else(Instant::now),
+        tls,
     })
 }

@@ -19,6 +19,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod gateway;
 pub mod observe;
@@ -26,3 +27,4 @@ pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod tls;

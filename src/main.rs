@@ -1,4 +1,4 @@
-//! The `tollgate` command line: run, check, fmt, routes, demo.
+//! The `tollgate` command line: run, check, fmt, routes, reload, demo.
 //!
 //! This is the only place that prints reports and picks exit codes:
 //! 0 success, 1 invalid config (or `fmt --check` found changes), 2 usage or
@@ -54,6 +54,13 @@ enum Command {
         #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
         config: PathBuf,
     },
+    /// Check a config, then ask the running instance to reload (through the
+    /// `admin` listener the config names). Exit 0 applied, 1 invalid or
+    /// rejected, 2 the instance could not be asked.
+    Reload {
+        #[arg(short = 'c', long = "config", default_value = "gateway.conf")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -79,6 +86,7 @@ fn main() -> ExitCode {
         Command::Check { config, format } => check(&config, format),
         Command::Fmt { check, files } => fmt(check, &files),
         Command::Routes { config } => routes(&config),
+        Command::Reload { config } => reload(&config),
         Command::Run { config } => run(&config),
         Command::Demo => {
             init_logging();
@@ -242,6 +250,51 @@ fn routes(path: &Path) -> ExitCode {
     };
     print!("{}", tollgate::routes::table(&config));
     ExitCode::SUCCESS
+}
+
+fn reload(path: &Path) -> ExitCode {
+    let (config, loaded, diags) = match load_config(path) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let list = diags.sorted();
+    print_human(&list, &loaded.sources);
+    let config = match config {
+        Some(c) if !diags.has_errors() => c,
+        c => {
+            summary(path, &list, c.as_ref());
+            eprintln!("not reloaded: the running instance keeps its config");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(admin) = &config.admin else {
+        eprintln!(
+            "error: `tollgate reload` asks the running instance through its admin listener, and `{}` configures none\n  \
+             help: add `admin {{ listen 127.0.0.1:9901; }}`, or send SIGHUP to the process",
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    match tollgate::ctl::request_reload(admin.listen, std::time::Duration::from_secs(40)) {
+        Ok(tollgate::ctl::ReloadReply::Applied { generation }) => {
+            println!("applied: generation {generation}");
+            ExitCode::SUCCESS
+        }
+        Ok(tollgate::ctl::ReloadReply::Rejected { generation, reason }) => {
+            let g = generation
+                .map(|g| format!(" (generation {g})"))
+                .unwrap_or_default();
+            eprintln!("rejected{g}: the running instance keeps its previous config\n{reason}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn init_logging() {

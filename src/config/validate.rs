@@ -1796,9 +1796,44 @@ pub(crate) fn ssl_certificate_key(cx: &mut Cx<'_>, d: &Directive) -> Option<Sett
 }
 
 pub(crate) fn proxy_ssl_trusted_certificate(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
-    Some(Setting::ProxySslTrustedCertificate(
-        cx.path(&d.args[0], true),
-    ))
+    let path = cx.path(&d.args[0], true);
+    if cx.check_files
+        && let Err(e) = crate::tls::load_trust(&path)
+        && !e.is_unreadable()
+    {
+        cx.push(
+            Diagnostic::error(
+                "invalid_certificate",
+                d.args[0].span,
+                "unusable CA certificates",
+            )
+            .label(e.to_string())
+            .help("give a PEM file of CA certificates (`-----BEGIN CERTIFICATE-----`)"),
+        );
+    }
+    Some(Setting::ProxySslTrustedCertificate(path))
+}
+
+/// Load the pair the way the server will, so a certificate `check` accepts
+/// is one `run` can serve (an unopenable file is `unreadable_file` already).
+fn check_certificate(cx: &mut Cx<'_>, tls: &Tls, cert_span: Span, key_span: Span) {
+    if !cx.check_files {
+        return;
+    }
+    if let Err(e) = crate::tls::certified_key(tls)
+        && !e.is_unreadable()
+    {
+        let span = if e.is_key_problem() {
+            key_span
+        } else {
+            cert_span
+        };
+        cx.push(
+            Diagnostic::error("invalid_certificate", span, "unusable certificate or key")
+                .label(e.to_string())
+                .help("`ssl_certificate` is a PEM chain (leaf first), `ssl_certificate_key` its PEM private key"),
+        );
+    }
 }
 
 pub(crate) fn client_header_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
@@ -2680,10 +2715,14 @@ fn assemble_server(
     }
     let wants_tls = listens.iter().any(|l| l.ssl);
     let tls = match (cert, key) {
-        (Some((c, _)), Some((k, _))) => Some(Tls {
-            certificate: c,
-            key: k,
-        }),
+        (Some((c, cs)), Some((k, ks))) => {
+            let t = Tls {
+                certificate: c,
+                key: k,
+            };
+            check_certificate(cx, &t, cs, ks);
+            Some(t)
+        }
         (Some((_, s)), None) | (None, Some((_, s))) => {
             cx.push(
                 Diagnostic::error(

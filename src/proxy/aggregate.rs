@@ -2,7 +2,7 @@
 //! waves (every call whose inputs are ready runs concurrently), merged into
 //! one JSON object (LANGUAGE.md §9, §13.11).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -95,7 +95,7 @@ async fn one_call(
             None,
         ),
     };
-    let uri = format!("http://{authority}{target}");
+    let uri = crate::tls::upstream_uri(call.tls, &authority, &host, &target);
     let mut b = Request::builder().method("GET").uri(uri);
     if let Some(h) = b.headers_mut() {
         *h = headers.clone();
@@ -104,7 +104,7 @@ async fn one_call(
         }
     }
     let req = b.body(full_body("")).map_err(|e| e.to_string())?;
-    let client = shared_client(shared, settings.proxy_connect_timeout);
+    let client = shared.client_for(gw, settings);
     let result = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
@@ -132,13 +132,6 @@ async fn one_call(
         );
     }
     result
-}
-
-fn shared_client(
-    shared: &Shared,
-    t: Duration,
-) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body> {
-    shared.client_for(t)
 }
 
 pub async fn run(

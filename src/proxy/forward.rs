@@ -32,11 +32,15 @@ use crate::proxy::vars::RequestVars;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// The pooled upstream client: plain HTTP, or TLS for `https://` URIs.
+pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
 /// What every request handler shares: the current snapshot and the
 /// upstream connection pools.
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
-    clients: std::sync::RwLock<Vec<(Duration, Client<HttpConnector, Body>)>>,
+    /// Keyed by (connect timeout, fingerprint of the upstream TLS trust).
+    clients: std::sync::RwLock<Vec<((Duration, u64), UpstreamClient)>>,
 }
 
 impl Shared {
@@ -47,27 +51,40 @@ impl Shared {
         }
     }
 
-    /// The pooled client for a connect timeout (pools are shared by every
-    /// location with the same timeout, and survive reloads).
-    pub fn client_for(&self, connect_timeout: Duration) -> Client<HttpConnector, Body> {
-        self.client(connect_timeout)
+    /// The pooled client for a location's connect timeout and upstream TLS
+    /// trust (pools are shared by every location with the same pair, and
+    /// survive reloads that leave both unchanged).
+    pub fn client_for(&self, gw: &Gateway, settings: &LocationSettings) -> UpstreamClient {
+        self.client(settings.proxy_connect_timeout, &gw.tls.trust_for(settings))
     }
 
-    fn client(&self, connect_timeout: Duration) -> Client<HttpConnector, Body> {
+    fn client(
+        &self,
+        connect_timeout: Duration,
+        trust: &crate::tls::UpstreamTrust,
+    ) -> UpstreamClient {
+        let key = (connect_timeout, trust.fingerprint);
         if let Ok(list) = self.clients.read()
-            && let Some((_, c)) = list.iter().find(|(d, _)| *d == connect_timeout)
+            && let Some((_, c)) = list.iter().find(|(k, _)| *k == key)
         {
             return c.clone();
         }
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(connect_timeout));
         conn.set_nodelay(true);
+        conn.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*trust.config).clone())
+            .https_or_http()
+            .with_server_name_resolver(|uri: &Uri| crate::tls::server_name_of(uri))
+            .enable_http1()
+            .wrap_connector(conn);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
-            .build(conn);
+            .build(https);
         if let Ok(mut list) = self.clients.write() {
-            list.push((connect_timeout, client.clone()));
+            list.push((key, client.clone()));
         }
         client
     }
@@ -980,7 +997,7 @@ async fn send(
     let headers = &prep.headers;
     let host_override = &prep.host_override;
     let upgrade = &prep.upgrade;
-    let client = shared.client(settings.proxy_connect_timeout);
+    let client = shared.client_for(gw, settings);
     let read_timeout = settings.proxy_read_timeout;
     let next = settings.proxy_next_upstream;
     let can_resend = idempotent(&prep.method) || next.non_idempotent;
@@ -1035,10 +1052,11 @@ async fn send(
         if let Some(pk) = &pick {
             tried.insert(pk.peer());
         }
-        let uri: Uri = match format!("http://{authority}{target}").parse() {
-            Ok(u) => u,
-            Err(_) => return Err(ProxyError::BadRequest),
-        };
+        let uri: Uri =
+            match crate::tls::upstream_uri(p.tls, &authority, &host_header, target).parse() {
+                Ok(u) => u,
+                Err(_) => return Err(ProxyError::BadRequest),
+            };
         let mut builder = Request::builder().method(prep.method.clone()).uri(uri);
         if let Some(h) = builder.headers_mut() {
             *h = headers.clone();
@@ -1127,7 +1145,7 @@ async fn send(
                 }
                 report(Outcome::Failure);
                 let connect = e.is_connect();
-                tracing::warn!(upstream = %authority, error = %e, "upstream request failed");
+                tracing::warn!(upstream = %authority, error = %error_chain(&e), "upstream request failed");
                 last_err = ProxyError::BadGateway;
                 // A connect error means nothing was sent: always safe to retry.
                 if next.error && retry_allowed && (connect || can_resend) {
@@ -1193,6 +1211,19 @@ fn upstream_response(resp: Response<Incoming>, settings: &LocationSettings) -> R
         parts.headers.remove(h.as_str());
     }
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+}
+
+/// An error with its causes (`client error (Connect): invalid peer
+/// certificate: UnknownIssuer`), for the log.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 /// Make `full()` usable by siblings.

@@ -29,6 +29,7 @@ use crate::observe::metrics::{METRICS, ResultLabels};
 use crate::proxy::forward::{ConnInfo, Shared, handle};
 
 pub mod admin;
+pub mod tls;
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,8 @@ pub fn run(path: &Path) -> Result<i32, ServeError> {
 struct ListenerHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The TLS config new connections get (`None`: plain); swapped on reload.
+    tls: tls::ListenerTls,
 }
 
 impl ListenerHandle {
@@ -152,12 +155,14 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     let shutdown_timeout = gw.config.shutdown_timeout;
     let files = gw.config.files.clone();
     let limits = limits_by_addr(&gw.config);
+    let tls_configs = gw.tls.listeners.clone();
     crate::proxy::health::start(&gw);
     let shared = Arc::new(Shared::new(gw));
     let graceful = Arc::new(GracefulShutdown::new());
     let mut listeners: HashMap<SocketAddr, ListenerHandle> = HashMap::new();
     for (addr, lim) in &limits {
-        let h = start_listener(*addr, lim.clone(), shared.clone(), graceful.clone()).await?;
+        let tls = tls_configs.get(addr).cloned();
+        let h = start_listener(*addr, lim.clone(), tls, shared.clone(), graceful.clone()).await?;
         listeners.insert(*addr, h);
     }
     let (outcome_tx, outcome_rx) = watch::channel(ReloadOutcome::Applied { generation: 1 });
@@ -228,8 +233,15 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 let mut started = Vec::new();
                 for (addr, lim) in &want {
                     if !listeners.contains_key(addr) {
-                        match start_listener(*addr, lim.clone(), shared.clone(), graceful.clone())
-                            .await
+                        let tls = new.tls.listeners.get(addr).cloned();
+                        match start_listener(
+                            *addr,
+                            lim.clone(),
+                            tls,
+                            shared.clone(),
+                            graceful.clone(),
+                        )
+                        .await
                         {
                             Ok(h) => {
                                 listeners.insert(*addr, h);
@@ -268,6 +280,11 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     }
                 }
                 crate::proxy::health::start(&new);
+                // Certificates were re-read with the new snapshot; the next
+                // handshake on each listener uses them.
+                for (addr, h) in &listeners {
+                    h.tls.store(new.tls.listeners.get(addr).cloned());
+                }
                 let new_admin = new.config.admin.clone();
                 shared.gateway.store(Arc::new(new));
                 crate::observe::access_log::reopen_all();
@@ -349,13 +366,16 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn start_listener(
     addr: SocketAddr,
     limits: ClientLimits,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
     graceful: Arc<GracefulShutdown>,
 ) -> Result<ListenerHandle, ServeError> {
     let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %local, "listening on {local}");
+    tracing::info!(addr = %local, tls = tls_config.is_some(), "listening on {local}");
     let (stop, mut stopped) = watch::channel(false);
+    let tls = tls::listener_tls(tls_config);
+    let tls_now = tls.clone();
     let permits = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
     let task = tokio::spawn(async move {
         loop {
@@ -380,39 +400,85 @@ async fn start_listener(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let info = ConnInfo {
-                local: stream.local_addr().unwrap_or(local),
-                peer,
-                tls: false,
+            let tls_config = tls_now.load_full();
+            let conn = Conn {
+                shared: shared.clone(),
+                info: ConnInfo {
+                    local: stream.local_addr().unwrap_or(local),
+                    peer,
+                    tls: tls_config.is_some(),
+                },
+                limits: limits.clone(),
+                watcher: graceful.watcher(),
             };
-            let shared = shared.clone();
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(shared, info, req).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .half_close(true)
-                .max_buf_size((limits.max_header_size as usize).max(8192));
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let fut = graceful.watch(conn);
             METRICS.connections_active.inc();
             tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                match tls_config {
+                    None => conn.serve(TokioIo::new(stream), None).await,
+                    // The handshake runs here, in the connection's own task.
+                    Some(cfg) => {
+                        match tls::handshake(stream, cfg, conn.limits.header_timeout).await {
+                            Ok((stream, alpn)) => {
+                                conn.serve(TokioIo::new(stream), Some(alpn)).await
+                            }
+                            Err(e) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                            }
+                        }
+                    }
                 }
                 METRICS.connections_active.dec();
                 drop(permit);
             });
         }
     });
-    Ok(ListenerHandle { stop, task })
+    Ok(ListenerHandle { stop, task, tls })
+}
+
+/// One accepted connection, served over a plain or TLS stream.
+struct Conn {
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    limits: ClientLimits,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Conn {
+    /// Serve HTTP until the connection closes. `alpn` is what TLS
+    /// negotiated; `None` on plain listeners (HTTP/1.1, or h2c with prior
+    /// knowledge).
+    async fn serve<I>(self, io: I, alpn: Option<tls::Alpn>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let Conn {
+            shared,
+            info,
+            limits,
+            watcher,
+        } = self;
+        let svc = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(shared, info, req).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .half_close(true)
+            .max_buf_size((limits.max_header_size as usize).max(8192));
+        builder.http2().timer(TokioTimer::new());
+        let builder = match alpn {
+            Some(tls::Alpn::H2) => builder.http2_only(),
+            Some(tls::Alpn::Http1) => builder.http1_only(),
+            None => builder,
+        };
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Watch the directories of every config file (editors save by rename),
