@@ -89,6 +89,9 @@ pub struct Gateway {
     /// Index = index in `config.rate_limits`; counters outlive a reload
     /// when the block is unchanged (they live in [`RATE_LIMITS`]).
     pub limiters: Vec<Arc<crate::policy::rate_limit::Limiter>>,
+    /// Index = index in `config.caches`; contents outlive a reload when the
+    /// block is unchanged (they live in [`CACHES`]).
+    pub caches: Vec<Arc<crate::policy::cache::Cache>>,
     pub started: Instant,
     /// Listener certificates and upstream trust, read at (re)load.
     pub tls: crate::tls::GatewayTls,
@@ -115,6 +118,10 @@ fn same_jwt(a: &crate::config::model::JwtDef, b: &crate::config::model::JwtDef) 
     };
     strip(a) == strip(b)
 }
+
+/// Response caches of the process, shared by every snapshot.
+pub static CACHES: std::sync::LazyLock<crate::policy::cache::CacheRegistry> =
+    std::sync::LazyLock::new(crate::policy::cache::CacheRegistry::new);
 
 /// Compile a validated config into a snapshot. `previous` lends upstream
 /// health state for unchanged blocks.
@@ -215,9 +222,15 @@ pub fn compile(
                 })?,
         );
     }
+    let caches = config
+        .caches
+        .iter()
+        .map(|d| CACHES.get_or_create(d))
+        .collect();
     Ok(Gateway {
         jwt,
         limiters,
+        caches,
         generation,
         loaded_at: std::time::SystemTime::now(),
         config: Arc::new(config),

@@ -1175,3 +1175,13 @@ async fn read_limited(mut body: Body, limit: u64) -> Option<Bytes> {
     }
     Some(buf.freeze())
 }
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.name())
+            .field("entries", &self.len())
+            .field("weight", &self.weight())
+            .finish()
+    }
+}

@@ -309,6 +309,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         cache: None,
     };
     let resp = serve_request(&shared, &gw, conn, req, &trace, &mut out).await;
+    let resp = resp;
     let record = crate::observe::access_log::Record {
         start,
         time,
@@ -339,7 +340,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
 }
 
 async fn serve_request(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     gw: &Arc<Gateway>,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -629,11 +630,61 @@ async fn serve_request(
                 trace,
                 body_timeout: server.limits.body_timeout,
             };
-            match proxy(shared, &ctx, p, req, &mut out.upstream).await {
-                Ok(r) => r,
-                Err(e) => {
-                    error_response(e.status(), &e.to_string(), &id, &settings.request_id_header)
+            let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
+            let resp = match cache {
+                Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
+                    let key = vars.render(&cache.def().key);
+                    let (parts, _body) = req.into_parts();
+                    let mut prep = prepare(&ctx, p, &parts);
+                    // Validators and ranges are the client's business: the
+                    // cache stores whole responses (as NGINX does).
+                    for h in [
+                        header::IF_NONE_MATCH,
+                        header::IF_MODIFIED_SINCE,
+                        header::IF_RANGE,
+                        header::RANGE,
+                    ] {
+                        prep.headers.remove(h);
+                    }
+                    let fetch = cache_fetch(shared.clone(), gw.clone(), si, li, prep, id.clone());
+                    let resp = cache.serve(key, &parts, fetch).await;
+                    out.cache = resp
+                        .extensions()
+                        .get::<crate::policy::cache::CacheStatus>()
+                        .map(|s| s.as_str());
+                    resp
                 }
+                other => {
+                    let mut resp = match proxy(shared, &ctx, p, req, &mut out.upstream).await {
+                        Ok(r) => r,
+                        Err(e) => error_response(
+                            e.status(),
+                            &e.to_string(),
+                            &id,
+                            &settings.request_id_header,
+                        ),
+                    };
+                    if other.is_some() {
+                        // A cached location, but a method its cache does not store.
+                        resp.headers_mut().insert(
+                            crate::policy::cache::X_CACHE_STATUS,
+                            HeaderValue::from_static("BYPASS"),
+                        );
+                        out.cache = Some("BYPASS");
+                    }
+                    resp
+                }
+            };
+            if settings.wrap_response {
+                crate::policy::wrap::wrap(
+                    resp,
+                    settings.wrap_response_max_size,
+                    &id,
+                    std::time::SystemTime::now(),
+                )
+                .await
+            } else {
+                resp
             }
         }
         Handler::Aggregate(a) => {
@@ -645,6 +696,47 @@ async fn serve_request(
         v.write_headers(resp.headers_mut());
     }
     resp
+}
+
+/// The upstream fetch of a cached location: owns what it needs, so the
+/// cache can call it again (a waiter falling back, a background refresh
+/// after the client was answered).
+fn cache_fetch(
+    shared: Arc<Shared>,
+    gw: Arc<Gateway>,
+    server: usize,
+    location: usize,
+    prep: Prepared,
+    request_id: String,
+) -> crate::policy::cache::Fetch {
+    Arc::new(move || {
+        let (shared, gw, prep, id) = (shared.clone(), gw.clone(), prep.clone(), request_id.clone());
+        Box::pin(async move {
+            let loc = &gw.config.servers[server].locations[location];
+            let Handler::Proxy(p) = &loc.handler else {
+                return Err(crate::policy::cache::FetchError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                ));
+            };
+            let mut ext = http::Extensions::new();
+            let mut info = None;
+            send(
+                &shared,
+                &gw,
+                p,
+                &loc.settings,
+                &prep,
+                None,
+                &mut ext,
+                &mut info,
+            )
+            .await
+            .map_err(|e| {
+                crate::policy::cache::FetchError::new(e.status(), e.to_string()).with_request_id(id)
+            })
+        })
+    })
 }
 
 /// Request framing that cannot be smuggled (RFC 9112 §6): at most one

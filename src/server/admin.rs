@@ -135,14 +135,29 @@ async fn route(ctx: AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::DELETE, p) if p.starts_with("/cache/") => {
             let name = &p["/cache/".len()..];
             let gw = ctx.shared.gateway.load();
-            if gw.config.caches.iter().any(|c| c.name == name) {
-                json(StatusCode::OK, serde_json::json!({"purged": 0}))
-            } else {
-                json(
+            let Some(i) = gw.config.caches.iter().position(|c| c.name == name) else {
+                return json(
                     StatusCode::NOT_FOUND,
                     serde_json::json!({"error": format!("no cache named `{name}`"), "status": 404}),
-                )
-            }
+                );
+            };
+            // `?key=` is the rendered key, URL-encoded (§13.6).
+            let key = req.uri().query().and_then(|q| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    (k == "key").then(|| {
+                        percent_encoding::percent_decode_str(&v.replace('+', " "))
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+                })
+            });
+            let purged = gw
+                .caches
+                .get(i)
+                .map(|c| c.purge(key.as_deref()))
+                .unwrap_or(0);
+            json(StatusCode::OK, serde_json::json!({"purged": purged}))
         }
         _ => json(
             StatusCode::NOT_FOUND,

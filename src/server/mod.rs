@@ -288,6 +288,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 let new_admin = new.config.admin.clone();
                 shared.gateway.store(Arc::new(new));
                 crate::observe::access_log::reopen_all();
+                crate::gateway::CACHES.retain(&shared.gateway.load().config.caches);
                 let admin_changed = admin_task.as_ref().map(|(a, _)| a.listen)
                     != new_admin.as_ref().map(|a| a.listen)
                     || admin_task.as_ref().map(|(a, _)| &a.allow)
