@@ -134,7 +134,7 @@ fn purge_through_the_admin_listener() {
         Some("HIT")
     );
     // The default key is $scheme$host$request_uri.
-    let key = format!("http127.0.0.1/api/products/1");
+    let key = "http127.0.0.1/api/products/1";
     let r = c.request(
         "DELETE",
         &format!("http://127.0.0.1:{admin}/cache/products?key={key}"),
