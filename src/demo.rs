@@ -79,6 +79,25 @@ pub async fn service(kind: &'static str, addr: SocketAddr) -> std::io::Result<()
     Ok(())
 }
 
+/// The secret of `auth_jwt demo_users` in `examples/demo.conf`.
+pub const DEMO_SECRET: &str = "demo-secret-change-me-demo-secret-change-me";
+
+/// An HS256 token for the demo (`sub` = 7, valid for a day).
+pub fn demo_token() -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 86_400;
+    let head = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let body = b64(format!(r#"{{"sub":"7","name":"Demo User","exp":{exp}}}"#).as_bytes());
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, DEMO_SECRET.as_bytes());
+    let sig = aws_lc_rs::hmac::sign(&key, format!("{head}.{body}").as_bytes());
+    format!("{head}.{body}.{}", b64(sig.as_ref()))
+}
+
 /// Start the services and the gateway. Returns the exit code.
 pub fn run() -> Result<i32, crate::server::ServeError> {
     let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
@@ -96,18 +115,20 @@ pub fn run() -> Result<i32, crate::server::ServeError> {
         rt.block_on(service(kind, addr))
             .map_err(|source| crate::server::ServeError::Bind { addr, source })?;
     }
+    let token = demo_token();
     eprintln!(
         "tollgate demo: users, orders and products services on 127.0.0.1:3001-3003\n\
-         gateway on http://127.0.0.1:8000 (config: {})\n\n\
+         gateway on http://127.0.0.1:8000 (config: {conf}), admin on http://127.0.0.1:9901\n\n\
          try:\n  \
-           curl -i http://127.0.0.1:8000/api/users/7\n  \
-           curl -i http://127.0.0.1:8000/api/orders/42\n  \
-           curl -i http://127.0.0.1:8000/api/products/3\n  \
-           curl -i http://127.0.0.1:8000/api/order-details/42\n  \
-           curl -i http://127.0.0.1:8000/health\n  \
-           curl -i http://127.0.0.1:8000/nope\n\n\
+           curl -i http://127.0.0.1:8000/api/users/7                 # routed, path rewritten, wrapped\n  \
+           curl -i http://127.0.0.1:8000/api/orders/42               # 401: no token\n  \
+           curl -i -H 'Authorization: Bearer {token}' http://127.0.0.1:8000/api/orders/42\n  \
+           for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' http://127.0.0.1:8000/api/products/3; done; echo   # cached, then 429\n  \
+           curl -i http://127.0.0.1:8000/api/order-details/42        # three services, one JSON\n  \
+           curl -s http://127.0.0.1:9901/metrics | grep gateway_requests\n  \
+           tollgate routes -c {conf}\n\n\
          Ctrl-C stops it.\n",
-        conf.display()
+        conf = conf.display()
     );
     let code = crate::server::run(&conf);
     drop(rt);

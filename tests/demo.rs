@@ -12,8 +12,32 @@ fn demo_serves_users_and_order_details() {
 
     let r = c.get("http://127.0.0.1:8000/api/users/7");
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["id"], 7);
+    assert_eq!(r.json()["data"]["id"], 7, "users are wrapped");
+    assert_eq!(
+        r.json()["correlationId"].as_str(),
+        r.header("x-correlation-id").as_deref()
+    );
     assert_eq!(r.header("x-gateway").as_deref(), Some("tollgate"));
+
+    // Orders need the token the demo prints.
+    assert_eq!(c.get("http://127.0.0.1:8000/api/orders/42").status, 401);
+    let token = tollgate::demo::demo_token();
+    let r = c.request(
+        "GET",
+        "http://127.0.0.1:8000/api/orders/42",
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], 42);
+
+    // Products are cached and limited: the sixth request is a 429.
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| c.get("http://127.0.0.1:8000/api/products/3").status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let r = c.get("http://127.0.0.1:8000/api/products/3");
+    assert!(r.header("retry-after").is_some());
 
     let r = c.get("http://127.0.0.1:8000/api/order-details/42");
     assert_eq!(r.status, 200, "{}", r.text());
