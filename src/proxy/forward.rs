@@ -39,15 +39,21 @@ pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Bo
 /// upstream connection pools.
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
-    /// Keyed by (connect timeout, fingerprint of the upstream TLS trust).
-    clients: std::sync::RwLock<Vec<((Duration, u64), UpstreamClient)>>,
+}
+
+thread_local! {
+    /// Upstream pools of this worker thread, keyed by (connect timeout,
+    /// fingerprint of the upstream TLS trust). Per thread, so that a pooled
+    /// connection is always driven by the runtime that uses it: no
+    /// cross-thread wake-ups on the hot path.
+    static CLIENTS: std::cell::RefCell<Vec<((Duration, u64), UpstreamClient)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Shared {
     pub fn new(gateway: Gateway) -> Shared {
         Shared {
             gateway: ArcSwap::from_pointee(gateway),
-            clients: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -64,10 +70,13 @@ impl Shared {
         trust: &crate::tls::UpstreamTrust,
     ) -> UpstreamClient {
         let key = (connect_timeout, trust.fingerprint);
-        if let Ok(list) = self.clients.read()
-            && let Some((_, c)) = list.iter().find(|(k, _)| *k == key)
-        {
-            return c.clone();
+        if let Some(c) = CLIENTS.with(|l| {
+            l.borrow()
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, c)| c.clone())
+        }) {
+            return c;
         }
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(connect_timeout));
@@ -83,9 +92,7 @@ impl Shared {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(https);
-        if let Ok(mut list) = self.clients.write() {
-            list.push((key, client.clone()));
-        }
+        CLIENTS.with(|l| l.borrow_mut().push((key, client.clone())));
         client
     }
 }
