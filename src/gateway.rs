@@ -75,6 +75,13 @@ impl Drop for UpstreamPool {
     }
 }
 
+/// Precomputed labels of one server (for logs and metrics).
+#[derive(Debug)]
+pub struct ServerLabels {
+    pub server: Arc<str>,
+    pub routes: Vec<Arc<str>>,
+}
+
 /// The running config.
 #[derive(Debug)]
 pub struct Gateway {
@@ -93,6 +100,9 @@ pub struct Gateway {
     /// block is unchanged (they live in [`CACHES`]).
     pub caches: Vec<Arc<crate::policy::cache::Cache>>,
     pub started: Instant,
+    /// Per server: its label and its locations' `route` labels, built once
+    /// so that logging and metrics format nothing per request.
+    pub labels: Vec<ServerLabels>,
     /// Listener certificates and upstream trust, read at (re)load.
     pub tls: crate::tls::GatewayTls,
 }
@@ -227,7 +237,18 @@ pub fn compile(
         .iter()
         .map(|d| CACHES.get_or_create(d))
         .collect();
+    let labels = (0..config.servers.len())
+        .map(|i| ServerLabels {
+            server: Arc::from(crate::routes::server_label(&config, i)),
+            routes: config.servers[i]
+                .locations
+                .iter()
+                .map(|l| Arc::from(l.route.as_str()))
+                .collect(),
+        })
+        .collect();
     Ok(Gateway {
+        labels,
         jwt,
         limiters,
         caches,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::pin::Pin;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -125,19 +125,20 @@ fn emit(target: &LogTarget, line: String) {
 }
 
 /// What is known about a request when its response starts; finished (and
-/// written) when the body ends.
+/// written) when the body ends. Only cheap clones are taken on the request
+/// path; text is formatted when (and only if) a line is written.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub start: Instant,
     pub time: SystemTime,
     pub request_id: String,
-    pub remote_addr: String,
-    pub method: String,
-    pub path: String,
-    pub query: String,
+    pub remote_addr: std::net::IpAddr,
+    pub method: http::Method,
+    /// The request target as received (path and query).
+    pub uri: http::Uri,
     pub status: u16,
-    pub route: String,
-    pub server: String,
+    pub route: Arc<str>,
+    pub server: Option<Arc<str>>,
     pub trace_id: String,
     pub upstream_addr: Option<String>,
     pub upstream_status: Option<u16>,
@@ -145,28 +146,56 @@ pub struct Record {
     pub auth: Option<&'static str>,
     pub rate_limit: Option<&'static str>,
     pub cache: Option<&'static str>,
-    pub user_agent: String,
-    pub referer: String,
+    pub user_agent: Option<http::HeaderValue>,
+    pub referer: Option<http::HeaderValue>,
     pub log: AccessLog,
+}
+
+type CounterKey = (Arc<str>, http::Method, u16);
+
+thread_local! {
+    /// Metric handles of this thread, so that counting a request takes no
+    /// lock and allocates nothing once a (route, method, status) was seen.
+    static COUNTERS: std::cell::RefCell<HashMap<CounterKey, prometheus_client::metrics::counter::Counter>> =
+        std::cell::RefCell::new(HashMap::new());
+    static HISTOGRAMS: std::cell::RefCell<HashMap<Arc<str>, prometheus_client::metrics::histogram::Histogram>> =
+        std::cell::RefCell::new(HashMap::new());
 }
 
 impl Record {
     fn finish(&self, bytes: u64) {
         let elapsed = self.start.elapsed();
-        METRICS
-            .requests
-            .get_or_create(&RequestLabels {
-                route: self.route.clone(),
-                method: self.method.clone(),
-                status: self.status,
-            })
-            .inc();
-        METRICS
-            .duration
-            .get_or_create(&RouteLabels {
-                route: self.route.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
+        COUNTERS.with(|c| {
+            let mut c = c.borrow_mut();
+            let key = (self.route.clone(), self.method.clone(), self.status);
+            c.entry(key)
+                .or_insert_with(|| {
+                    METRICS
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            route: self.route.to_string(),
+                            method: self.method.to_string(),
+                            status: self.status,
+                        })
+                        .clone()
+                })
+                .inc();
+        });
+        HISTOGRAMS.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(x) = h.get(&self.route) {
+                x.observe(elapsed.as_secs_f64());
+            } else {
+                let x = METRICS
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        route: self.route.to_string(),
+                    })
+                    .clone();
+                x.observe(elapsed.as_secs_f64());
+                h.insert(self.route.clone(), x);
+            }
+        });
         let AccessLog::On { target, format } = &self.log else {
             return;
         };
@@ -182,18 +211,18 @@ impl Record {
         serde_json::json!({
             "time": httpdate_rfc3339(self.time),
             "request_id": self.request_id,
-            "remote_addr": self.remote_addr,
-            "method": self.method,
-            "path": self.path,
-            "query": self.query,
+            "remote_addr": self.remote_addr.to_string(),
+            "method": self.method.as_str(),
+            "path": self.uri.path(),
+            "query": self.uri.query().unwrap_or(""),
             "status": self.status,
             "bytes_sent": bytes,
             "duration_ms": ms(elapsed),
             "upstream_addr": self.upstream_addr,
             "upstream_status": self.upstream_status,
             "upstream_duration_ms": self.upstream_duration.map(ms),
-            "route": self.route,
-            "server": self.server,
+            "route": &*self.route,
+            "server": self.server.as_deref().unwrap_or(""),
             "trace_id": self.trace_id,
             "policies": {"auth": self.auth, "rate_limit": self.rate_limit, "cache": self.cache},
         })
@@ -201,30 +230,23 @@ impl Record {
     }
 
     fn combined(&self, bytes: u64) -> String {
-        let q = if self.query.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", self.query)
+        let text = |v: &Option<http::HeaderValue>| {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| !s.is_empty())
+                .unwrap_or("-")
+                .to_string()
         };
         format!(
-            "{} - - [{}] \"{} {}{} HTTP/1.1\" {} {} \"{}\" \"{}\"",
+            "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\"",
             self.remote_addr,
             httpdate::fmt_http_date(self.time),
             self.method,
-            self.path,
-            q,
+            self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             self.status,
             bytes,
-            if self.referer.is_empty() {
-                "-"
-            } else {
-                &self.referer
-            },
-            if self.user_agent.is_empty() {
-                "-"
-            } else {
-                &self.user_agent
-            },
+            text(&self.referer),
+            text(&self.user_agent),
         )
     }
 }

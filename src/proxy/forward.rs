@@ -261,10 +261,10 @@ fn remote_addr(server: &Server, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 
 /// What the access log and metrics learn while a request is served.
 struct Outcome_ {
-    route: String,
-    server: String,
+    route: Option<Arc<str>>,
+    server: Option<Arc<str>>,
     request_id: String,
-    remote_addr: String,
+    remote_addr: IpAddr,
     log: crate::config::model::AccessLog,
     upstream: Option<UpstreamInfo>,
     auth: Option<&'static str>,
@@ -280,35 +280,32 @@ pub struct UpstreamInfo {
     pub duration: Duration,
 }
 
+thread_local! {
+    /// The `route` label of requests no location matched.
+    static NONE_ROUTE: Arc<str> = Arc::from("none");
+}
+
 /// Serve one request: route it, run its location, and log it when the
 /// response body ends.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let time = std::time::SystemTime::now();
     let gw = shared.gateway.load_full();
-    let method = req.method().to_string();
-    let (path, query) = match req.uri().path_and_query() {
-        Some(pq) => (pq.path().to_string(), pq.query().unwrap_or("").to_string()),
-        None => (req.uri().to_string(), String::new()),
-    };
-    let header = |n: header::HeaderName| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
-    let (user_agent, referer) = (header(header::USER_AGENT), header(header::REFERER));
+    // Cheap clones (reference counts), formatted only if a line is written.
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let user_agent = req.headers().get(header::USER_AGENT).cloned();
+    let referer = req.headers().get(header::REFERER).cloned();
     let trace = crate::observe::trace::TraceContext::from_header(
         req.headers()
             .get("traceparent")
             .and_then(|v| v.to_str().ok()),
     );
     let mut out = Outcome_ {
-        route: "none".into(),
-        server: String::new(),
+        route: None,
+        server: None,
         request_id: String::new(),
-        remote_addr: conn.peer.ip().to_string(),
+        remote_addr: conn.peer.ip(),
         log: gw.config.defaults.access_log.clone(),
         upstream: None,
         auth: None,
@@ -316,19 +313,17 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         cache: None,
     };
     let resp = serve_request(&shared, &gw, conn, req, &trace, &mut out).await;
-    let resp = resp;
     let record = crate::observe::access_log::Record {
         start,
         time,
         request_id: out.request_id,
         remote_addr: out.remote_addr,
         method,
-        path,
-        query,
+        uri,
         status: resp.status().as_u16(),
-        route: out.route,
+        route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
         server: out.server,
-        trace_id: trace.trace_id.clone(),
+        trace_id: trace.trace_id,
         upstream_addr: out.upstream.as_ref().map(|u| u.addr.clone()),
         upstream_status: out.upstream.as_ref().and_then(|u| u.status),
         upstream_duration: out.upstream.as_ref().map(|u| u.duration),
@@ -411,7 +406,7 @@ async fn serve_request(
         );
     };
     let server = &gw.config.servers[si];
-    out.server = crate::routes::server_label(&gw.config, si);
+    out.server = gw.labels.get(si).map(|l| l.server.clone());
     out.log = server.settings.access_log.clone();
     // A server-level `return` answers before any location is matched
     // (NGINX's server rewrite phase).
@@ -460,7 +455,11 @@ async fn serve_request(
         }
         Lookup::RedirectSlash { location } => {
             let loc = &server.locations[location];
-            out.route = loc.route.clone();
+            out.route = gw
+                .labels
+                .get(si)
+                .and_then(|l| l.routes.get(location))
+                .cloned();
             out.log = loc.settings.access_log.clone();
             let settings = &loc.settings;
             let id = request_id(&req, settings);
@@ -491,13 +490,13 @@ async fn serve_request(
         }
     };
     let loc = &server.locations[li];
-    out.route = loc.route.clone();
+    out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
     out.log = loc.settings.access_log.clone();
     let settings = &loc.settings;
     let id = request_id(&req, settings);
     out.request_id = id.clone();
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
-    out.remote_addr = remote.to_string();
+    out.remote_addr = remote;
     let server_name = server
         .names
         .iter()
