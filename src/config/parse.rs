@@ -363,7 +363,10 @@ impl Walker<'_> {
     }
 
     fn split_point(&self, d: &Directive) -> Option<usize> {
-        let name_col = self.column(d.name_span.start);
+        // Computed only for a candidate: `column` scans back to the start of
+        // the line, and doing that for every directive of a long line (a
+        // minified file) is quadratic.
+        let mut name_col = None;
         for i in 0..d.args.len() {
             let a = &d.args[i];
             if a.quote.is_some() || !crate::config::schema::is_known_directive(&a.value) {
@@ -375,7 +378,10 @@ impl Walker<'_> {
                 d.args[i - 1].span.end
             };
             let between = self.text.get(prev_end as usize..a.span.start as usize).unwrap_or("");
-            if between.contains('\n') && self.column(a.span.start) == name_col {
+            if between.contains('\n')
+                && self.column(a.span.start)
+                    == *name_col.get_or_insert_with(|| self.column(d.name_span.start))
+            {
                 return Some(i);
             }
         }
