@@ -19,12 +19,18 @@ fn config(n: usize) -> String {
     s.push_str("server {\n    listen 8080;\n    server_name api.example;\n\n");
     for i in 0..n {
         let _ = match i % 10 {
-            8 => writeln!(s, "    location = /exact/{i} {{\n        return 200 \"ok\";\n    }}"),
+            8 => writeln!(
+                s,
+                "    location = /exact/{i} {{\n        return 200 \"ok\";\n    }}"
+            ),
             9 => writeln!(
                 s,
                 "    location ~ ^/r/{i}/(\\d+)$ {{\n        proxy_pass http://backend/items/$1;\n    }}"
             ),
-            _ => writeln!(s, "    location /svc/{i}/ {{\n        proxy_pass http://backend;\n    }}"),
+            _ => writeln!(
+                s,
+                "    location /svc/{i}/ {{\n        proxy_pass http://backend;\n    }}"
+            ),
         };
     }
     s.push_str("}\n");

@@ -73,7 +73,10 @@ fn nesting_through_includes_is_bounded() {
         std::fs::write(dir.path().join(format!("f{i}.conf")), text).expect("write");
     }
     std::fs::write(dir.path().join("f200.conf"), "return 200;\n").expect("write");
-    let codes = check_at(&dir.path().join("top.conf"), b"server { include f0.conf; }\n");
+    let codes = check_at(
+        &dir.path().join("top.conf"),
+        b"server { include f0.conf; }\n",
+    );
     assert!(codes.contains(&"nesting_too_deep"), "{codes:?}");
     assert!(MAX_DEPTH < 2 * levels);
 }

@@ -11,12 +11,19 @@ use tollgate::config::parse::parse_text;
 use tollgate::config::source::FileId;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(once) = format_source(text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(once) = format_source(text) else {
+        return;
+    };
 
     let mut diags = Diagnostics::new();
     let reparsed = parse_text(FileId(0), &once, &mut diags);
-    assert!(diags.is_empty(), "formatted output has diagnostics:\n{once}\n{diags:?}");
+    assert!(
+        diags.is_empty(),
+        "formatted output has diagnostics:\n{once}\n{diags:?}"
+    );
 
     let twice = match format_source(&once) {
         Ok(t) => t,
@@ -26,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
 
     let mut diags = Diagnostics::new();
     let original = parse_text(FileId(0), text, &mut diags);
-    assert_eq!(shape(&original), shape(&reparsed), "meaning changed for {text:?}");
+    assert_eq!(
+        shape(&original),
+        shape(&reparsed),
+        "meaning changed for {text:?}"
+    );
 });
 
 /// What formatting must keep: the tree of (name, argument values) and the

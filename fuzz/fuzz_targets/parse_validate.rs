@@ -24,9 +24,15 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(dir) = tempfile::tempdir() else { return };
     let path = dir.path().join("gateway.conf");
-    let _ = std::fs::write(dir.path().join("a.conf"), "upstream a { server 127.0.0.1:1; }\n");
+    let _ = std::fs::write(
+        dir.path().join("a.conf"),
+        "upstream a { server 127.0.0.1:1; }\n",
+    );
     let _ = std::fs::create_dir(dir.path().join("sub"));
-    let _ = std::fs::write(dir.path().join("sub/b.conf"), "location /b/ { proxy_pass http://a; }\n");
+    let _ = std::fs::write(
+        dir.path().join("sub/b.conf"),
+        "location /b/ { proxy_pass http://a; }\n",
+    );
     // The loader reads only the included files from disk: the top file is
     // `data` itself, so this copy is only there for `include gateway.conf`.
     let _ = std::fs::write(&path, data);
