@@ -11,6 +11,7 @@
 //! only, and `check --format json` promises lines and columns).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -237,7 +238,7 @@ pub struct Report {
     severity: Severity,
     message: String,
     help: Option<String>,
-    source: miette::NamedSource<String>,
+    source: miette::NamedSource<Lines>,
     labels: Vec<miette::LabeledSpan>,
 }
 
@@ -281,7 +282,14 @@ impl miette::Diagnostic for Report {
 /// appended to the help as `file:line:col`.
 pub fn to_report(d: &Diagnostic, sources: &SourceMap) -> Report {
     let file = sources.get(d.span.file);
-    let text = file.map(|f| f.text.to_string()).unwrap_or_default();
+    let text = file.map(|f| Lines {
+        text: f.text.clone(),
+        starts: f.render_line_starts().clone(),
+    });
+    let text = text.unwrap_or_else(|| Lines {
+        text: Arc::from(""),
+        starts: Arc::from([0u32].as_slice()),
+    });
     let name = sources.path(d.span.file).display().to_string();
     let mut labels = vec![miette::LabeledSpan::new_primary_with_span(
         (!d.label.is_empty()).then(|| d.label.clone()),
@@ -316,6 +324,48 @@ pub fn to_report(d: &Diagnostic, sources: &SourceMap) -> Report {
         help,
         source: miette::NamedSource::new(name, text),
         labels,
+    }
+}
+
+/// A file's text as miette reads it. miette finds a span's line by scanning
+/// the text from its start, which made rendering N diagnostics of one file
+/// quadratic (and each report used to copy the whole text): this finds the
+/// line by binary search and lets miette scan only from a line or so above
+/// the lines it shows. The output is the same as with the whole text.
+#[derive(Debug, Clone)]
+struct Lines {
+    text: Arc<str>,
+    /// [`crate::config::source::SourceFile::render_line_starts`]: `starts[0]`
+    /// is 0.
+    starts: Arc<[u32]>,
+}
+
+impl miette::SourceCode for Lines {
+    fn read_span<'a>(
+        &'a self,
+        span: &miette::SourceSpan,
+        before: usize,
+        after: usize,
+    ) -> Result<Box<dyn miette::SpanContents<'a> + 'a>, miette::MietteError> {
+        let line = self
+            .starts
+            .partition_point(|&s| s as usize <= span.offset())
+            .saturating_sub(1);
+        // One line more than miette keeps, so that the span never starts at
+        // the window's first byte: miette treats an empty span at offset 0
+        // differently from one at a later line start.
+        let first = line.saturating_sub(before + 1);
+        let base = self.starts.get(first).map_or(0, |&s| s as usize);
+        let window = self.text.as_bytes().get(base..).unwrap_or_default();
+        let shifted = miette::SourceSpan::new((span.offset() - base).into(), span.len());
+        let c = miette::SourceCode::read_span(window, &shifted, before, after)?;
+        Ok(Box::new(miette::MietteSpanContents::new(
+            c.data(),
+            miette::SourceSpan::new((c.span().offset() + base).into(), c.span().len()),
+            c.line() + first,
+            c.column(),
+            c.line_count() + first,
+        )))
     }
 }
 

@@ -374,7 +374,10 @@ impl Walker<'_> {
     }
 
     fn split_point(&self, d: &Directive) -> Option<usize> {
-        let name_col = self.column(d.name_span.start);
+        // Computed only for a candidate: `column` scans back to the start of
+        // the line, and doing that for every directive of a long line (a
+        // minified file) is quadratic.
+        let mut name_col = None;
         for i in 0..d.args.len() {
             let a = &d.args[i];
             if a.quote.is_some() || !crate::config::schema::is_known_directive(&a.value) {
@@ -389,7 +392,10 @@ impl Walker<'_> {
                 .text
                 .get(prev_end as usize..a.span.start as usize)
                 .unwrap_or("");
-            if between.contains('\n') && self.column(a.span.start) == name_col {
+            if between.contains('\n')
+                && self.column(a.span.start)
+                    == *name_col.get_or_insert_with(|| self.column(d.name_span.start))
+            {
                 return Some(i);
             }
         }
@@ -452,8 +458,24 @@ pub struct Loaded {
 /// Read `path` and everything it includes. I/O problems with the top file
 /// are returned as `Err`; everything else becomes a diagnostic.
 pub fn load(path: &Path, diags: &mut Diagnostics) -> Result<Loaded, std::io::Error> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_bounded(path)?;
     Ok(load_bytes(path, &bytes, diags))
+}
+
+/// Read a config file, refusing what is not a regular file and reading at
+/// most one byte more than [`MAX_FILE_SIZE`], so that `include /dev/zero;`
+/// or a FIFO neither exhausts memory nor blocks (the size check in
+/// [`Loader::file`] then reports the file as too large).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, std::io::Error> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Parse `bytes` as the config file `path` (includes are read from disk).
@@ -463,7 +485,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], diags: &mut Diagnostics) -> Loaded 
         files: Vec::new(),
         stack: Vec::new(),
     };
-    let directives = l.file(path.to_path_buf(), bytes, None, diags);
+    let directives = l.file(path.to_path_buf(), bytes, None, 0, diags);
     Loaded {
         sources: l.sources,
         directives,
@@ -484,8 +506,23 @@ impl Loader {
         path: PathBuf,
         bytes: &[u8],
         from: Option<Span>,
+        depth: usize,
         diags: &mut Diagnostics,
     ) -> Vec<Directive> {
+        if bytes.len() > MAX_FILE_SIZE {
+            let id = self.sources.add(path.clone(), Arc::from(""));
+            self.files.push(path);
+            diags.push(
+                Diagnostic::error(
+                    "file_too_large",
+                    Span::new(id, 0, 0),
+                    "config file is too large",
+                )
+                .label(format!("over {} MiB", MAX_FILE_SIZE / (1024 * 1024)))
+                .help("split the config with `include`"),
+            );
+            return Vec::new();
+        }
         let (text, bad_utf8) = match std::str::from_utf8(bytes) {
             Ok(t) => (t.to_string(), None),
             Err(e) => (
@@ -508,23 +545,11 @@ impl Loader {
             );
             return Vec::new();
         }
-        if bytes.len() > MAX_FILE_SIZE {
-            diags.push(
-                Diagnostic::error(
-                    "file_too_large",
-                    Span::new(id, 0, 0),
-                    "config file is too large",
-                )
-                .label(format!("over {} MiB", MAX_FILE_SIZE / (1024 * 1024)))
-                .help("split the config with `include`"),
-            );
-            return Vec::new();
-        }
         let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         self.stack.push((canonical, path.clone()));
         let parsed = parse_text(id, &text, diags);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let out = self.expand(parsed.directives, &dir, from, diags);
+        let out = self.expand(parsed.directives, &dir, from, depth, diags);
         self.stack.pop();
         out
     }
@@ -534,6 +559,7 @@ impl Loader {
         directives: Vec<Directive>,
         dir: &Path,
         from: Option<Span>,
+        depth: usize,
         diags: &mut Diagnostics,
     ) -> Vec<Directive> {
         let mut out = Vec::with_capacity(directives.len());
@@ -542,11 +568,27 @@ impl Loader {
                 d.included_from = from;
             }
             if d.name == "include" && d.block.is_none() {
-                self.include(&d, dir, &mut out, diags);
+                self.include(&d, dir, depth, &mut out, diags);
                 continue;
             }
             if let Some(block) = d.block.take() {
-                let children = self.expand(block.directives, dir, from, diags);
+                // `parse_text` bounds the nesting of one file; a file
+                // included inside blocks adds its own, so the whole tree is
+                // bounded here, before anything walks it recursively.
+                let children = if depth >= MAX_DEPTH {
+                    diags.push(
+                        Diagnostic::error(
+                            "nesting_too_deep",
+                            block.open,
+                            format!("blocks are nested more than {MAX_DEPTH} deep"),
+                        )
+                        .label("this block is too deep, counting the blocks around the `include` that brought it in")
+                        .help("gateway.conf needs at most `http { server { location { } } }`; include this file at a shallower level"),
+                    );
+                    Vec::new()
+                } else {
+                    self.expand(block.directives, dir, from, depth + 1, diags)
+                };
                 d.block = Some(Block {
                     directives: children,
                     ..block
@@ -561,6 +603,7 @@ impl Loader {
         &mut self,
         d: &Directive,
         dir: &Path,
+        depth: usize,
         out: &mut Vec<Directive>,
         diags: &mut Diagnostics,
     ) {
@@ -634,9 +677,9 @@ impl Loader {
                 );
                 continue;
             }
-            match std::fs::read(&p) {
+            match read_bounded(&p) {
                 Ok(bytes) => {
-                    let children = self.file(p, &bytes, Some(d.span), diags);
+                    let children = self.file(p, &bytes, Some(d.span), depth, diags);
                     out.extend(children);
                 }
                 Err(e) => {

@@ -65,6 +65,9 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub text: Arc<str>,
     line_starts: Vec<u32>,
+    /// Line starts as miette counts lines (`\n`, `\r\n` and a lone `\r` each
+    /// end one), so that a report can be given only the lines it shows.
+    render_line_starts: Arc<[u32]>,
 }
 
 /// A 1-based line and column; columns count characters, not bytes.
@@ -77,15 +80,21 @@ pub struct LineCol {
 impl SourceFile {
     pub fn new(path: PathBuf, text: Arc<str>) -> SourceFile {
         let mut line_starts = vec![0u32];
-        for (i, b) in text.bytes().enumerate() {
+        let mut render_line_starts = vec![0u32];
+        let bytes = text.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
             if b == b'\n' {
                 line_starts.push(i as u32 + 1);
+            }
+            if b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')) {
+                render_line_starts.push(i as u32 + 1);
             }
         }
         SourceFile {
             path,
             text,
             line_starts,
+            render_line_starts: render_line_starts.into(),
         }
     }
 
@@ -106,6 +115,12 @@ impl SourceFile {
             line: line + 1,
             column,
         }
+    }
+
+    /// Where each line starts, counted as miette counts them (see
+    /// [`crate::config::diagnostics`]).
+    pub fn render_line_starts(&self) -> &Arc<[u32]> {
+        &self.render_line_starts
     }
 
     /// The text of a span (empty when out of range).
