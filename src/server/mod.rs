@@ -26,9 +26,10 @@ use crate::config::model::{ClientLimits, Config};
 use crate::config::validate::load_config;
 use crate::gateway::{Gateway, compile};
 use crate::observe::metrics::{METRICS, ResultLabels};
-use crate::proxy::forward::{ConnInfo, Shared, handle};
+use crate::proxy::forward::{ConnInfo, Shared};
 
 pub mod admin;
+pub mod guard;
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -360,15 +361,16 @@ async fn start_listener(
                 tls: false,
             };
             let shared = shared.clone();
+            let (stream, gh) = guard::Guard::new(stream, &limits);
             let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(shared, info, req).await) }
+                let (shared, gh) = (shared.clone(), gh.clone());
+                async move { Ok::<_, std::convert::Infallible>(guard::serve(gh, shared, info, req).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(guard::hyper_header_timeout(&limits))
                 .half_close(true)
                 .max_buf_size((limits.max_header_size as usize).max(8192));
             builder.http2().timer(TokioTimer::new());
