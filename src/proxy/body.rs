@@ -117,10 +117,12 @@ impl HttpBody for ClientBody {
         let mut h = self.rest.size_hint();
         if let Some(f) = &self.first {
             let n = f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
-            h.set_lower(h.lower() + n);
+            // Upper first: `set_lower` asserts lower <= upper.
+            let lower = h.lower().saturating_add(n);
             if let Some(u) = h.upper() {
-                h.set_upper(u + n);
+                h.set_upper(u.saturating_add(n));
             }
+            h.set_lower(lower);
         }
         h
     }
