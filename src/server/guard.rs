@@ -386,7 +386,12 @@ impl Scanner {
             if self.head.len > self.limits.head {
                 let in_line = matches!(
                     self.st,
-                    St::Idle | St::IdleLf | St::Method | St::Target | St::Version(_) | St::VersionCr
+                    St::Idle
+                        | St::IdleLf
+                        | St::Method
+                        | St::Target
+                        | St::Version(_)
+                        | St::VersionCr
                 );
                 return Err(Stop::Reject(if in_line { 414 } else { 431 }));
             }
@@ -979,7 +984,11 @@ impl<S> Guard<S> {
 impl<S: AsyncRead + Unpin> Guard<S> {
     /// Read into hyper's buffer (after a small partial head put back there)
     /// and scan in place. `Ready(true)` when bytes were handed to hyper.
-    fn read_direct(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<bool>> {
+    fn read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
         let before = buf.filled().len();
         let partial = self.stash.len() - self.start;
         buf.put_slice(&self.stash[self.start..]);
@@ -1284,7 +1293,12 @@ mod tests {
     fn all_steps(input: &[u8]) -> (u64, Option<Stop>) {
         let whole = run(input, input.len().max(1));
         for step in [1, 2, 3, 7, 64] {
-            assert_eq!(run(input, step), whole, "step {step}: {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                run(input, step),
+                whole,
+                "step {step}: {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         whole
     }
@@ -1300,7 +1314,12 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
         ];
         for r in reqs {
-            assert_eq!(all_steps(r), (r.len() as u64, None), "{:?}", String::from_utf8_lossy(r));
+            assert_eq!(
+                all_steps(r),
+                (r.len() as u64, None),
+                "{:?}",
+                String::from_utf8_lossy(r)
+            );
         }
     }
 
@@ -1353,7 +1372,10 @@ mod tests {
     #[test]
     fn limits_give_414_and_431() {
         let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
-        assert_eq!(all_steps(long_line.as_bytes()), (0, Some(Stop::Reject(414))));
+        assert_eq!(
+            all_steps(long_line.as_bytes()),
+            (0, Some(Stop::Reject(414)))
+        );
         let big_head = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(40_000));
         assert_eq!(all_steps(big_head.as_bytes()), (0, Some(Stop::Reject(431))));
         let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
@@ -1386,9 +1408,15 @@ mod tests {
 
     #[test]
     fn preface_and_upgrade() {
-        assert_eq!(run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12", 3).1, Some(Stop::Pass));
+        assert_eq!(
+            run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12", 3).1,
+            Some(Stop::Pass)
+        );
         // "PRI * HTTP/1.1" starts like the preface but is HTTP/1 (and bad).
-        assert_eq!(all_steps(b"PRI * HTTP/1.1\r\n\r\n"), (0, Some(Stop::Reject(400))));
+        assert_eq!(
+            all_steps(b"PRI * HTTP/1.1\r\n\r\n"),
+            (0, Some(Stop::Reject(400)))
+        );
         assert_eq!(all_steps(b"PUT / HTTP/1.1\r\n\r\n"), (18, None));
         let up = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
         let mut s = Scanner::new(limits());

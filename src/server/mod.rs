@@ -364,7 +364,9 @@ async fn start_listener(
             let (stream, gh) = guard::Guard::new(stream, &limits);
             let svc = service_fn(move |req| {
                 let (shared, gh) = (shared.clone(), gh.clone());
-                async move { Ok::<_, std::convert::Infallible>(guard::serve(gh, shared, info, req).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(guard::serve(gh, shared, info, req).await)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
