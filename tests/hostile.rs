@@ -524,6 +524,33 @@ fn smuggling_framing_is_refused_before_the_upstream() {
 }
 
 #[test]
+fn a_refused_upgrade_does_not_switch_the_checks_off() {
+    let up = Upstream::start();
+    let gw = Gw::start(CONF, up.addr);
+    // `Upgrade` makes the guard wait for the response; a non-101 answer
+    // puts it back to checking, so what follows is still refused.
+    let upgrade =
+        "GET /echo/u HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+    let bad = "POST /public/x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let r = gw.exchange(format!("{upgrade}{bad}{SMUGGLED}").as_bytes());
+    assert_eq!(statuses(&r.bytes), vec![200, 400], "{}", r.text());
+    assert!(r.closed);
+    assert_upstream_saw_only_sentinel(&gw, &up, "refused upgrade then CL+TE");
+}
+
+#[test]
+fn h2c_with_prior_knowledge_passes_the_guard() {
+    let up = Upstream::start();
+    let gw = Gw::start(CONF, up.addr);
+    let mut s = gw.connect();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .expect("write");
+    let mut frame = [0u8; 9];
+    s.read_exact(&mut frame).expect("a frame back");
+    assert_eq!(frame[3], 4, "the server's SETTINGS frame: {frame:?}");
+}
+
+#[test]
 fn bad_chunked_bodies_are_400_before_the_upstream() {
     let up = Upstream::start();
     let gw = Gw::start(CONF, up.addr);
