@@ -968,7 +968,7 @@ impl<S> Guard<S> {
 
     /// Copy the stash's deliverable bytes into hyper's buffer.
     fn deliver(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = (self.ready - self.start).min(buf.remaining());
+        let n = self.ready.saturating_sub(self.start).min(buf.remaining());
         buf.put_slice(&self.stash[self.start..self.start + n]);
         self.start += n;
         self.delivered += n as u64;
@@ -1022,7 +1022,7 @@ impl<S: AsyncRead + Unpin> Guard<S> {
         self.ready = 0;
         self.scanned = 0;
         let (n, stop) = self.scan.feed(&buf.filled()[before + partial..]);
-        let keep = (self.scan.committed() - self.delivered) as usize;
+        let keep = self.scan.committed().saturating_sub(self.delivered) as usize;
         let keep = keep.min(end - before);
         let scanned_end = before + partial + n;
         // Everything past what may go now stays with the guard (a rejected
@@ -1045,8 +1045,8 @@ impl<S: AsyncRead + Unpin> Guard<S> {
     fn read_stash(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.start > 0 {
             self.stash.drain(..self.start);
-            self.ready -= self.start;
-            self.scanned -= self.start;
+            self.ready = self.ready.saturating_sub(self.start);
+            self.scanned = self.scanned.saturating_sub(self.start);
             self.start = 0;
         }
         let old = self.stash.len();
@@ -1403,6 +1403,101 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    /// A reader that hands out `data` in the given piece sizes.
+    struct Pieces {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        i: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let size = self.sizes[self.i % self.sizes.len()];
+            self.i += 1;
+            let n = size.min(buf.remaining()).min(self.data.len() - self.pos);
+            let pos = self.pos;
+            buf.put_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Everything hyper would read through the guard, with reads of the
+    /// given capacities.
+    fn through_guard(data: Vec<u8>, sizes: Vec<usize>, caps: &[usize]) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _g = rt.enter();
+        let (mut g, _h) = Guard::new(
+            Pieces {
+                data,
+                pos: 0,
+                sizes,
+                i: 0,
+            },
+            &ClientLimits::default(),
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut out = Vec::new();
+        for i in 0.. {
+            let mut space = vec![0u8; caps[i % caps.len()]];
+            let mut rb = ReadBuf::new(&mut space);
+            match Pin::new(&mut g).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => out.extend_from_slice(rb.filled()),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    fn request(kind: u8, n: usize) -> Vec<u8> {
+        let body = "b".repeat(n);
+        match kind % 3 {
+            0 => format!("GET /g{n} HTTP/1.1\r\nHost: a\r\nX-Pad: {body}\r\n\r\n"),
+            1 => format!("POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: {n}\r\n\r\n{body}"),
+            _ => format!(
+                "POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{n:x};e=1\r\n{body}\r\n1\r\nz\r\n0\r\nT: v\r\n\r\n"
+            ),
+        }
+        .into_bytes()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_read_sizes_deliver_valid_streams_whole(
+            reqs in proptest::collection::vec((0u8..3, 1usize..3000), 1..12),
+            sizes in proptest::collection::vec(1usize..5000, 1..8),
+            caps in proptest::collection::vec(1usize..9000, 1..8),
+            bad in proptest::option::of(0usize..3),
+        ) {
+            let mut data: Vec<u8> = reqs.iter().flat_map(|&(k, n)| request(k, n)).collect();
+            let valid = data.clone();
+            if let Some(b) = bad {
+                let bads: [&[u8]; 3] = [
+                    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+                    b"GET /#f HTTP/1.1\r\n\r\n",
+                    b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+                ];
+                data.extend_from_slice(bads[b]);
+                data.extend_from_slice(&request(0, 5));
+            }
+            let out = through_guard(data, sizes, &caps);
+            let mut want = valid;
+            if bad.is_some() {
+                want.extend_from_slice(SYNTHETIC);
+            }
+            proptest::prop_assert_eq!(out, want);
         }
     }
 
