@@ -199,6 +199,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Option<(u16, String, Vec<u8>)>
 /// - `/garbage…`: bytes that are no HTTP;
 /// - `/short…`: `Content-Length: 10`, 3 bytes, close;
 /// - `/long…`: `Content-Length: 3`, 6 bytes;
+/// - `/slow…`: answers after 2.5 s;
 /// - anything else: 200 whose body is the request head exactly as received.
 #[derive(Clone)]
 struct Upstream {
@@ -330,6 +331,10 @@ impl Upstream {
                 return;
             } else if path.starts_with("/garbage") {
                 b"SSH-2.0-OpenSSH_9.6\r\n\r\n"
+            } else if path.starts_with("/slow") {
+                // A slow service (the delay is the behaviour under test).
+                std::thread::sleep(Duration::from_millis(2500));
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow"
             } else if path.starts_with("/short") {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
                 return;
@@ -940,6 +945,24 @@ fn keepalive_timeout_closes_an_idle_connection() {
         read_response(&mut r).map(|x| x.2),
         Some(b"/echo/2".to_vec())
     );
+}
+
+#[test]
+fn a_slow_upstream_is_not_cut_by_the_client_timers() {
+    // The response takes longer than both keepalive_timeout (2s) and
+    // client_header_timeout (1s): neither runs while a request is served.
+    let up = Upstream::start();
+    let gw = Gw::start(SLOW_CONF, up.addr);
+    let mut s = gw.connect();
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+        .expect("write");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let (st, _, body) = read_response(&mut r).expect("response");
+    assert_eq!((st, body.as_slice()), (200, &b"slow"[..]));
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        .expect("write");
+    let (st, _, body) = read_response(&mut r).expect("response");
+    assert_eq!((st, body.as_slice()), (200, &b"slow"[..]));
 }
 
 #[test]
