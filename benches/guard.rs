@@ -29,6 +29,17 @@ fn bench(c: &mut Criterion) {
             black_box(s.feed(black_box(HEAD)))
         })
     });
+    let mut cookie = HEAD[..HEAD.len() - 2].to_vec();
+    cookie.extend_from_slice(b"Cookie: ");
+    cookie.extend_from_slice(&[b'c'; 4096]);
+    cookie.extend_from_slice(b"\r\n\r\n");
+    g.throughput(Throughput::Bytes(cookie.len() as u64));
+    g.bench_function("head_with_4KiB_cookie", |b| {
+        b.iter(|| {
+            let mut s = Scanner::new(limits);
+            black_box(s.feed(black_box(&cookie)))
+        })
+    });
     let mut pipelined = Vec::new();
     for _ in 0..100 {
         pipelined.extend_from_slice(HEAD);

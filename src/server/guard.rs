@@ -250,9 +250,38 @@ pub struct Scanner {
     limits: GuardLimits,
 }
 
+/// RFC 9110 token characters, as a table (the scanner's hottest test).
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        i += 1;
+    }
+    t
+};
+
 #[inline]
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
 /// A field-value byte (RFC 9110 §5.5): VCHAR, obs-text, SP, HTAB.
@@ -332,37 +361,103 @@ impl Scanner {
                         };
                     }
                 }
+                // Runs of plain bytes in a header value or a long target
+                // are counted, not stepped through one by one.
+                St::Value | St::Target
+                    if (self.st == St::Value && self.field == Field::Other)
+                        || (self.st == St::Target
+                            && self.head.target_len >= self.head.target.len()) =>
+                {
+                    let value = self.st == St::Value;
+                    let plain = |b: u8| {
+                        if value {
+                            b == b'\t' || (b >= 0x20 && b != 0x7f)
+                        } else {
+                            (0x21..=0x7e).contains(&b) && b != b'#'
+                        }
+                    };
+                    let mut room = self.limits.head.saturating_sub(self.head.len);
+                    if !value {
+                        room =
+                            room.min(self.limits.request_line.saturating_sub(self.head.line_len));
+                    }
+                    let rest = &data[i..data.len().min(i.saturating_add(room))];
+                    let k = rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len());
+                    if k > 0 {
+                        self.head.len += k;
+                        if !value {
+                            self.head.line_len += k;
+                            self.head.target_len += k;
+                        }
+                        i += k;
+                        self.offset += k as u64;
+                        continue;
+                    }
+                    // The byte that ends the run (or goes over a limit).
+                    if let Some(r) = self.step_byte(data[i], &mut i) {
+                        return r;
+                    }
+                }
+                // The rest of a field name (its first byte was stepped).
+                St::Name => {
+                    let room = self.limits.head.saturating_sub(self.head.len);
+                    let rest = &data[i..data.len().min(i.saturating_add(room))];
+                    let k = rest
+                        .iter()
+                        .position(|&b| !is_tchar(b))
+                        .unwrap_or(rest.len());
+                    if k > 0 {
+                        for &b in &rest[..k] {
+                            self.push_name(b);
+                        }
+                        self.head.len += k;
+                        i += k;
+                        self.offset += k as u64;
+                        continue;
+                    }
+                    if let Some(r) = self.step_byte(data[i], &mut i) {
+                        return r;
+                    }
+                }
                 _ => {
-                    let b = data[i];
-                    match self.step(b) {
-                        Ok(None) => {
-                            i += 1;
-                            self.offset += 1;
-                        }
-                        Ok(Some(Stop::Upgrade)) => {
-                            i += 1;
-                            self.offset += 1;
-                            return (i, Some(Stop::Upgrade));
-                        }
-                        Ok(Some(Stop::Pass)) => {
-                            i += 1;
-                            self.offset += 1;
-                            self.st = St::Done;
-                            self.head_start = None;
-                            return (i, Some(Stop::Pass));
-                        }
-                        Ok(Some(s)) | Err(s) => {
-                            self.st = St::Done;
-                            if s == Stop::BodyError {
-                                self.head_start = None;
-                            }
-                            return (i, Some(s));
-                        }
+                    if let Some(r) = self.step_byte(data[i], &mut i) {
+                        return r;
                     }
                 }
             }
         }
         (i, None)
+    }
+
+    /// One byte through [`Scanner::step`]; `Some` when the feed stops.
+    #[inline]
+    fn step_byte(&mut self, b: u8, i: &mut usize) -> Option<(usize, Option<Stop>)> {
+        match self.step(b) {
+            Ok(None) => {
+                *i += 1;
+                self.offset += 1;
+                None
+            }
+            Ok(Some(Stop::Upgrade)) => {
+                *i += 1;
+                self.offset += 1;
+                Some((*i, Some(Stop::Upgrade)))
+            }
+            Ok(Some(Stop::Pass)) => {
+                *i += 1;
+                self.offset += 1;
+                self.st = St::Done;
+                self.head_start = None;
+                Some((*i, Some(Stop::Pass)))
+            }
+            Ok(Some(s)) | Err(s) => {
+                self.st = St::Done;
+                if s == Stop::BodyError {
+                    self.head_start = None;
+                }
+                Some((*i, Some(s)))
+            }
+        }
     }
 
     fn begin_head(&mut self) {
