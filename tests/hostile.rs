@@ -1209,20 +1209,28 @@ fn upstream_faults_never_look_like_complete_responses() {
     let gw = Gw::start(CONF, up.addr);
     // Reset mid-body with a Content-Length: the client sees fewer bytes
     // and a closed connection, never a complete response.
+    // (A reset can also overtake the bytes before it on a busy box: then
+    // the gateway saw no response at all and answers 502.)
     let r = gw.get("/reset");
-    assert_eq!(r.status(), 200, "{}", r.text());
     assert!(r.closed);
-    assert!(
-        r.text()
-            .to_ascii_lowercase()
-            .contains("content-length: 100"),
-        "{}",
-        r.text()
-    );
-    assert!(r.body().len() < 100, "{}", r.text());
+    match r.status() {
+        200 => {
+            assert!(
+                r.text()
+                    .to_ascii_lowercase()
+                    .contains("content-length: 100"),
+                "{}",
+                r.text()
+            );
+            assert!(r.body().len() < 100, "{}", r.text());
+        }
+        502 => {}
+        other => panic!("{other}: {}", r.text()),
+    }
     // Reset mid-body, chunked: no last chunk.
     let r = gw.get("/chunked-reset");
     assert!(r.closed);
+    assert!(matches!(r.status(), 200 | 502), "{}", r.text());
     assert!(
         !r.body().ends_with("0\r\n\r\n"),
         "a complete chunked body: {}",
