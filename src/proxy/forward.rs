@@ -351,12 +351,14 @@ async fn serve_request(
 ) -> Response<Body> {
     let default_id_header = gw.config.defaults.request_id_header.clone();
     let default_id_header = default_id_header.as_str();
-    // The Host: exactly one on HTTP/1.1, else the authority (h2).
+    // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
+    // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
     let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
-    let host_raw: Option<String> = match hosts.len() {
-        0 => req.uri().authority().map(|a| a.as_str().to_string()),
-        1 => hosts[0].to_str().ok().map(str::to_string),
-        _ => None,
+    let host_raw: Option<String> = match (req.uri().authority(), hosts.len()) {
+        (_, 2..) => None,
+        (Some(a), _) => Some(a.as_str().to_string()),
+        (None, 1) => hosts[0].to_str().ok().map(str::to_string),
+        (None, _) => None,
     };
     out.request_id = req
         .headers()
@@ -379,7 +381,9 @@ async fn serve_request(
     if !framing_ok(req.headers()) {
         return bad(&early_id);
     }
-    if hosts.len() > 1 || (req.version() == http::Version::HTTP_11 && host_raw.is_none()) {
+    if hosts.len() > 1
+        || (req.version() == http::Version::HTTP_11 && (hosts.is_empty() || host_raw.is_none()))
+    {
         return bad(&early_id);
     }
     let host_raw = host_raw.unwrap_or_default();

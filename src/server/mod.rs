@@ -26,9 +26,10 @@ use crate::config::model::{ClientLimits, Config};
 use crate::config::validate::load_config;
 use crate::gateway::{Gateway, compile};
 use crate::observe::metrics::{METRICS, ResultLabels};
-use crate::proxy::forward::{ConnInfo, Shared, handle};
+use crate::proxy::forward::{ConnInfo, Shared};
 
 pub mod admin;
+pub mod guard;
 pub mod tls;
 
 /// Why serving could not start.
@@ -502,13 +503,6 @@ async fn accept_loop(
         }
     };
     loop {
-        let permit = match &permits {
-            Some(p) => match p.clone().acquire_owned().await {
-                Ok(p) => Some(p),
-                Err(_) => return,
-            },
-            None => None,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stopped.changed() => return,
@@ -520,6 +514,20 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
+        };
+        // Above max_connections the accepted connection waits for a permit
+        // and this worker accepts nothing more meanwhile: the rest wait in
+        // the kernel's accept queue. (Taking the permit after `accept`
+        // keeps workers from hoarding permits while idle.)
+        let permit = match &permits {
+            Some(p) => tokio::select! {
+                p = p.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+                _ = stopped.changed() => return,
+            },
+            None => None,
         };
         let _ = stream.set_nodelay(true);
         let tls_config = tls_now.load_full();
@@ -536,10 +544,20 @@ async fn accept_loop(
         METRICS.connections_active.inc();
         tokio::spawn(async move {
             match tls_config {
-                None => conn.serve(TokioIo::new(stream), None).await,
+                None => {
+                    // HTTP/1 framing is checked below hyper (see `guard`).
+                    let (stream, gh) = guard::Guard::new(stream, &conn.limits);
+                    conn.serve(TokioIo::new(stream), None, Some(gh)).await
+                }
                 // The handshake runs here, in the connection's own task.
                 Some(cfg) => match tls::handshake(stream, cfg, conn.limits.header_timeout).await {
-                    Ok((stream, alpn)) => conn.serve(TokioIo::new(stream), Some(alpn)).await,
+                    Ok((stream, alpn @ tls::Alpn::H2)) => {
+                        conn.serve(TokioIo::new(stream), Some(alpn), None).await
+                    }
+                    Ok((stream, alpn)) => {
+                        let (stream, gh) = guard::Guard::new(stream, &conn.limits);
+                        conn.serve(TokioIo::new(stream), Some(alpn), Some(gh)).await
+                    }
                     Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
                 },
             }
@@ -561,7 +579,7 @@ impl Conn {
     /// Serve HTTP until the connection closes. `alpn` is what TLS
     /// negotiated; `None` on plain listeners (HTTP/1.1, or h2c with prior
     /// knowledge).
-    async fn serve<I>(self, io: I, alpn: Option<tls::Alpn>)
+    async fn serve<I>(self, io: I, alpn: Option<tls::Alpn>, guard: Option<guard::GuardHandle>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -572,14 +590,22 @@ impl Conn {
             watcher,
         } = self;
         let svc = service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(shared, info, req).await) }
+            let (shared, guard) = (shared.clone(), guard.clone());
+            async move {
+                let resp = match guard {
+                    Some(gh) => guard::serve(gh, shared, info, req).await,
+                    None => crate::proxy::forward::handle(shared, info, req).await,
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            // The guard enforces the client header and keep-alive timeouts;
+            // hyper's own timer is only a fallback.
+            .header_read_timeout(guard::hyper_header_timeout(&limits))
             .half_close(true)
             .max_buf_size((limits.max_header_size as usize).max(8192));
         builder.http2().timer(TokioTimer::new());
