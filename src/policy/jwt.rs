@@ -407,16 +407,21 @@ pub async fn fetch_jwks(url: &str) -> Result<Vec<u8>, JwtError> {
         url: url.to_string(),
         reason,
     };
-    if url.starts_with("https://") {
-        return Err(fail(
-            "https:// needs the TLS client (issue 6); only http:// is fetched so far".into(),
-        ));
-    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| fail(e.to_string()))?;
+    // https:// is verified against the system roots (as `https://`
+    // upstreams without `proxy_ssl_trusted_certificate`).
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(FETCH_TIMEOUT));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*crate::tls::system_trust().config).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<bytes::Bytes>>();
+        .build::<_, Empty<bytes::Bytes>>(connector);
     let req = http::Request::get(uri)
         .header(http::header::ACCEPT, "application/json")
         .body(Empty::new())
