@@ -693,17 +693,53 @@ async fn jwks_url_fetches_refreshes_on_unknown_kid_and_keeps_keys_on_failure() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn jwks_https_is_refused_until_tls_lands() {
+async fn jwks_https_is_verified_against_the_system_roots() {
+    // A TLS server whose self-signed certificate no system root vouches
+    // for: the fetch must speak TLS and refuse the certificate (it never
+    // falls back to plain HTTP or skips verification).
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = acceptor.accept(s).await;
+        }
+    });
     let v = JwtVerifier::new(&def(
         &[JwtAlg::ES256],
         JwtKeySource::JwksUrl {
-            url: "https://127.0.0.1:1/jwks.json".into(),
+            url: format!("https://127.0.0.1:{port}/jwks.json"),
             refresh: Duration::from_secs(60),
         },
     ))
     .unwrap();
-    let e = v.refresh_keys().await.unwrap_err().to_string();
-    assert!(e.contains("issue 6"), "{e}");
+    assert!(
+        v.refresh_keys().await.is_err(),
+        "an untrusted certificate is refused"
+    );
+    assert!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "TLS was attempted"
+    );
     assert_eq!(
         v.verify(
             &Signer::es256().token_with(json!({"kid": "a"}), &good_claims()),
