@@ -171,3 +171,33 @@ impl Metrics {
 
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+thread_local! {
+    static UPSTREAM_COUNTERS: std::cell::RefCell<std::collections::HashMap<(u64, u16), Counter>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Count one upstream exchange without a lock or an allocation once the
+/// (upstream, server, status) triple was seen on this thread.
+pub fn count_upstream(upstream: &str, server: &str, status: u16) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    upstream.hash(&mut h);
+    server.hash(&mut h);
+    let key = (h.finish(), status);
+    UPSTREAM_COUNTERS.with(|c| {
+        c.borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                METRICS
+                    .upstream_requests
+                    .get_or_create(&UpstreamLabels {
+                        upstream: upstream.to_string(),
+                        server: server.to_string(),
+                        status,
+                    })
+                    .clone()
+            })
+            .inc();
+    });
+}

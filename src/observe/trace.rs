@@ -40,7 +40,7 @@ impl TraceContext {
             }
         }
         TraceContext {
-            trace_id: format!("{:032x}", fastrand::u128(1..)),
+            trace_id: hex(&fastrand::u128(1..).to_be_bytes()),
             span_id: new_span_id(),
             flags: "01".to_string(),
         }
@@ -48,12 +48,30 @@ impl TraceContext {
 
     /// The `traceparent` sent upstream.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        s.push_str(&self.trace_id);
+        s.push('-');
+        s.push_str(&self.span_id);
+        s.push('-');
+        s.push_str(&self.flags);
+        s
     }
 }
 
 fn new_span_id() -> String {
-    format!("{:016x}", fastrand::u64(1..))
+    hex(&fastrand::u64(1..).to_be_bytes())
+}
+
+/// Lowercase hex, without the formatting machinery (this runs per request).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ fn sane_id(v: &HeaderValue) -> Option<&str> {
 }
 
 pub fn new_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    crate::observe::trace::hex(&fastrand::u128(..).to_be_bytes())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy-auth pair).
@@ -560,7 +560,10 @@ async fn serve_request(
             }
         },
     };
-    let headers_snapshot = req.headers().clone();
+    // From here on the request is in parts: the variables borrow its
+    // headers (no copy), the handler takes its body.
+    let (mut parts, body) = req.into_parts();
+    let mut extensions = std::mem::take(&mut parts.extensions);
     let vars = RequestVars {
         remote_addr: remote,
         host: &effective_host,
@@ -569,7 +572,7 @@ async fn serve_request(
         uri: &path,
         request_uri: &request_uri,
         args: &args,
-        headers: &headers_snapshot,
+        headers: &parts.headers,
         request_id: &id,
         server_name,
         server_port: conn.local.port(),
@@ -644,7 +647,6 @@ async fn serve_request(
             let resp = match cache {
                 Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
                     let key = vars.render(&cache.def().key);
-                    let (parts, _body) = req.into_parts();
                     let mut prep = prepare(&ctx, p, &parts);
                     // Validators and ranges are the client's business: the
                     // cache stores whole responses (as NGINX does).
@@ -665,7 +667,17 @@ async fn serve_request(
                     resp
                 }
                 other => {
-                    let mut resp = match proxy(shared, &ctx, p, req, &mut out.upstream).await {
+                    let mut resp = match proxy(
+                        shared,
+                        &ctx,
+                        p,
+                        &parts,
+                        &mut extensions,
+                        body,
+                        &mut out.upstream,
+                    )
+                    .await
+                    {
                         Ok(r) => r,
                         Err(e) => error_response(
                             e.status(),
@@ -698,7 +710,7 @@ async fn serve_request(
             }
         }
         Handler::Aggregate(a) => {
-            crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &headers_snapshot).await
+            crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &parts.headers).await
         }
     };
     finish_response(&mut resp, settings, &vars);
@@ -736,7 +748,7 @@ fn cache_fetch(
                 &gw,
                 p,
                 &loc.settings,
-                &prep,
+                prep,
                 None,
                 &mut ext,
                 &mut info,
@@ -957,11 +969,12 @@ async fn proxy(
     shared: &Shared,
     ctx: &ProxyCtx<'_>,
     p: &ProxyPass,
-    req: Request<Incoming>,
+    parts: &http::request::Parts,
+    extensions: &mut http::Extensions,
+    body: Incoming,
     info: &mut Option<UpstreamInfo>,
 ) -> Result<Response<Body>, ProxyError> {
     let settings = &ctx.loc.settings;
-    let (mut parts, body) = req.into_parts();
     // Body size: refuse up front when announced, cut when streamed.
     let limit = settings.client_max_body_size;
     let content_length: Option<u64> = parts
@@ -986,15 +999,15 @@ async fn proxy(
     } else {
         None
     };
-    let prep = prepare(ctx, p, &parts);
+    let prep = prepare(ctx, p, parts);
     send(
         shared,
         ctx.gw,
         p,
         &ctx.loc.settings,
-        &prep,
+        prep,
         body,
-        &mut parts.extensions,
+        extensions,
         info,
     )
     .await
@@ -1090,13 +1103,13 @@ async fn send(
     gw: &Gateway,
     p: &ProxyPass,
     settings: &LocationSettings,
-    prep: &Prepared,
+    mut prep: Prepared,
     mut body: Option<Body>,
     extensions: &mut http::Extensions,
     info: &mut Option<UpstreamInfo>,
 ) -> Result<Response<Body>, ProxyError> {
+    let mut headers = std::mem::take(&mut prep.headers);
     let target = &prep.target;
-    let headers = &prep.headers;
     let host_override = &prep.host_override;
     let upgrade = &prep.upgrade;
     let client = shared.client_for(gw, settings);
@@ -1161,7 +1174,12 @@ async fn send(
             };
         let mut builder = Request::builder().method(prep.method.clone()).uri(uri);
         if let Some(h) = builder.headers_mut() {
-            *h = headers.clone();
+            // The last possible try takes the headers; earlier ones copy.
+            *h = if attempt + 1 < max_tries {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let host_value = host_override.clone().unwrap_or(host_header);
             if let Ok(v) = HeaderValue::try_from(host_value) {
                 h.insert(header::HOST, v);
@@ -1184,14 +1202,11 @@ async fn send(
             duration: sent_at.elapsed(),
         });
         if let (Some(pool), Some(pk)) = (&pool, &pick) {
-            crate::observe::metrics::METRICS
-                .upstream_requests
-                .get_or_create(&crate::observe::metrics::UpstreamLabels {
-                    upstream: pool.name.clone(),
-                    server: pool.hosts[pk.peer()].clone(),
-                    status: info.as_ref().and_then(|i| i.status).unwrap_or(0),
-                })
-                .inc();
+            crate::observe::metrics::count_upstream(
+                &pool.name,
+                &pool.hosts[pk.peer()],
+                info.as_ref().and_then(|i| i.status).unwrap_or(0),
+            );
         }
         let report = |o: Outcome| {
             if let (Some(pool), Some(pk)) = (&pool, &pick) {
