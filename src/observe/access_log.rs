@@ -140,6 +140,9 @@ pub struct Record {
     pub route: Arc<str>,
     pub server: Option<Arc<str>>,
     pub trace_id: String,
+    /// The span to export, when OTLP export is on and the trace sampled.
+    #[cfg(feature = "otlp")]
+    pub span: Option<crate::observe::otlp::SpanIds>,
     pub upstream_addr: Option<String>,
     pub upstream_status: Option<u16>,
     pub upstream_duration: Option<Duration>,
@@ -196,6 +199,20 @@ impl Record {
                 h.insert(self.route.clone(), x);
             }
         });
+        #[cfg(feature = "otlp")]
+        if let Some(ids) = &self.span {
+            crate::observe::otlp::export(crate::observe::otlp::Span {
+                trace_id: self.trace_id.clone(),
+                ids: ids.clone(),
+                method: self.method.clone(),
+                route: self.route.clone(),
+                uri: self.uri.clone(),
+                status: self.status,
+                upstream_addr: self.upstream_addr.clone(),
+                start: self.time,
+                end: self.time + elapsed,
+            });
+        }
         let AccessLog::On { target, format } = &self.log else {
             return;
         };

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub config_generation: Gauge,
     pub access_log_dropped: Counter,
+    #[cfg(feature = "otlp")]
+    pub otlp_spans_dropped: Counter,
     registry: Registry,
 }
 
@@ -98,6 +100,8 @@ impl Metrics {
             connections_active: Gauge::default(),
             config_generation: Gauge::default(),
             access_log_dropped: Counter::default(),
+            #[cfg(feature = "otlp")]
+            otlp_spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         let mut r = Registry::default();
@@ -155,6 +159,12 @@ impl Metrics {
             "gateway_access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        #[cfg(feature = "otlp")]
+        r.register(
+            "gateway_otlp_spans_dropped",
+            "Spans not exported over OTLP: the exporter fell behind or the collector failed",
+            m.otlp_spans_dropped.clone(),
         );
         Metrics { registry: r, ..m }
     }

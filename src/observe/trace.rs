@@ -7,6 +7,8 @@ pub struct TraceContext {
     pub trace_id: String,
     /// The gateway's span, sent upstream as the parent.
     pub span_id: String,
+    /// The caller's span id, when a valid `traceparent` came in.
+    pub parent: Option<String>,
     pub flags: String,
 }
 
@@ -35,6 +37,7 @@ impl TraceContext {
                 return TraceContext {
                     trace_id: parts[1].to_string(),
                     span_id: new_span_id(),
+                    parent: Some(parts[2].to_string()),
                     flags: parts[3].to_string(),
                 };
             }
@@ -42,6 +45,7 @@ impl TraceContext {
         TraceContext {
             trace_id: hex(&fastrand::u128(1..).to_be_bytes()),
             span_id: new_span_id(),
+            parent: None,
             flags: "01".to_string(),
         }
     }
@@ -56,6 +60,12 @@ impl TraceContext {
         s.push('-');
         s.push_str(&self.flags);
         s
+    }
+
+    /// Whether the caller asked for this trace to be recorded (the
+    /// `sampled` bit of the flags; new traces are sampled).
+    pub fn sampled(&self) -> bool {
+        u8::from_str_radix(&self.flags, 16).is_ok_and(|f| f & 1 == 1)
     }
 }
 
@@ -85,10 +95,21 @@ mod tests {
         ));
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(t.span_id, "00f067aa0ba902b7");
+        assert_eq!(t.parent.as_deref(), Some("00f067aa0ba902b7"));
+        assert!(t.sampled());
         assert!(
             t.header()
                 .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
         );
+    }
+
+    #[test]
+    fn unsampled_flag_is_kept() {
+        let t = TraceContext::from_header(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ));
+        assert!(!t.sampled());
+        assert!(t.header().ends_with("-00"));
     }
 
     #[test]
@@ -102,6 +123,8 @@ mod tests {
             let t = TraceContext::from_header(Some(bad));
             assert_eq!(t.trace_id.len(), 32);
             assert_eq!(t.span_id.len(), 16);
+            assert_eq!(t.parent, None);
+            assert!(t.sampled());
         }
     }
 }

@@ -323,6 +323,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         status: resp.status().as_u16(),
         route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
         server: out.server,
+        #[cfg(feature = "otlp")]
+        span: crate::observe::otlp::SpanIds::of(&trace),
         trace_id: trace.trace_id,
         upstream_addr: out.upstream.as_ref().map(|u| u.addr.clone()),
         upstream_status: out.upstream.as_ref().and_then(|u| u.status),

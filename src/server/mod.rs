@@ -118,6 +118,8 @@ pub fn run(path: &Path) -> Result<i32, ServeError> {
     // connections live on one thread (DESIGN.md: this kept the tail flat at
     // 1,000 connections where a shared multi-thread runtime did not). The
     // control plane (signals, reload, admin, health checks) has its own.
+    #[cfg(feature = "otlp")]
+    crate::observe::otlp::start();
     let workers = Workers::start(threads).map_err(ServeError::Runtime)?;
     let _ = WORKERS.set(workers.handles.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
