@@ -2519,6 +2519,13 @@ fn apply_client(limits: &mut ClientLimits, real_ip: &mut RealIp, items: &[Item])
     }
 }
 
+/// Whether a definition is the next one recorded by `collect_defs` (its
+/// duplicates were reported there and are skipped here), so that indices
+/// given out while resolving uses match the assembled lists.
+fn next_def(defs: &[(String, Span)], len: usize, name: &str, span: Span) -> bool {
+    defs.get(len).is_some_and(|(n, s)| n == name && *s == span)
+}
+
 fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Config> {
     let mut config = Config {
         worker_threads: None,
@@ -2575,38 +2582,25 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::ShutdownTimeout(d) => config.shutdown_timeout = *d,
             Setting::Admin(a) => config.admin = Some(a.clone()),
             Setting::Upstream(u)
-                if cx
-                    .defs
-                    .upstreams
-                    .get(config.upstreams.len())
-                    .is_some_and(|(n, s)| *n == u.name && *s == u.span) =>
+                if next_def(&cx.defs.upstreams, config.upstreams.len(), &u.name, u.span) =>
             {
                 config.upstreams.push(u.clone());
             }
-            Setting::JwtDef(j)
-                if cx
-                    .defs
-                    .jwt
-                    .get(config.jwt.len())
-                    .is_some_and(|(n, s)| *n == j.name && *s == j.span) =>
-            {
+            Setting::JwtDef(j) if next_def(&cx.defs.jwt, config.jwt.len(), &j.name, j.span) => {
                 config.jwt.push(j.clone());
             }
             Setting::RateLimitDef(r)
-                if cx
-                    .defs
-                    .rate_limits
-                    .get(config.rate_limits.len())
-                    .is_some_and(|(n, s)| *n == r.name && *s == r.span) =>
+                if next_def(
+                    &cx.defs.rate_limits,
+                    config.rate_limits.len(),
+                    &r.name,
+                    r.span,
+                ) =>
             {
                 config.rate_limits.push(r.clone());
             }
             Setting::CacheDef(c)
-                if cx
-                    .defs
-                    .caches
-                    .get(config.caches.len())
-                    .is_some_and(|(n, s)| *n == c.name && *s == c.span) =>
+                if next_def(&cx.defs.caches, config.caches.len(), &c.name, c.span) =>
             {
                 config.caches.push(c.clone());
             }
