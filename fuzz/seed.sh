@@ -39,4 +39,7 @@ for r in 'GET / HTTP/1.1\r\nHost: a\r\n\r\n' \
     n=$((n + 1))
     { printf '\377\377\001\002\003\004\005\006\007\010'; printf "$r"; } > "corpus/guard/seed-$n"
 done
+mkdir -p corpus/hop_by_hop
+printf 'connection: close, X-Secret\nx-secret: 1\nkeep-alive: 5\nte: trailers\nhost: a\nupgrade: h2c\nx-other: 2\nx-other: 3\n' \
+    > corpus/hop_by_hop/seed-1
 echo "seeded: $(ls corpus/parse_validate | wc -l) config files; $(ls corpus/normalize | wc -l) paths, $(ls corpus/template | wc -l) templates, $(ls corpus/guard | wc -l) request streams"
