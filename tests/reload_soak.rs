@@ -86,6 +86,8 @@ struct Tally {
     bad: Vec<String>,
 }
 
+type MakeClient = fn() -> Client;
+
 /// Start the three kinds of client (two of each), looping on `path` until
 /// `stop`; each response must be a 200 with one of `bodies`.
 fn clients(
@@ -94,7 +96,7 @@ fn clients(
     progress: &Arc<Progress>,
     bodies: [&'static str; 2],
 ) -> Vec<(&'static str, std::thread::JoinHandle<Tally>)> {
-    let kinds: [(&'static str, fn() -> Client); 3] = [
+    let kinds: [(&'static str, MakeClient); 3] = [
         ("keep-alive", Client::new),
         ("fresh", Client::fresh),
         ("h2c", Client::h2),
