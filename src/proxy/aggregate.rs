@@ -104,7 +104,16 @@ async fn one_call(
         }
     }
     let req = b.body(full_body("")).map_err(|e| e.to_string())?;
-    let client = shared.client_for(gw, settings);
+    let keepalive = match &call.target {
+        ProxyTarget::Upstream(i) => gw
+            .upstreams
+            .get(*i)
+            .map_or(crate::proxy::forward::DEFAULT_KEEPALIVE, |p| {
+                p.def.keepalive
+            }),
+        ProxyTarget::Address { .. } => crate::proxy::forward::DEFAULT_KEEPALIVE,
+    };
+    let client = shared.client_for(gw, settings, keepalive);
     let result = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();

@@ -41,12 +41,15 @@ pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
 }
 
+/// (connect timeout, trust fingerprint, idle connections kept).
+type ClientKey = (Duration, u64, usize);
+
 thread_local! {
     /// Upstream pools of this worker thread, keyed by (connect timeout,
-    /// fingerprint of the upstream TLS trust). Per thread, so that a pooled
-    /// connection is always driven by the runtime that uses it: no
-    /// cross-thread wake-ups on the hot path.
-    static CLIENTS: std::cell::RefCell<Vec<((Duration, u64), UpstreamClient)>> =
+    /// fingerprint of the upstream TLS trust, idle connections kept). Per
+    /// thread, so that a pooled connection is always driven by the runtime
+    /// that uses it: no cross-thread wake-ups on the hot path.
+    static CLIENTS: std::cell::RefCell<Vec<(ClientKey, UpstreamClient)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -57,19 +60,31 @@ impl Shared {
         }
     }
 
-    /// The pooled client for a location's connect timeout and upstream TLS
-    /// trust (pools are shared by every location with the same pair, and
-    /// survive reloads that leave both unchanged).
-    pub fn client_for(&self, gw: &Gateway, settings: &LocationSettings) -> UpstreamClient {
-        self.client(settings.proxy_connect_timeout, &gw.tls.trust_for(settings))
+    /// The pooled client for a location's connect timeout, upstream TLS
+    /// trust and the upstream's `keepalive` (idle connections kept per
+    /// server and worker; 32 for `host:port` targets). Pools are shared by
+    /// every location with the same triple and survive reloads that leave
+    /// it unchanged.
+    pub fn client_for(
+        &self,
+        gw: &Gateway,
+        settings: &LocationSettings,
+        keepalive: usize,
+    ) -> UpstreamClient {
+        self.client(
+            settings.proxy_connect_timeout,
+            &gw.tls.trust_for(settings),
+            keepalive,
+        )
     }
 
     fn client(
         &self,
         connect_timeout: Duration,
         trust: &crate::tls::UpstreamTrust,
+        keepalive: usize,
     ) -> UpstreamClient {
-        let key = (connect_timeout, trust.fingerprint);
+        let key = (connect_timeout, trust.fingerprint, keepalive);
         if let Some(c) = CLIENTS.with(|l| {
             l.borrow()
                 .iter()
@@ -90,12 +105,16 @@ impl Shared {
             .wrap_connector(conn);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(keepalive)
             .build(https);
         CLIENTS.with(|l| l.borrow_mut().push((key, client.clone())));
         client
     }
 }
+
+/// Idle connections kept per server for `proxy_pass http://host:port`
+/// targets (upstream blocks say `keepalive N`; the default there is 32 too).
+pub const DEFAULT_KEEPALIVE: usize = 32;
 
 /// The connection a request came in on.
 #[derive(Debug, Clone, Copy)]
@@ -1114,7 +1133,6 @@ async fn send(
     let target = &prep.target;
     let host_override = &prep.host_override;
     let upgrade = &prep.upgrade;
-    let client = shared.client_for(gw, settings);
     let read_timeout = settings.proxy_read_timeout;
     let next = settings.proxy_next_upstream;
     let can_resend = idempotent(&prep.method) || next.non_idempotent;
@@ -1124,6 +1142,8 @@ async fn send(
         ProxyTarget::Upstream(i) => gw.upstreams.get(*i).cloned(),
         ProxyTarget::Address { .. } => None,
     };
+    let keepalive = pool.as_ref().map_or(DEFAULT_KEEPALIVE, |p| p.def.keepalive);
+    let client = shared.client_for(gw, settings, keepalive);
     let max_tries = match &pool {
         Some(pool) => {
             let n = pool.peers.len().max(1);
