@@ -366,6 +366,9 @@ impl Redis {
                 "",
                 "--appendonly",
                 "no",
+                // For `DEBUG SLEEP` (a slow Redis); off by default since 7.
+                "--enable-debug-command",
+                "yes",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -450,4 +453,54 @@ fn redis_down_follows_on_store_error() {
         t.elapsed() < Duration::from_secs(5),
         "decisions stay within the Redis timeout"
     );
+}
+
+/// Block a Redis server for `secs` seconds (`DEBUG SLEEP`), from a thread.
+fn redis_sleep(port: u16, secs: u32) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("redis");
+    let arg = secs.to_string();
+    let cmd = format!(
+        "*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${}\r\n{arg}\r\n",
+        arg.len()
+    );
+    s.write_all(cmd.as_bytes()).expect("send DEBUG SLEEP");
+    std::thread::spawn(move || {
+        let mut b = [0u8; 16];
+        let _ = s.read(&mut b);
+    })
+}
+
+#[test]
+fn a_slow_redis_follows_on_store_error_within_its_timeout() {
+    let Some(redis) = Redis::start() else { return };
+    let up = TestUpstream::start("up");
+    let allow = redis_gateway(&up, redis.port, "allow");
+    let deny = redis_gateway(&up, redis.port, "deny");
+    let c = Client::new();
+    // Warm both connections to Redis while it answers.
+    assert_eq!(
+        c.request("GET", &allow.url("/x"), &[("x-client", "w1")], "")
+            .status,
+        200
+    );
+    assert_eq!(
+        c.request("GET", &deny.url("/x"), &[("x-client", "w2")], "")
+            .status,
+        200
+    );
+    // Redis stops answering for 3 s: decisions time out, requests flow.
+    let sleeper = redis_sleep(redis.port, 3);
+    let t = Instant::now();
+    let a = c.request("GET", &allow.url("/x"), &[("x-client", "slow")], "");
+    let d = c.request("GET", &deny.url("/x"), &[("x-client", "slow")], "");
+    let took = t.elapsed();
+    assert_eq!(a.status, 200, "allow: {}", a.text());
+    assert_eq!(d.status, 503, "deny: {}", d.text());
+    assert_eq!(d.json()["error"], "Rate limit store unavailable");
+    assert!(
+        took < Duration::from_millis(2500),
+        "two decisions took {took:?}, not bounded by the Redis timeout"
+    );
+    sleeper.join().expect("sleeper");
 }
