@@ -148,6 +148,7 @@ fn metrics_on_the_admin_listener() {
         "gateway_request_duration_seconds_bucket",
         r#"gateway_upstream_requests_total{upstream="pool""#,
         r#"gateway_upstream_up{upstream="pool""#,
+        r#"gateway_upstream_active_requests{upstream="pool""#,
         r#"gateway_rate_limited_total{limit="tiny"} 1"#,
         "gateway_connections_active",
         "gateway_config_generation 1",

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_up: Family<ServerLabels, Gauge>,
+    /// Requests in flight to each server (the connections of its pool in use).
+    pub upstream_active: Family<ServerLabels, Gauge>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub cache_requests: Family<CacheLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -93,6 +95,7 @@ impl Metrics {
             duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             upstream_requests: Family::default(),
             upstream_up: Family::default(),
+            upstream_active: Family::default(),
             rate_limited: Family::default(),
             cache_requests: Family::default(),
             reloads: Family::default(),
@@ -124,6 +127,11 @@ impl Metrics {
             "gateway_upstream_up",
             "1 when an upstream server is up",
             m.upstream_up.clone(),
+        );
+        r.register(
+            "gateway_upstream_active_requests",
+            "Requests in flight to an upstream server (pooled connections in use)",
+            m.upstream_active.clone(),
         );
         r.register(
             "gateway_rate_limited",

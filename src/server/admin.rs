@@ -54,13 +54,18 @@ fn refresh_gauges(shared: &Shared) {
     let now = Instant::now();
     for pool in &gw.upstreams {
         for p in pool.peers.snapshot(now) {
+            let labels = ServerLabels {
+                upstream: pool.name.clone(),
+                server: p.address.clone(),
+            };
             METRICS
                 .upstream_up
-                .get_or_create(&ServerLabels {
-                    upstream: pool.name.clone(),
-                    server: p.address.clone(),
-                })
+                .get_or_create(&labels)
                 .set(i64::from(p.up));
+            METRICS
+                .upstream_active
+                .get_or_create(&labels)
+                .set(p.active_requests as i64);
         }
     }
     METRICS.config_generation.set(gw.generation as i64);
