@@ -366,30 +366,23 @@ impl GatewayTls {
     }
 }
 
-/// The URI an upstream request is sent to. `addr` is where to connect (the
-/// pool's resolved address, or `host:port`), `written` the server's
-/// `host:port` as written in the config. For `https` to a named host the
-/// name rides in the URI's userinfo (`https://api.example.com@10.0.0.7:443/x`):
-/// the connector takes SNI and certificate verification from it while the
-/// TCP connection still goes to the pool's chosen address, and pooled
-/// connections are keyed by name and address together. hyper sends only
-/// the path (origin form) and the `Host` header is set separately, so the
-/// userinfo never reaches the wire.
-pub fn upstream_uri(tls: bool, addr: &str, written: &str, target: &str) -> String {
-    if !tls {
-        return format!("http://{addr}{target}");
-    }
+/// The name an `https` upstream is verified against and sent as SNI:
+/// the host of `written` (the server's `host:port` as written in the
+/// config) when it is a DNS name, else the host connected to
+/// (`connect_host`, an IP address or the `proxy_pass` host). The TCP
+/// connection always goes to the address the pool chose; pooled
+/// connections are keyed by address and name together.
+pub fn upstream_server_name(connect_host: &str, written: &str) -> String {
     let name = host_of(written);
     if name.is_empty()
-        || name == host_of(addr)
         || name
             .trim_matches(['[', ']'])
             .parse::<std::net::IpAddr>()
             .is_ok()
     {
-        format!("https://{addr}{target}")
+        connect_host.trim_matches(['[', ']']).to_string()
     } else {
-        format!("https://{name}@{addr}{target}")
+        name.to_string()
     }
 }
 
@@ -406,52 +399,28 @@ fn host_of(hostport: &str) -> &str {
     }
 }
 
-/// The TLS server name for a URI built by [`upstream_uri`].
-pub fn server_name_of(uri: &http::Uri) -> Result<rustls_pki_types::ServerName<'static>, TlsError> {
-    let name = match uri.authority().map(|a| a.as_str()) {
-        Some(a) => match a.split_once('@') {
-            Some((name, _)) => name,
-            None => uri.host().unwrap_or_default().trim_matches(['[', ']']),
-        },
-        None => "",
-    };
-    rustls_pki_types::ServerName::try_from(name.to_string())
-        .map_err(|e| rustls::Error::General(format!("`{name}`: {e}")).into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn uri_carries_the_name_for_sni() {
+    fn server_name_is_the_written_dns_name_else_the_address() {
+        assert_eq!(upstream_server_name("10.0.0.1", "10.0.0.1:443"), "10.0.0.1");
         assert_eq!(
-            upstream_uri(false, "10.0.0.1:80", "a.example:80", "/x"),
-            "http://10.0.0.1:80/x"
+            upstream_server_name("127.0.0.1", "localhost:8443"),
+            "localhost"
         );
         assert_eq!(
-            upstream_uri(true, "10.0.0.1:443", "10.0.0.1:443", "/x"),
-            "https://10.0.0.1:443/x"
+            upstream_server_name("10.0.0.1", "api.example.com:443"),
+            "api.example.com"
         );
-        assert_eq!(
-            upstream_uri(true, "localhost:8443", "localhost:8443", "/"),
-            "https://localhost:8443/"
-        );
-        let u: http::Uri = upstream_uri(true, "10.0.0.1:443", "api.example.com:443", "/x?y=1")
-            .parse()
-            .expect("uri");
-        assert_eq!(u.host(), Some("10.0.0.1"));
-        assert_eq!(u.port_u16(), Some(443));
-        assert_eq!(
-            format!("{:?}", server_name_of(&u).expect("name")),
-            format!(
-                "{:?}",
-                rustls_pki_types::ServerName::try_from("api.example.com").expect("n")
-            )
-        );
-        let v6: http::Uri = upstream_uri(true, "[::1]:443", "[::1]:443", "/")
-            .parse()
-            .expect("uri");
-        assert!(server_name_of(&v6).is_ok());
+        assert_eq!(upstream_server_name("::1", "[::1]:443"), "::1");
+        assert_eq!(upstream_server_name("[::1]", "[::1]:443"), "::1");
+        for n in ["10.0.0.1", "localhost", "api.example.com", "::1"] {
+            assert!(
+                rustls_pki_types::ServerName::try_from(n).is_ok(),
+                "{n} is a valid server name"
+            );
+        }
     }
 }

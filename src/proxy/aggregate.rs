@@ -2,6 +2,7 @@
 //! waves (every call whose inputs are ready runs concurrently), merged into
 //! one JSON object (LANGUAGE.md §9, §13.11).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -12,7 +13,8 @@ use serde_json::Value;
 use crate::config::model::{Aggregate, AggregateCall, LocationSettings, Piece, ProxyTarget};
 use crate::gateway::Gateway;
 use crate::proxy::balance::{Outcome, PickContext, Tried};
-use crate::proxy::forward::{Body, Shared, error_response, full_body};
+use crate::proxy::forward::{Body, error_response, full_body};
+use crate::proxy::pool::Endpoint;
 use crate::proxy::vars::RequestVars;
 
 /// Largest call response read.
@@ -65,14 +67,13 @@ fn render(
 }
 
 async fn one_call(
-    shared: &Shared,
     gw: &Gateway,
     call: &AggregateCall,
     target: String,
     headers: &HeaderMap,
     settings: &LocationSettings,
 ) -> Result<Value, String> {
-    let (authority, host, pick, pool) = match &call.target {
+    let (endpoint, host, pick, pool) = match &call.target {
         ProxyTarget::Upstream(i) => {
             let pool = gw.upstreams.get(*i).ok_or("no such upstream")?;
             let tried = Tried::new();
@@ -82,24 +83,24 @@ async fn one_call(
                 .ok_or("no upstream server available")?;
             let p = pick.peer();
             (
-                pool.addr(p).map(|a| a.to_string()).unwrap_or_default(),
+                Endpoint::Addr(pool.addr(p).ok_or("no upstream server available")?),
                 pool.hosts[p].clone(),
                 Some(pick),
                 Some(pool.clone()),
             )
         }
         ProxyTarget::Address { host, port } => (
-            format!("{host}:{port}"),
+            Endpoint::Name(Arc::from(host.as_str()), *port),
             format!("{host}:{port}"),
             None,
             None,
         ),
     };
-    let uri = crate::tls::upstream_uri(call.tls, &authority, &host, &target);
+    let uri = http::Uri::try_from(target.as_str()).map_err(|e| e.to_string())?;
     let mut b = Request::builder().method("GET").uri(uri);
     if let Some(h) = b.headers_mut() {
         *h = headers.clone();
-        if let Ok(v) = HeaderValue::try_from(host) {
+        if let Ok(v) = HeaderValue::try_from(host.as_str()) {
             h.insert(header::HOST, v);
         }
     }
@@ -113,9 +114,14 @@ async fn one_call(
             }),
         ProxyTarget::Address { .. } => crate::proxy::forward::DEFAULT_KEEPALIVE,
     };
-    let client = shared.client_for(gw, settings, keepalive);
+    let mut trust = None;
+    let conn_target = crate::proxy::forward::pool_target(
+        gw, settings, call.tls, endpoint, &host, keepalive, &mut trust,
+    );
     let result = async {
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = crate::proxy::pool::request(&conn_target, req)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_CALL_BODY)
             .collect()
@@ -144,7 +150,6 @@ async fn one_call(
 }
 
 pub async fn run(
-    shared: &Shared,
     gw: &Gateway,
     agg: &Aggregate,
     vars: &RequestVars<'_>,
@@ -182,7 +187,7 @@ pub async fn run(
             let headers = &headers;
             futs.push(async move {
                 match target {
-                    Ok(t) => (i, one_call(shared, gw, call, t, headers, settings).await),
+                    Ok(t) => (i, one_call(gw, call, t, headers, settings).await),
                     Err(e) => (i, Err(e)),
                 }
             });

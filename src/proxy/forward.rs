@@ -16,9 +16,6 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::compile::normalize::normalize_path;
 use crate::compile::router::Lookup;
@@ -32,25 +29,10 @@ use crate::proxy::vars::RequestVars;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// The pooled upstream client: plain HTTP, or TLS for `https://` URIs.
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
-
-/// What every request handler shares: the current snapshot and the
-/// upstream connection pools.
+/// What every request handler shares: the current snapshot. (Upstream
+/// connections live per worker thread in [`crate::proxy::pool`].)
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
-}
-
-/// (connect timeout, trust fingerprint, idle connections kept).
-type ClientKey = (Duration, u64, usize);
-
-thread_local! {
-    /// Upstream pools of this worker thread, keyed by (connect timeout,
-    /// fingerprint of the upstream TLS trust, idle connections kept). Per
-    /// thread, so that a pooled connection is always driven by the runtime
-    /// that uses it: no cross-thread wake-ups on the hot path.
-    static CLIENTS: std::cell::RefCell<Vec<(ClientKey, UpstreamClient)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Shared {
@@ -59,56 +41,39 @@ impl Shared {
             gateway: ArcSwap::from_pointee(gateway),
         }
     }
+}
 
-    /// The pooled client for a location's connect timeout, upstream TLS
-    /// trust and the upstream's `keepalive` (idle connections kept per
-    /// server and worker; 32 for `host:port` targets). Pools are shared by
-    /// every location with the same triple and survive reloads that leave
-    /// it unchanged.
-    pub fn client_for(
-        &self,
-        gw: &Gateway,
-        settings: &LocationSettings,
-        keepalive: usize,
-    ) -> UpstreamClient {
-        self.client(
-            settings.proxy_connect_timeout,
-            &gw.tls.trust_for(settings),
-            keepalive,
-        )
-    }
-
-    fn client(
-        &self,
-        connect_timeout: Duration,
-        trust: &crate::tls::UpstreamTrust,
-        keepalive: usize,
-    ) -> UpstreamClient {
-        let key = (connect_timeout, trust.fingerprint, keepalive);
-        if let Some(c) = CLIENTS.with(|l| {
-            l.borrow()
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, c)| c.clone())
-        }) {
-            return c;
-        }
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(connect_timeout));
-        conn.set_nodelay(true);
-        conn.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*trust.config).clone())
-            .https_or_http()
-            .with_server_name_resolver(|uri: &Uri| crate::tls::server_name_of(uri))
-            .enable_http1()
-            .wrap_connector(conn);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(keepalive)
-            .build(https);
-        CLIENTS.with(|l| l.borrow_mut().push((key, client.clone())));
-        client
+/// The pool key and TLS config for one upstream connection: `endpoint`
+/// is where to connect, `written` the server's `host:port` as written
+/// (its host is the TLS server name when it is a DNS name).
+pub fn pool_target<'a>(
+    gw: &Gateway,
+    settings: &LocationSettings,
+    tls: bool,
+    endpoint: crate::proxy::pool::Endpoint,
+    written: &str,
+    keepalive: usize,
+    trust: &'a mut Option<Arc<crate::tls::UpstreamTrust>>,
+) -> crate::proxy::pool::Target<'a> {
+    let tls_key = if tls {
+        let t = trust.insert(gw.tls.trust_for(settings));
+        let connect_host = match &endpoint {
+            crate::proxy::pool::Endpoint::Addr(a) => a.ip().to_string(),
+            crate::proxy::pool::Endpoint::Name(h, _) => h.to_string(),
+        };
+        let name = crate::tls::upstream_server_name(&connect_host, written);
+        Some((Arc::<str>::from(name), t.fingerprint))
+    } else {
+        None
+    };
+    crate::proxy::pool::Target {
+        key: crate::proxy::pool::Key {
+            endpoint,
+            tls: tls_key,
+        },
+        connect_timeout: settings.proxy_connect_timeout,
+        keepalive,
+        tls_config: trust.as_ref().map(|t| &t.config),
     }
 }
 
@@ -331,7 +296,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         rate_limit: None,
         cache: None,
     };
-    let resp = serve_request(&shared, &gw, conn, req, &trace, &mut out).await;
+    let resp = serve_request(&gw, conn, req, &trace, &mut out).await;
     let record = crate::observe::access_log::Record {
         start,
         time,
@@ -363,7 +328,6 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
 }
 
 async fn serve_request(
-    shared: &Arc<Shared>,
     gw: &Arc<Gateway>,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -665,59 +629,53 @@ async fn serve_request(
                 body_timeout: server.limits.body_timeout,
             };
             let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
-            let resp = match cache {
-                Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
-                    let key = vars.render(&cache.def().key);
-                    let mut prep = prepare(&ctx, p, &parts);
-                    // Validators and ranges are the client's business: the
-                    // cache stores whole responses (as NGINX does).
-                    for h in [
-                        header::IF_NONE_MATCH,
-                        header::IF_MODIFIED_SINCE,
-                        header::IF_RANGE,
-                        header::RANGE,
-                    ] {
-                        prep.headers.remove(h);
+            let resp =
+                match cache {
+                    Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
+                        let key = vars.render(&cache.def().key);
+                        let mut prep = prepare(&ctx, p, &parts);
+                        // Validators and ranges are the client's business: the
+                        // cache stores whole responses (as NGINX does).
+                        for h in [
+                            header::IF_NONE_MATCH,
+                            header::IF_MODIFIED_SINCE,
+                            header::IF_RANGE,
+                            header::RANGE,
+                        ] {
+                            prep.headers.remove(h);
+                        }
+                        let fetch = cache_fetch(gw.clone(), si, li, prep, id.clone());
+                        let resp = cache.serve(key, &parts, fetch).await;
+                        out.cache = resp
+                            .extensions()
+                            .get::<crate::policy::cache::CacheStatus>()
+                            .map(|s| s.as_str());
+                        resp
                     }
-                    let fetch = cache_fetch(shared.clone(), gw.clone(), si, li, prep, id.clone());
-                    let resp = cache.serve(key, &parts, fetch).await;
-                    out.cache = resp
-                        .extensions()
-                        .get::<crate::policy::cache::CacheStatus>()
-                        .map(|s| s.as_str());
-                    resp
-                }
-                other => {
-                    let mut resp = match proxy(
-                        shared,
-                        &ctx,
-                        p,
-                        &parts,
-                        &mut extensions,
-                        body,
-                        &mut out.upstream,
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(e) => error_response(
-                            e.status(),
-                            &e.to_string(),
-                            &id,
-                            &settings.request_id_header,
-                        ),
-                    };
-                    if other.is_some() {
-                        // A cached location, but a method its cache does not store.
-                        resp.headers_mut().insert(
-                            crate::policy::cache::X_CACHE_STATUS,
-                            HeaderValue::from_static("BYPASS"),
-                        );
-                        out.cache = Some("BYPASS");
+                    other => {
+                        let mut resp =
+                            match proxy(&ctx, p, &parts, &mut extensions, body, &mut out.upstream)
+                                .await
+                            {
+                                Ok(r) => r,
+                                Err(e) => error_response(
+                                    e.status(),
+                                    &e.to_string(),
+                                    &id,
+                                    &settings.request_id_header,
+                                ),
+                            };
+                        if other.is_some() {
+                            // A cached location, but a method its cache does not store.
+                            resp.headers_mut().insert(
+                                crate::policy::cache::X_CACHE_STATUS,
+                                HeaderValue::from_static("BYPASS"),
+                            );
+                            out.cache = Some("BYPASS");
+                        }
+                        resp
                     }
-                    resp
-                }
-            };
+                };
             if settings.wrap_response {
                 crate::policy::wrap::wrap(
                     resp,
@@ -731,7 +689,7 @@ async fn serve_request(
             }
         }
         Handler::Aggregate(a) => {
-            crate::proxy::aggregate::run(shared, gw, a, &vars, settings, &parts.headers).await
+            crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
         }
     };
     finish_response(&mut resp, settings, &vars);
@@ -745,7 +703,6 @@ async fn serve_request(
 /// cache can call it again (a waiter falling back, a background refresh
 /// after the client was answered).
 fn cache_fetch(
-    shared: Arc<Shared>,
     gw: Arc<Gateway>,
     server: usize,
     location: usize,
@@ -753,7 +710,7 @@ fn cache_fetch(
     request_id: String,
 ) -> crate::policy::cache::Fetch {
     Arc::new(move || {
-        let (shared, gw, prep, id) = (shared.clone(), gw.clone(), prep.clone(), request_id.clone());
+        let (gw, prep, id) = (gw.clone(), prep.clone(), request_id.clone());
         Box::pin(async move {
             let loc = &gw.config.servers[server].locations[location];
             let Handler::Proxy(p) = &loc.handler else {
@@ -764,20 +721,12 @@ fn cache_fetch(
             };
             let mut ext = http::Extensions::new();
             let mut info = None;
-            send(
-                &shared,
-                &gw,
-                p,
-                &loc.settings,
-                prep,
-                None,
-                &mut ext,
-                &mut info,
-            )
-            .await
-            .map_err(|e| {
-                crate::policy::cache::FetchError::new(e.status(), e.to_string()).with_request_id(id)
-            })
+            send(&gw, p, &loc.settings, prep, None, &mut ext, &mut info)
+                .await
+                .map_err(|e| {
+                    crate::policy::cache::FetchError::new(e.status(), e.to_string())
+                        .with_request_id(id)
+                })
         })
     })
 }
@@ -987,7 +936,6 @@ fn idempotent(m: &Method) -> bool {
 }
 
 async fn proxy(
-    shared: &Shared,
     ctx: &ProxyCtx<'_>,
     p: &ProxyPass,
     parts: &http::request::Parts,
@@ -1021,17 +969,7 @@ async fn proxy(
         None
     };
     let prep = prepare(ctx, p, parts);
-    send(
-        shared,
-        ctx.gw,
-        p,
-        &ctx.loc.settings,
-        prep,
-        body,
-        extensions,
-        info,
-    )
-    .await
+    send(ctx.gw, p, &ctx.loc.settings, prep, body, extensions, info).await
 }
 
 /// Everything about the upstream request that does not depend on which
@@ -1120,7 +1058,6 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
 /// Send a prepared request, trying servers per `proxy_next_upstream`.
 #[allow(clippy::too_many_arguments)]
 async fn send(
-    shared: &Shared,
     gw: &Gateway,
     p: &ProxyPass,
     settings: &LocationSettings,
@@ -1143,7 +1080,10 @@ async fn send(
         ProxyTarget::Address { .. } => None,
     };
     let keepalive = pool.as_ref().map_or(DEFAULT_KEEPALIVE, |p| p.def.keepalive);
-    let client = shared.client_for(gw, settings, keepalive);
+    let uri: Uri = match Uri::try_from(target.as_str()) {
+        Ok(u) => u,
+        Err(_) => return Err(ProxyError::BadRequest),
+    };
     let max_tries = match &pool {
         Some(pool) => {
             let n = pool.peers.len().max(1);
@@ -1157,8 +1097,12 @@ async fn send(
     let mut tried = Tried::new();
     let mut last_err = ProxyError::NoUpstream;
     let hash_key_bytes: Option<&[u8]> = prep.hash_key.as_deref().map(str::as_bytes);
+    let written_address = match &p.target {
+        ProxyTarget::Address { host, port } => format!("{host}:{port}"),
+        ProxyTarget::Upstream(_) => String::new(),
+    };
     for attempt in 0..max_tries {
-        let (authority, host_header, pick) = match &pool {
+        let (endpoint, host_header, pick) = match &pool {
             Some(pool) => {
                 let mut pc = PickContext::new(Instant::now())
                     .client_ip(prep.client_ip)
@@ -1173,28 +1117,40 @@ async fn send(
                     break;
                 };
                 let i = pick.peer();
+                let Some(addr) = pool.addr(i) else {
+                    return Err(ProxyError::NoUpstream);
+                };
                 (
-                    pool.addr(i).map(|a| a.to_string()).unwrap_or_default(),
-                    pool.hosts[i].clone(),
+                    crate::proxy::pool::Endpoint::Addr(addr),
+                    pool.hosts[i].as_str(),
                     Some(pick),
                 )
             }
             None => match &p.target {
-                ProxyTarget::Address { host, port } => {
-                    (format!("{host}:{port}"), format!("{host}:{port}"), None)
-                }
+                ProxyTarget::Address { host, port } => (
+                    crate::proxy::pool::Endpoint::Name(Arc::from(host.as_str()), *port),
+                    written_address.as_str(),
+                    None,
+                ),
                 ProxyTarget::Upstream(_) => return Err(ProxyError::NoUpstream),
             },
         };
         if let Some(pk) = &pick {
             tried.insert(pk.peer());
         }
-        let uri: Uri =
-            match crate::tls::upstream_uri(p.tls, &authority, &host_header, target).parse() {
-                Ok(u) => u,
-                Err(_) => return Err(ProxyError::BadRequest),
-            };
-        let mut builder = Request::builder().method(prep.method.clone()).uri(uri);
+        let mut trust = None;
+        let conn_target = pool_target(
+            gw,
+            settings,
+            p.tls,
+            endpoint,
+            host_header,
+            keepalive,
+            &mut trust,
+        );
+        let mut builder = Request::builder()
+            .method(prep.method.clone())
+            .uri(uri.clone());
         if let Some(h) = builder.headers_mut() {
             // The last possible try takes the headers; earlier ones copy.
             *h = if attempt + 1 < max_tries {
@@ -1202,8 +1158,11 @@ async fn send(
             } else {
                 std::mem::take(&mut headers)
             };
-            let host_value = host_override.clone().unwrap_or(host_header);
-            if let Ok(v) = HeaderValue::try_from(host_value) {
+            let host_value = match host_override {
+                Some(o) => HeaderValue::try_from(o.as_str()),
+                None => HeaderValue::try_from(host_header),
+            };
+            if let Ok(v) = host_value {
                 h.insert(header::HOST, v);
             }
         }
@@ -1214,9 +1173,14 @@ async fn send(
             Err(_) => return Err(ProxyError::BadRequest),
         };
         let sent_at = Instant::now();
-        let result = tokio::time::timeout(read_timeout, client.request(up_req)).await;
+        let result = tokio::time::timeout(
+            read_timeout,
+            crate::proxy::pool::request(&conn_target, up_req),
+        )
+        .await;
+        let authority = &conn_target.key.endpoint;
         *info = Some(UpstreamInfo {
-            addr: authority.clone(),
+            addr: authority.to_string(),
             status: match &result {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
                 _ => None,
@@ -1343,7 +1307,10 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn upstream_response(resp: Response<Incoming>, settings: &LocationSettings) -> Response<Body> {
+fn upstream_response(
+    resp: Response<crate::proxy::pool::PooledBody>,
+    settings: &LocationSettings,
+) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     for h in &settings.proxy_hide_header {

@@ -5,4 +5,5 @@ pub mod balance;
 pub mod body;
 pub mod forward;
 pub mod health;
+pub mod pool;
 pub mod vars;
