@@ -14,6 +14,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+/// The idle upstream connections of this (single) thread.
+type Idle = Rc<RefCell<Vec<SendRequest<Incoming>>>>;
+
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:9400".into());
@@ -24,7 +27,7 @@ fn main() -> std::io::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
-        let idle: Rc<RefCell<Vec<SendRequest<Incoming>>>> = Rc::default();
+        let idle: Idle = Rc::default();
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
@@ -45,7 +48,7 @@ fn main() -> std::io::Result<()> {
 }
 
 async fn forward(
-    idle: Rc<RefCell<Vec<SendRequest<Incoming>>>>,
+    idle: Idle,
     upstream: &str,
     req: Request<Incoming>,
 ) -> Result<Response<ReturnOnEnd>, hyper::Error> {
@@ -85,10 +88,7 @@ async fn forward(
 #[derive(Default)]
 struct ReturnOnEnd {
     inner: Option<Incoming>,
-    back: Option<(
-        SendRequest<Incoming>,
-        Rc<RefCell<Vec<SendRequest<Incoming>>>>,
-    )>,
+    back: Option<(SendRequest<Incoming>, Idle)>,
 }
 
 impl http_body::Body for ReturnOnEnd {
@@ -102,10 +102,10 @@ impl http_body::Body for ReturnOnEnd {
             return std::task::Poll::Ready(None);
         };
         let r = std::pin::Pin::new(inner).poll_frame(cx);
-        if matches!(r, std::task::Poll::Ready(None)) || self.is_end_stream() {
-            if let Some((s, idle)) = self.back.take() {
-                idle.borrow_mut().push(s);
-            }
+        if (matches!(r, std::task::Poll::Ready(None)) || self.is_end_stream())
+            && let Some((s, idle)) = self.back.take()
+        {
+            idle.borrow_mut().push(s);
         }
         r
     }

@@ -147,7 +147,11 @@ fn idle_upstream_connections_are_bounded_by_keepalive() {
         let r = h.join().expect("client thread");
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(up.accepted(), 8, "one upstream connection per request in flight");
+    assert_eq!(
+        up.accepted(),
+        8,
+        "one upstream connection per request in flight"
+    );
     // Afterwards only `keepalive 2` stay open; the rest were closed.
     up.wait_open("idle connections beyond keepalive", |n| n <= 2);
     assert!(up.open() >= 1, "a kept connection stays open");

@@ -143,7 +143,7 @@ pub struct Record {
     /// The span to export, when OTLP export is on and the trace sampled.
     #[cfg(feature = "otlp")]
     pub span: Option<crate::observe::otlp::SpanIds>,
-    pub upstream_addr: Option<String>,
+    pub upstream_addr: Option<crate::proxy::pool::Endpoint>,
     pub upstream_status: Option<u16>,
     pub upstream_duration: Option<Duration>,
     pub auth: Option<&'static str>,
@@ -208,7 +208,7 @@ impl Record {
                 route: self.route.clone(),
                 uri: self.uri.clone(),
                 status: self.status,
-                upstream_addr: self.upstream_addr.clone(),
+                upstream_addr: self.upstream_addr.as_ref().map(ToString::to_string),
                 start: self.time,
                 end: self.time + elapsed,
             });
@@ -235,7 +235,7 @@ impl Record {
             "status": self.status,
             "bytes_sent": bytes,
             "duration_ms": ms(elapsed),
-            "upstream_addr": self.upstream_addr,
+            "upstream_addr": self.upstream_addr.as_ref().map(ToString::to_string),
             "upstream_status": self.upstream_status,
             "upstream_duration_ms": self.upstream_duration.map(ms),
             "route": &*self.route,

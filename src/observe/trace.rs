@@ -62,6 +62,26 @@ impl TraceContext {
         s
     }
 
+    /// The `traceparent` sent upstream, as a header value (no `String`).
+    pub fn header_value(&self) -> http::HeaderValue {
+        let mut buf = [0u8; 55];
+        let mut n = 0;
+        for part in [
+            "00-",
+            self.trace_id.as_str(),
+            "-",
+            self.span_id.as_str(),
+            "-",
+            self.flags.as_str(),
+        ] {
+            let end = (n + part.len()).min(buf.len());
+            buf[n..end].copy_from_slice(&part.as_bytes()[..end - n]);
+            n = end;
+        }
+        http::HeaderValue::from_bytes(&buf[..n])
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+    }
+
     /// Whether the caller asked for this trace to be recorded (the
     /// `sampled` bit of the flags; new traces are sampled).
     pub fn sampled(&self) -> bool {
@@ -101,6 +121,7 @@ mod tests {
             t.header()
                 .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
         );
+        assert_eq!(t.header_value().as_bytes(), t.header().as_bytes());
     }
 
     #[test]

@@ -145,8 +145,8 @@ pub fn error_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let (Ok(n), Ok(v)) = (
-        HeaderName::try_from(id_header),
+    if let (Some(n), Ok(v)) = (
+        request_id_name(id_header),
         HeaderValue::try_from(request_id),
     ) {
         resp.headers_mut().insert(n, v);
@@ -169,32 +169,61 @@ pub fn new_request_id() -> String {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy-auth pair).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request-id header's name (`request_id_header`, `x-request-id` by
+/// default) without parsing the common case.
+pub fn request_id_name(configured: &str) -> Option<HeaderName> {
+    if configured == "x-request-id" {
+        Some(X_REQUEST_ID)
+    } else {
+        HeaderName::try_from(configured).ok()
+    }
+}
+
+/// An IP address as a header value, formatted without the heap.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 46];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "{ip}");
+    let n = cur.position() as usize;
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
 
 /// Remove hop-by-hop headers and those listed in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -259,7 +288,8 @@ struct Outcome_ {
 /// The upstream exchange of a proxied request, for the access log.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamInfo {
-    pub addr: String,
+    /// Formatted only when a log line or span is written.
+    pub addr: Option<crate::proxy::pool::Endpoint>,
     pub status: Option<u16>,
     pub duration: Duration,
 }
@@ -281,9 +311,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     let user_agent = req.headers().get(header::USER_AGENT).cloned();
     let referer = req.headers().get(header::REFERER).cloned();
     let trace = crate::observe::trace::TraceContext::from_header(
-        req.headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok()),
+        req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
     );
     let mut out = Outcome_ {
         route: None,
@@ -296,7 +324,9 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         rate_limit: None,
         cache: None,
     };
-    let resp = serve_request(&gw, conn, req, &trace, &mut out).await;
+    // Boxed: the pipeline's state is kilobytes, and hyper keeps a slot of
+    // this future's size for every connection, idle or not.
+    let resp = Box::pin(serve_request(&gw, conn, req, &trace, &mut out)).await;
     let record = crate::observe::access_log::Record {
         start,
         time,
@@ -310,7 +340,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         #[cfg(feature = "otlp")]
         span: crate::observe::otlp::SpanIds::of(&trace),
         trace_id: trace.trace_id,
-        upstream_addr: out.upstream.as_ref().map(|u| u.addr.clone()),
+        upstream_addr: out.upstream.as_ref().and_then(|u| u.addr.clone()),
         upstream_status: out.upstream.as_ref().and_then(|u| u.status),
         upstream_duration: out.upstream.as_ref().map(|u| u.duration),
         auth: out.auth,
@@ -334,15 +364,20 @@ async fn serve_request(
     trace: &crate::observe::trace::TraceContext,
     out: &mut Outcome_,
 ) -> Response<Body> {
-    let default_id_header = gw.config.defaults.request_id_header.clone();
-    let default_id_header = default_id_header.as_str();
+    let default_id_header = gw.config.defaults.request_id_header.as_str();
     // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
     // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
-    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
-    let host_raw: Option<String> = match (req.uri().authority(), hosts.len()) {
+    let mut host_values = req.headers().get_all(header::HOST).iter();
+    let first_host = host_values.next();
+    let host_count = match (first_host, host_values.next()) {
+        (None, _) => 0,
+        (Some(_), None) => 1,
+        (Some(_), Some(_)) => 2,
+    };
+    let host_raw: Option<String> = match (req.uri().authority(), host_count) {
         (_, 2..) => None,
         (Some(a), _) => Some(a.as_str().to_string()),
-        (None, 1) => hosts[0].to_str().ok().map(str::to_string),
+        (None, 1) => first_host.and_then(|h| h.to_str().ok()).map(str::to_string),
         (None, _) => None,
     };
     out.request_id = req
@@ -366,8 +401,8 @@ async fn serve_request(
     if !framing_ok(req.headers()) {
         return bad(&early_id);
     }
-    if hosts.len() > 1
-        || (req.version() == http::Version::HTTP_11 && (hosts.is_empty() || host_raw.is_none()))
+    if host_count > 1
+        || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_raw.is_none()))
     {
         return bad(&early_id);
     }
@@ -401,7 +436,7 @@ async fn serve_request(
     // (NGINX's server rewrite phase).
     if let Some(r) = &server.server_return {
         let settings = &server.settings;
-        let id = request_id(&req, settings);
+        let id = request_id(&req, settings, &early_id, default_id_header);
         out.request_id = id.clone();
         let empty_caps: Vec<Option<String>> = Vec::new();
         let request_uri = pq.as_str().to_string();
@@ -451,7 +486,7 @@ async fn serve_request(
                 .cloned();
             out.log = loc.settings.access_log.clone();
             let settings = &loc.settings;
-            let id = request_id(&req, settings);
+            let id = request_id(&req, settings, &early_id, default_id_header);
             out.request_id = id.clone();
             let mut target = encode_path(&format!("{path}/"));
             if let Some(q) = pq.query() {
@@ -482,7 +517,7 @@ async fn serve_request(
     out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
     out.log = loc.settings.access_log.clone();
     let settings = &loc.settings;
-    let id = request_id(&req, settings);
+    let id = request_id(&req, settings, &early_id, default_id_header);
     out.request_id = id.clone();
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
     out.remote_addr = remote;
@@ -769,7 +804,15 @@ fn host_only(raw: &str) -> Option<String> {
     ok.then(|| h.trim_end_matches('.').to_ascii_lowercase())
 }
 
-fn request_id<B>(req: &Request<B>, settings: &LocationSettings) -> String {
+fn request_id<B>(
+    req: &Request<B>,
+    settings: &LocationSettings,
+    early: &str,
+    default_header: &str,
+) -> String {
+    if settings.request_id_header == default_header {
+        return early.to_string();
+    }
     req.headers()
         .get(settings.request_id_header.as_str())
         .and_then(sane_id)
@@ -796,8 +839,8 @@ fn finish_response(resp: &mut Response<Body>, settings: &LocationSettings, vars:
             }
         }
     }
-    if let (Ok(n), Ok(v)) = (
-        HeaderName::try_from(settings.request_id_header.as_str()),
+    if let (Some(n), Ok(v)) = (
+        request_id_name(&settings.request_id_header),
         HeaderValue::try_from(vars.request_id),
     ) {
         resp.headers_mut().insert(n, v);
@@ -1000,23 +1043,43 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
         headers.insert(header::UPGRADE, proto.clone());
     }
     headers.remove(header::HOST);
-    let peer_ip = ctx.conn.peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {peer_ip}"),
-        _ => peer_ip,
-    };
-    let set = |h: &mut HeaderMap, n: &'static str, v: &str| {
-        if let Ok(v) = HeaderValue::try_from(v) {
-            h.insert(n, v);
+    let peer_ip = ctx.conn.peer.ip();
+    let peer_value = ip_value(peer_ip);
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer_value.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_value.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
         }
+        _ => Some(peer_value.clone()),
     };
-    set(&mut headers, "x-forwarded-for", &xff);
-    set(&mut headers, "x-forwarded-proto", ctx.vars.scheme);
-    set(&mut headers, "x-forwarded-host", ctx.host_raw);
-    set(&mut headers, "x-real-ip", &ctx.vars.remote_addr.to_string());
-    set(&mut headers, "traceparent", &ctx.trace.header());
-    if let (Ok(n), Ok(v)) = (
-        HeaderName::try_from(settings.request_id_header.as_str()),
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
+    );
+    let host_value = match parts.headers.get(header::HOST) {
+        Some(h) if h.as_bytes() == ctx.host_raw.as_bytes() => Some(h.clone()),
+        _ => HeaderValue::try_from(ctx.host_raw).ok(),
+    };
+    if let Some(h) = host_value {
+        headers.insert(X_FORWARDED_HOST, h);
+    }
+    headers.insert(
+        X_REAL_IP,
+        if ctx.vars.remote_addr == peer_ip {
+            peer_value
+        } else {
+            ip_value(ctx.vars.remote_addr)
+        },
+    );
+    headers.insert(TRACEPARENT, ctx.trace.header_value());
+    if let (Some(n), Ok(v)) = (
+        request_id_name(&settings.request_id_header),
         HeaderValue::try_from(ctx.vars.request_id),
     ) {
         headers.insert(n, v);
@@ -1180,7 +1243,7 @@ async fn send(
         .await;
         let authority = &conn_target.key.endpoint;
         *info = Some(UpstreamInfo {
-            addr: authority.to_string(),
+            addr: Some(authority.clone()),
             status: match &result {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
                 _ => None,

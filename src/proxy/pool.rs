@@ -176,7 +176,9 @@ pub async fn request(
     loop {
         let (mut sender, reused) = match checkout(&t.key) {
             Some(s) => (s, true),
-            None => (connect(t).await?, false),
+            // Boxed: connecting (TLS included) is the rare path and its
+            // state is large; every request's future would carry it.
+            None => (Box::pin(connect(t)).await?, false),
         };
         if let Err(e) = sender.ready().await {
             if reused {

@@ -591,6 +591,9 @@ impl Conn {
             limits,
             watcher,
         } = self;
+        let backstop = guard
+            .is_none()
+            .then(|| guard::hyper_header_timeout(&limits));
         let svc = service_fn(move |req| {
             let (shared, guard) = (shared.clone(), guard.clone());
             async move {
@@ -601,13 +604,14 @@ impl Conn {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
+        // The guard enforces the client header and keep-alive timeouts;
+        // hyper's own (a boxed timer per request) is only a fallback for
+        // streams without a guard.
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            // The guard enforces the client header and keep-alive timeouts;
-            // hyper's own timer is only a fallback.
-            .header_read_timeout(guard::hyper_header_timeout(&limits))
+            .header_read_timeout(backstop)
             .half_close(true)
             .max_buf_size((limits.max_header_size as usize).max(8192));
         builder.http2().timer(TokioTimer::new());
