@@ -139,7 +139,7 @@ pub struct Record {
     pub status: u16,
     pub route: Arc<str>,
     pub server: Option<Arc<str>>,
-    pub trace_id: String,
+    pub trace_id: crate::observe::trace::TraceId,
     /// The span to export, when OTLP export is on and the trace sampled.
     #[cfg(feature = "otlp")]
     pub span: Option<crate::observe::otlp::SpanIds>,
@@ -202,7 +202,7 @@ impl Record {
         #[cfg(feature = "otlp")]
         if let Some(ids) = &self.span {
             crate::observe::otlp::export(crate::observe::otlp::Span {
-                trace_id: self.trace_id.clone(),
+                trace_id: self.trace_id.to_string(),
                 ids: ids.clone(),
                 method: self.method.clone(),
                 route: self.route.clone(),

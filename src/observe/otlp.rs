@@ -49,8 +49,8 @@ impl SpanIds {
     /// caller's `traceparent` was not sampled).
     pub fn of(trace: &TraceContext) -> Option<SpanIds> {
         (enabled() && trace.sampled()).then(|| SpanIds {
-            span_id: trace.span_id.clone(),
-            parent: trace.parent.clone(),
+            span_id: trace.span_id.to_string(),
+            parent: trace.parent.map(|p| p.to_string()),
         })
     }
 }

@@ -1,21 +1,77 @@
 //! W3C trace context (`traceparent`): continue the caller's trace with the
 //! gateway's own span id, or start a new trace.
 
+/// A lowercase hex id of `N` characters, stored inline (no heap: one is
+/// made per request).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexId<const N: usize>([u8; N]);
+
+impl<const N: usize> HexId<N> {
+    /// `s` when it is exactly `N` lowercase hex digits.
+    pub fn parse(s: &str) -> Option<HexId<N>> {
+        let b: [u8; N] = s.as_bytes().try_into().ok()?;
+        b.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+            .then_some(HexId(b))
+    }
+
+    /// Hex of `bytes` (which must be `N / 2` long).
+    fn of(bytes: &[u8]) -> HexId<N> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'0'; N];
+        for (i, b) in bytes.iter().take(N / 2).enumerate() {
+            out[2 * i] = DIGITS[(b >> 4) as usize];
+            out[2 * i + 1] = DIGITS[(b & 15) as usize];
+        }
+        HexId(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+
+    fn is_zero(&self) -> bool {
+        self.0.iter().all(|&c| c == b'0')
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Display for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for HexId<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<const N: usize> serde::Serialize for HexId<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+pub type TraceId = HexId<32>;
+pub type SpanId = HexId<16>;
+
 /// A parsed or freshly started trace context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    pub trace_id: String,
+    pub trace_id: TraceId,
     /// The gateway's span, sent upstream as the parent.
-    pub span_id: String,
+    pub span_id: SpanId,
     /// The caller's span id, when a valid `traceparent` came in.
-    pub parent: Option<String>,
-    pub flags: String,
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    pub parent: Option<SpanId>,
+    pub flags: HexId<2>,
 }
 
 impl TraceContext {
@@ -23,30 +79,32 @@ impl TraceContext {
     /// are read the same way, as the spec asks), or a new trace.
     pub fn from_header(value: Option<&str>) -> TraceContext {
         if let Some(v) = value {
-            let parts: Vec<&str> = v.trim().split('-').collect();
-            if parts.len() >= 4
-                && is_hex(parts[0], 2)
-                && parts[0] != "ff"
-                && is_hex(parts[1], 32)
-                && parts[1] != "0".repeat(32)
-                && is_hex(parts[2], 16)
-                && parts[2] != "0".repeat(16)
-                && is_hex(parts[3], 2)
-                && (parts[0] != "00" || parts.len() == 4)
+            let mut parts = v.trim().split('-');
+            let version = parts.next().and_then(HexId::<2>::parse);
+            let trace = parts.next().and_then(TraceId::parse);
+            let parent = parts.next().and_then(SpanId::parse);
+            let flags = parts.next().and_then(HexId::<2>::parse);
+            let more = parts.next().is_some();
+            if let (Some(version), Some(trace), Some(parent), Some(flags)) =
+                (version, trace, parent, flags)
+                && version != "ff"
+                && !trace.is_zero()
+                && !parent.is_zero()
+                && (version != "00" || !more)
             {
                 return TraceContext {
-                    trace_id: parts[1].to_string(),
+                    trace_id: trace,
                     span_id: new_span_id(),
-                    parent: Some(parts[2].to_string()),
-                    flags: parts[3].to_string(),
+                    parent: Some(parent),
+                    flags,
                 };
             }
         }
         TraceContext {
-            trace_id: hex(&fastrand::u128(1..).to_be_bytes()),
+            trace_id: HexId::of(&fastrand::u128(1..).to_be_bytes()),
             span_id: new_span_id(),
             parent: None,
-            flags: "01".to_string(),
+            flags: HexId(*b"01"),
         }
     }
 
@@ -54,46 +112,38 @@ impl TraceContext {
     pub fn header(&self) -> String {
         let mut s = String::with_capacity(55);
         s.push_str("00-");
-        s.push_str(&self.trace_id);
+        s.push_str(self.trace_id.as_str());
         s.push('-');
-        s.push_str(&self.span_id);
+        s.push_str(self.span_id.as_str());
         s.push('-');
-        s.push_str(&self.flags);
+        s.push_str(self.flags.as_str());
         s
     }
 
     /// The `traceparent` sent upstream, as a header value (no `String`).
     pub fn header_value(&self) -> http::HeaderValue {
         let mut buf = [0u8; 55];
-        let mut n = 0;
-        for part in [
-            "00-",
-            self.trace_id.as_str(),
-            "-",
-            self.span_id.as_str(),
-            "-",
-            self.flags.as_str(),
-        ] {
-            let end = (n + part.len()).min(buf.len());
-            buf[n..end].copy_from_slice(&part.as_bytes()[..end - n]);
-            n = end;
-        }
-        http::HeaderValue::from_bytes(&buf[..n])
-            .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        buf[..3].copy_from_slice(b"00-");
+        buf[3..35].copy_from_slice(&self.trace_id.0);
+        buf[35] = b'-';
+        buf[36..52].copy_from_slice(&self.span_id.0);
+        buf[52] = b'-';
+        buf[53..55].copy_from_slice(&self.flags.0);
+        http::HeaderValue::from_bytes(&buf).unwrap_or_else(|_| http::HeaderValue::from_static(""))
     }
 
     /// Whether the caller asked for this trace to be recorded (the
     /// `sampled` bit of the flags; new traces are sampled).
     pub fn sampled(&self) -> bool {
-        u8::from_str_radix(&self.flags, 16).is_ok_and(|f| f & 1 == 1)
+        u8::from_str_radix(self.flags.as_str(), 16).is_ok_and(|f| f & 1 == 1)
     }
 }
 
-fn new_span_id() -> String {
-    hex(&fastrand::u64(1..).to_be_bytes())
+fn new_span_id() -> SpanId {
+    HexId::of(&fastrand::u64(1..).to_be_bytes())
 }
 
-/// Lowercase hex, without the formatting machinery (this runs per request).
+/// Lowercase hex, without the formatting machinery.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -115,7 +165,10 @@ mod tests {
         ));
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(t.span_id, "00f067aa0ba902b7");
-        assert_eq!(t.parent.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            t.parent.map(|p| p.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
         assert!(t.sampled());
         assert!(
             t.header()
@@ -142,8 +195,9 @@ mod tests {
             "00-ABC-1-01",
         ] {
             let t = TraceContext::from_header(Some(bad));
-            assert_eq!(t.trace_id.len(), 32);
-            assert_eq!(t.span_id.len(), 16);
+            assert_eq!(t.trace_id.as_str().len(), 32);
+            assert_eq!(t.span_id.as_str().len(), 16);
+            assert!(!t.trace_id.is_zero());
             assert_eq!(t.parent, None);
             assert!(t.sampled());
         }

@@ -386,7 +386,6 @@ async fn serve_request(
         .and_then(sane_id)
         .map(str::to_string)
         .unwrap_or_else(new_request_id);
-    let early_id = out.request_id.clone();
     let bad = |id: &str| {
         let mut r = error_response(
             StatusCode::BAD_REQUEST,
@@ -399,33 +398,33 @@ async fn serve_request(
         r
     };
     if !framing_ok(req.headers()) {
-        return bad(&early_id);
+        return bad(&out.request_id);
     }
     if host_count > 1
         || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_raw.is_none()))
     {
-        return bad(&early_id);
+        return bad(&out.request_id);
     }
     let host_raw = host_raw.unwrap_or_default();
     let Some(host) = host_only(&host_raw) else {
-        return bad(&early_id);
+        return bad(&out.request_id);
     };
     let Some(pq) = req.uri().path_and_query().cloned() else {
-        return bad(&early_id);
+        return bad(&out.request_id);
     };
     let raw_path = pq.path();
     if !raw_path.starts_with('/') {
-        return bad(&early_id);
+        return bad(&out.request_id);
     }
     let path = match normalize_path(raw_path) {
         Ok(p) => p.into_owned(),
-        Err(_) => return bad(&early_id),
+        Err(_) => return bad(&out.request_id),
     };
     let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "Not found",
-            &early_id,
+            &out.request_id,
             default_id_header,
         );
     };
@@ -436,8 +435,10 @@ async fn serve_request(
     // (NGINX's server rewrite phase).
     if let Some(r) = &server.server_return {
         let settings = &server.settings;
-        let id = request_id(&req, settings, &early_id, default_id_header);
-        out.request_id = id.clone();
+        if settings.request_id_header != default_id_header {
+            out.request_id = request_id(&req, settings);
+        }
+        let id = out.request_id.as_str();
         let empty_caps: Vec<Option<String>> = Vec::new();
         let request_uri = pq.as_str().to_string();
         let vars = RequestVars {
@@ -449,7 +450,7 @@ async fn serve_request(
             request_uri: &request_uri,
             args: pq.query().unwrap_or(""),
             headers: req.headers(),
-            request_id: &id,
+            request_id: id,
             server_name: "",
             server_port: conn.local.port(),
             captures: &empty_caps,
@@ -486,8 +487,10 @@ async fn serve_request(
                 .cloned();
             out.log = loc.settings.access_log.clone();
             let settings = &loc.settings;
-            let id = request_id(&req, settings, &early_id, default_id_header);
-            out.request_id = id.clone();
+            if settings.request_id_header != default_id_header {
+                out.request_id = request_id(&req, settings);
+            }
+            let id = out.request_id.as_str();
             let mut target = encode_path(&format!("{path}/"));
             if let Some(q) = pq.query() {
                 target.push('?');
@@ -496,7 +499,7 @@ async fn serve_request(
             let mut resp = error_response(
                 StatusCode::MOVED_PERMANENTLY,
                 "Moved permanently",
-                &id,
+                id,
                 &settings.request_id_header,
             );
             if let Ok(v) = HeaderValue::try_from(target) {
@@ -508,7 +511,7 @@ async fn serve_request(
             return error_response(
                 StatusCode::NOT_FOUND,
                 "Not found",
-                &early_id,
+                &out.request_id,
                 default_id_header,
             );
         }
@@ -517,8 +520,10 @@ async fn serve_request(
     out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
     out.log = loc.settings.access_log.clone();
     let settings = &loc.settings;
-    let id = request_id(&req, settings, &early_id, default_id_header);
-    out.request_id = id.clone();
+    if settings.request_id_header != default_id_header {
+        out.request_id = request_id(&req, settings);
+    }
+    let id = out.request_id.as_str();
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
     out.remote_addr = remote;
     let server_name = server
@@ -529,19 +534,15 @@ async fn serve_request(
             _ => None,
         })
         .unwrap_or("");
-    let effective_host = if host.is_empty() {
-        server_name.to_string()
-    } else {
-        host.clone()
-    };
-    let request_uri = pq.as_str().to_string();
-    let args = pq.query().unwrap_or("").to_string();
+    let effective_host: &str = if host.is_empty() { server_name } else { &host };
+    let request_uri = pq.as_str();
+    let args = pq.query().unwrap_or("");
     let method = req.method().clone();
     let mut req = req;
     // Authentication (§6): before anything else of the location runs.
     let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
         None => None,
-        Some(v) => match v.authenticate(req.headers(), &args, std::time::SystemTime::now()) {
+        Some(v) => match v.authenticate(req.headers(), args, std::time::SystemTime::now()) {
             Ok(c) => {
                 out.auth = Some("ok");
                 // Claim headers are the gateway's: drop what the client sent.
@@ -571,7 +572,7 @@ async fn serve_request(
                     })
                     .inc();
                 let mut resp =
-                    error_response(r.status(), r.message(), &id, &settings.request_id_header);
+                    error_response(r.status(), r.message(), id, &settings.request_id_header);
                 resp.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
@@ -586,14 +587,14 @@ async fn serve_request(
     let mut extensions = std::mem::take(&mut parts.extensions);
     let vars = RequestVars {
         remote_addr: remote,
-        host: &effective_host,
+        host: effective_host,
         scheme: if conn.tls { "https" } else { "http" },
         method: method.as_str(),
         uri: &path,
-        request_uri: &request_uri,
-        args: &args,
+        request_uri,
+        args,
         headers: &parts.headers,
-        request_id: &id,
+        request_id: id,
         server_name,
         server_port: conn.local.port(),
         captures: &captures,
@@ -622,7 +623,7 @@ async fn serve_request(
                         let mut resp = error_response(
                             StatusCode::TOO_MANY_REQUESTS,
                             "Too many requests",
-                            &id,
+                            id,
                             &settings.request_id_header,
                         );
                         v.write_headers(resp.headers_mut());
@@ -637,7 +638,7 @@ async fn serve_request(
                         return error_response(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "Rate limit store unavailable",
-                            &id,
+                            id,
                             &settings.request_id_header,
                         );
                     }
@@ -679,7 +680,7 @@ async fn serve_request(
                         ] {
                             prep.headers.remove(h);
                         }
-                        let fetch = cache_fetch(gw.clone(), si, li, prep, id.clone());
+                        let fetch = cache_fetch(gw.clone(), si, li, prep, id.to_string());
                         let resp = cache.serve(key, &parts, fetch).await;
                         out.cache = resp
                             .extensions()
@@ -696,7 +697,7 @@ async fn serve_request(
                                 Err(e) => error_response(
                                     e.status(),
                                     &e.to_string(),
-                                    &id,
+                                    id,
                                     &settings.request_id_header,
                                 ),
                             };
@@ -715,7 +716,7 @@ async fn serve_request(
                 crate::policy::wrap::wrap(
                     resp,
                     settings.wrap_response_max_size,
-                    &id,
+                    id,
                     std::time::SystemTime::now(),
                 )
                 .await
@@ -784,35 +785,37 @@ fn framing_ok(h: &HeaderMap) -> bool {
     }
 }
 
-fn host_only(raw: &str) -> Option<String> {
+fn host_only(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
     if raw.is_empty() {
-        return Some(String::new());
+        return Some(Cow::Borrowed(""));
     }
-    let h = if let Some(rest) = raw.strip_prefix('[') {
-        let end = rest.find(']')?;
-        format!("[{}]", &rest[..end])
+    let h: &str = if raw.starts_with('[') {
+        let end = raw.find(']')?;
+        &raw[..=end]
     } else {
         match raw.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
             Some(_) => return None,
-            None => raw.to_string(),
+            None => raw,
         }
     };
     let ok = h
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
-    ok.then(|| h.trim_end_matches('.').to_ascii_lowercase())
+    if !ok {
+        return None;
+    }
+    let h = h.trim_end_matches('.');
+    Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    })
 }
 
-fn request_id<B>(
-    req: &Request<B>,
-    settings: &LocationSettings,
-    early: &str,
-    default_header: &str,
-) -> String {
-    if settings.request_id_header == default_header {
-        return early.to_string();
-    }
+/// The request id under a location's own `request_id_header`.
+fn request_id<B>(req: &Request<B>, settings: &LocationSettings) -> String {
     req.headers()
         .get(settings.request_id_header.as_str())
         .and_then(sane_id)
@@ -1130,7 +1133,6 @@ async fn send(
     info: &mut Option<UpstreamInfo>,
 ) -> Result<Response<Body>, ProxyError> {
     let mut headers = std::mem::take(&mut prep.headers);
-    let target = &prep.target;
     let host_override = &prep.host_override;
     let upgrade = &prep.upgrade;
     let read_timeout = settings.proxy_read_timeout;
@@ -1143,7 +1145,8 @@ async fn send(
         ProxyTarget::Address { .. } => None,
     };
     let keepalive = pool.as_ref().map_or(DEFAULT_KEEPALIVE, |p| p.def.keepalive);
-    let uri: Uri = match Uri::try_from(target.as_str()) {
+    // The target's bytes become the URI's (no copy).
+    let uri: Uri = match Uri::from_maybe_shared(Bytes::from(std::mem::take(&mut prep.target))) {
         Ok(u) => u,
         Err(_) => return Err(ProxyError::BadRequest),
     };
