@@ -894,6 +894,28 @@ fn client_header_timeout_closes_a_half_sent_head() {
 }
 
 #[test]
+fn a_connection_that_sends_nothing_is_closed_at_client_header_timeout() {
+    let up = Upstream::start();
+    let gw = Gw::start(SLOW_CONF, up.addr);
+    // No bytes at all: the gateway holds no HTTP state for it (it waits
+    // for readability first) and closes it silently at the timeout.
+    let mut s = gw.connect();
+    let (t, r) = time_to_close(&mut s);
+    assert!(
+        t >= Duration::from_millis(700) && t < Duration::from_millis(2500),
+        "{t:?}"
+    );
+    assert!(r.bytes.is_empty(), "{}", r.text());
+    // A connection that waits a little, then sends, is served.
+    let mut s = gw.connect();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"GET /echo/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .expect("write");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    assert_eq!(read_response(&mut r).map(|x| x.0), Some(200));
+}
+
+#[test]
 fn client_body_timeout_answers_408_or_closes() {
     let up = Upstream::start();
     let gw = Gw::start(SLOW_CONF, up.addr);

@@ -270,6 +270,23 @@ fn sigterm_when_idle_exits_0() {
 }
 
 #[test]
+fn sigterm_with_a_silent_new_connection_exits_0_at_once() {
+    let mut gw = Gateway::start(&returns("one"));
+    assert_eq!(body_at(&gw, "/v"), "one");
+    // Connected, nothing sent: not a request in flight.
+    let idle = TcpStream::connect(gw.addr()).expect("connect");
+    let t = std::time::Instant::now();
+    let status = gw.terminate();
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for a silent connection",
+        t.elapsed()
+    );
+    drop(idle);
+}
+
+#[test]
 fn shutdown_timeout_cuts_slow_requests_and_exits_1() {
     let up = TestUpstream::with("slow", |_| Reply::echo().delay(Duration::from_secs(5)));
     let mut gw = Gateway::start(&format!(

@@ -949,6 +949,12 @@ pub struct Guard<S> {
 impl<S> Guard<S> {
     /// Wrap a fresh connection. Must be called within a tokio runtime.
     pub fn new(io: S, limits: &ClientLimits) -> (Guard<S>, GuardHandle) {
+        Guard::new_since(io, limits, Instant::now())
+    }
+
+    /// Wrap a connection accepted at `accepted`: the first head's
+    /// `client_header_timeout` runs from then.
+    pub fn new_since(io: S, limits: &ClientLimits, accepted: Instant) -> (Guard<S>, GuardHandle) {
         let limits = GuardLimits::new(limits);
         let shared = Arc::new(ConnShared::default());
         let guard = Guard {
@@ -962,7 +968,7 @@ impl<S> Guard<S> {
             delivered: 0,
             shared: shared.clone(),
             timer: Timer::Header,
-            sleep: Box::pin(tokio::time::sleep(limits.header_timeout)),
+            sleep: Box::pin(tokio::time::sleep_until(accepted + limits.header_timeout)),
             limits,
         };
         (guard, GuardHandle(shared))

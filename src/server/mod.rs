@@ -544,24 +544,42 @@ async fn accept_loop(
             watcher: graceful.watcher(),
         };
         METRICS.connections_active.inc();
+        let mut stop = stopped.clone();
         tokio::spawn(async move {
             match tls_config {
                 None => {
-                    // HTTP/1 framing is checked below hyper (see `guard`).
-                    let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                    conn.serve(TokioIo::new(stream), None, Some(gh)).await
+                    // No HTTP state until the client sends something (as
+                    // NGINX): a silent new connection costs its socket and
+                    // a small task (the serving state is boxed). Nothing
+                    // within `client_header_timeout`: closed without a
+                    // response, as the guard would. On shutdown, or when
+                    // the listener goes away, hyper takes over at once and
+                    // decides as for any idle connection.
+                    let accepted = tokio::time::Instant::now();
+                    let header_timeout = conn.limits.header_timeout;
+                    let serve = tokio::select! {
+                        r = tokio::time::timeout(header_timeout, stream.readable()) => r.is_ok(),
+                        _ = stop.changed() => true,
+                    };
+                    if serve {
+                        // HTTP/1 framing is checked below hyper (see `guard`).
+                        let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
+                        Box::pin(conn.serve(TokioIo::new(stream), None, Some(gh))).await
+                    }
                 }
                 // The handshake runs here, in the connection's own task.
-                Some(cfg) => match tls::handshake(stream, cfg, conn.limits.header_timeout).await {
-                    Ok((stream, alpn @ tls::Alpn::H2)) => {
-                        conn.serve(TokioIo::new(stream), Some(alpn), None).await
+                Some(cfg) => {
+                    match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
+                        Ok((stream, alpn @ tls::Alpn::H2)) => {
+                            Box::pin(conn.serve(TokioIo::new(stream), Some(alpn), None)).await
+                        }
+                        Ok((stream, alpn)) => {
+                            let (stream, gh) = guard::Guard::new(stream, &conn.limits);
+                            Box::pin(conn.serve(TokioIo::new(stream), Some(alpn), Some(gh))).await
+                        }
+                        Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
                     }
-                    Ok((stream, alpn)) => {
-                        let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                        conn.serve(TokioIo::new(stream), Some(alpn), Some(gh)).await
-                    }
-                    Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-                },
+                }
             }
             METRICS.connections_active.dec();
             drop(permit);
