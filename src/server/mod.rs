@@ -557,8 +557,10 @@ async fn accept_loop(
                     // decides as for any idle connection.
                     let accepted = tokio::time::Instant::now();
                     let header_timeout = conn.limits.header_timeout;
+                    let mut first = [0u8; 1];
                     let serve = tokio::select! {
-                        r = tokio::time::timeout(header_timeout, stream.readable()) => r.is_ok(),
+                        // `peek`, not `readable`: the latter may wake early.
+                        r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => r.is_ok(),
                         _ = stop.changed() => true,
                     };
                     if serve {
