@@ -193,3 +193,98 @@ fn a_response_cut_short_never_returns_its_connection() {
     assert_eq!(big.status, 200);
     assert_eq!(big.body.len(), 4 << 20, "a whole body after the cut one");
 }
+
+/// An upstream whose keep-alive ends as the next request arrives: it
+/// answers the first request of each connection (keep-alive, no
+/// `Connection: close`), then closes the connection when the second one
+/// comes in, without a response — the race with an upstream's keep-alive
+/// timeout, made deterministic. Counts the requests it answered by method.
+struct OneShotUpstream {
+    addr: std::net::SocketAddr,
+    answered: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl OneShotUpstream {
+    fn start() -> OneShotUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let answered: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = answered.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let Some(head) = read_head(&mut stream) else {
+                        return;
+                    };
+                    let method = head.split(' ').next().unwrap_or("").to_string();
+                    // A body announced by Content-Length is read too.
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if stream.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    log.lock().expect("log").push(method);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    // The next request on this connection: hang up on it.
+                    let _ = read_head(&mut stream);
+                });
+            }
+        });
+        OneShotUpstream { addr, answered }
+    }
+
+    fn answered(&self) -> Vec<String> {
+        self.answered.lock().expect("log").clone()
+    }
+}
+
+/// Read one request head (up to the blank line); `None` at EOF.
+fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+#[test]
+fn a_pooled_connection_closed_under_a_get_is_retried_fresh() {
+    let up = OneShotUpstream::start();
+    let gw = Gateway::start(&format!(
+        "worker_threads 1;\n\
+         upstream up {{ server {}; keepalive 8; }}\n\
+         server {{\n    listen @PORT@;\n    location / {{ proxy_pass http://up; }}\n}}\n",
+        up.addr
+    ));
+    let client = Client::new();
+    // Every GET after the first meets a pooled connection that the
+    // upstream closes under it: each is sent again on a new connection.
+    for i in 0..10 {
+        let r = client.get(&gw.url("/x"));
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+        assert_eq!(r.text(), "ok");
+    }
+    assert_eq!(up.answered().len(), 10);
+    // A POST with a body is never sent twice: the stale connection is a
+    // 502 for it (the upstream answered no POST).
+    let r = client.request("POST", &gw.url("/x"), &[], "payload");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        !up.answered().iter().any(|m| m == "POST"),
+        "{:?}",
+        up.answered()
+    );
+}

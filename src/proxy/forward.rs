@@ -74,6 +74,7 @@ pub fn pool_target<'a>(
         connect_timeout: settings.proxy_connect_timeout,
         keepalive,
         tls_config: trust.as_ref().map(|t| &t.config),
+        fresh: false,
     }
 }
 
@@ -106,6 +107,10 @@ pub enum ProxyError {
     Timeout,
     #[error("Request timeout")]
     BodyTimeout,
+    /// A pooled upstream connection closed under a bodyless idempotent
+    /// request before any response: sent again on a new connection.
+    #[error("Bad gateway")]
+    Stale,
 }
 
 impl ProxyError {
@@ -115,7 +120,7 @@ impl ProxyError {
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadGateway => StatusCode::BAD_GATEWAY,
+            ProxyError::BadGateway | ProxyError::Stale => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
@@ -757,12 +762,26 @@ fn cache_fetch(
             };
             let mut ext = http::Extensions::new();
             let mut info = None;
-            send(&gw, p, &loc.settings, prep, None, &mut ext, &mut info)
-                .await
-                .map_err(|e| {
-                    crate::policy::cache::FetchError::new(e.status(), e.to_string())
-                        .with_request_id(id)
-                })
+            let first = send(
+                &gw,
+                p,
+                &loc.settings,
+                prep.clone(),
+                None,
+                &mut ext,
+                &mut info,
+                false,
+            )
+            .await;
+            match first {
+                Err(ProxyError::Stale) => {
+                    send(&gw, p, &loc.settings, prep, None, &mut ext, &mut info, true).await
+                }
+                r => r,
+            }
+            .map_err(|e| {
+                crate::policy::cache::FetchError::new(e.status(), e.to_string()).with_request_id(id)
+            })
         })
     })
 }
@@ -1015,7 +1034,35 @@ async fn proxy(
         None
     };
     let prep = prepare(ctx, p, parts);
-    send(ctx.gw, p, &ctx.loc.settings, prep, body, extensions, info).await
+    match send(
+        ctx.gw,
+        p,
+        &ctx.loc.settings,
+        prep,
+        body,
+        extensions,
+        info,
+        false,
+    )
+    .await
+    {
+        // The request was bodyless (a stale error is only reported then):
+        // prepare it again and send it on a new connection.
+        Err(ProxyError::Stale) => {
+            send(
+                ctx.gw,
+                p,
+                &ctx.loc.settings,
+                prepare(ctx, p, parts),
+                None,
+                extensions,
+                info,
+                true,
+            )
+            .await
+        }
+        r => r,
+    }
 }
 
 /// Everything about the upstream request that does not depend on which
@@ -1131,6 +1178,7 @@ async fn send(
     mut body: Option<Body>,
     extensions: &mut http::Extensions,
     info: &mut Option<UpstreamInfo>,
+    fresh: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let mut headers = std::mem::take(&mut prep.headers);
     let host_override = &prep.host_override;
@@ -1205,7 +1253,7 @@ async fn send(
             tried.insert(pk.peer());
         }
         let mut trust = None;
-        let conn_target = pool_target(
+        let mut conn_target = pool_target(
             gw,
             settings,
             p.tls,
@@ -1214,6 +1262,7 @@ async fn send(
             keepalive,
             &mut trust,
         );
+        conn_target.fresh = fresh;
         let mut builder = Request::builder()
             .method(prep.method.clone())
             .uri(uri.clone());
@@ -1301,6 +1350,12 @@ async fn send(
                     report(Outcome::Success);
                 }
                 return Ok(upstream_response(resp, settings));
+            }
+            Ok(Err(e)) if e.is_stale() && !had_body && idempotent(&prep.method) => {
+                // Not the upstream's failure: its keep-alive ended as the
+                // request went out. The caller sends it again, fresh.
+                tracing::debug!(upstream = %authority, "pooled connection closed under a request; sending again");
+                return Err(ProxyError::Stale);
             }
             Ok(Err(e)) => {
                 // The client's body failing is the client's fault, not the

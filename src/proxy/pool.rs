@@ -70,6 +70,9 @@ pub struct Target<'a> {
     pub keepalive: usize,
     /// The TLS client config when `key.tls` is set.
     pub tls_config: Option<&'a Arc<rustls::ClientConfig>>,
+    /// Open a new connection even if one is idle (the retry after a
+    /// pooled connection turned out stale).
+    pub fresh: bool,
 }
 
 /// Why an upstream request failed.
@@ -81,12 +84,22 @@ pub enum ClientError {
     Tls(std::io::Error),
     /// The HTTP exchange failed after the connection was up.
     Http(hyper::Error),
+    /// A pooled connection was closed by the upstream as the request went
+    /// out, before any response byte: the upstream never saw it as a
+    /// request (its keep-alive timeout raced ours). Safe to send again on
+    /// a new connection when the request is idempotent and has no body.
+    Stale(hyper::Error),
 }
 
 impl ClientError {
     /// Nothing reached the upstream: always safe to try another server.
     pub fn is_connect(&self) -> bool {
         matches!(self, ClientError::Connect(_) | ClientError::Tls(_))
+    }
+
+    /// See [`ClientError::Stale`].
+    pub fn is_stale(&self) -> bool {
+        matches!(self, ClientError::Stale(_))
     }
 }
 
@@ -96,6 +109,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Connect(_) => f.write_str("connect failed"),
             ClientError::Tls(_) => f.write_str("TLS handshake failed"),
             ClientError::Http(_) => f.write_str("upstream exchange failed"),
+            ClientError::Stale(_) => f.write_str("pooled upstream connection closed"),
         }
     }
 }
@@ -104,7 +118,7 @@ impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientError::Connect(e) | ClientError::Tls(e) => Some(e),
-            ClientError::Http(e) => Some(e),
+            ClientError::Http(e) | ClientError::Stale(e) => Some(e),
         }
     }
 }
@@ -174,7 +188,8 @@ pub async fn request(
     mut req: Request<Body>,
 ) -> Result<Response<PooledBody>, ClientError> {
     loop {
-        let (mut sender, reused) = match checkout(&t.key) {
+        let pooled = if t.fresh { None } else { checkout(&t.key) };
+        let (mut sender, reused) = match pooled {
             Some(s) => (s, true),
             // Boxed: connecting (TLS included) is the rare path and its
             // state is large; every request's future would carry it.
@@ -205,10 +220,37 @@ pub async fn request(
                 // Not written: the pooled connection was closing. Try the
                 // next one (or a fresh connection).
                 Some(r) if reused => req = r,
-                _ => return Err(ClientError::Http(e.into_error())),
+                _ => {
+                    let e = e.into_error();
+                    return Err(if reused && closed_early(&e) {
+                        ClientError::Stale(e)
+                    } else {
+                        ClientError::Http(e)
+                    });
+                }
             },
         }
     }
+}
+
+/// The connection went away before any response: closed or reset.
+fn closed_early(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = x.source();
+    }
+    false
 }
 
 async fn connect(t: &Target<'_>) -> Result<SendRequest<Body>, ClientError> {
