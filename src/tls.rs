@@ -261,13 +261,14 @@ pub struct UpstreamTrust {
 }
 
 fn client_config(roots: RootCertStore) -> ClientConfig {
-    // No ALPN here: the connector offers `http/1.1` itself (upstreams are
-    // spoken to over HTTP/1.1, LANGUAGE.md §4).
-    ClientConfig::builder_with_provider(provider())
+    let mut c = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
-        .with_no_client_auth()
+        .with_no_client_auth();
+    // Upstreams are spoken to over HTTP/1.1 (LANGUAGE.md §4): say so.
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    c
 }
 
 /// The CAs of a `proxy_ssl_trusted_certificate` file.

@@ -85,9 +85,10 @@ pub enum ClientError {
     /// The HTTP exchange failed after the connection was up.
     Http(hyper::Error),
     /// A pooled connection was closed by the upstream as the request went
-    /// out, before any response byte: the upstream never saw it as a
-    /// request (its keep-alive timeout raced ours). Safe to send again on
-    /// a new connection when the request is idempotent and has no body.
+    /// out, before any response byte — most likely its keep-alive timeout
+    /// racing ours. Safe to send again on a new connection when the
+    /// request is idempotent and has no body (NGINX does the same for its
+    /// cached connections).
     Stale(hyper::Error),
 }
 
@@ -172,12 +173,6 @@ fn checkin(key: Key, sender: SendRequest<Body>, keepalive: usize) {
         }
         stack.push(Idle { sender, since: now });
     });
-}
-
-/// Idle connections this thread keeps (all keys), for tests and metrics.
-pub fn idle_count() -> usize {
-    IDLE.try_with(|idle| idle.borrow().values().map(Vec::len).sum())
-        .unwrap_or(0)
 }
 
 /// Send `req` (origin-form URI, `Host` set) over a pooled or new connection.
