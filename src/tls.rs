@@ -257,18 +257,34 @@ pub struct UpstreamTrust {
     /// Hash of the CA file's bytes: a reload that changes the file gets a
     /// new client (and pool); an unchanged one keeps its connections.
     pub fingerprint: u64,
+    /// For clients that add their own ALPN (hyper-rustls: JWKS, OTLP).
     pub config: Arc<ClientConfig>,
+    /// For upstream connections: the same, offering ALPN `http/1.1`
+    /// (upstreams are spoken to over HTTP/1.1, LANGUAGE.md §4).
+    pub upstream: Arc<ClientConfig>,
+}
+
+impl UpstreamTrust {
+    fn new(path: Option<PathBuf>, fingerprint: u64, config: ClientConfig) -> UpstreamTrust {
+        let mut upstream = config.clone();
+        upstream.alpn_protocols = vec![b"http/1.1".to_vec()];
+        UpstreamTrust {
+            path,
+            fingerprint,
+            config: Arc::new(config),
+            upstream: Arc::new(upstream),
+        }
+    }
 }
 
 fn client_config(roots: RootCertStore) -> ClientConfig {
-    let mut c = ClientConfig::builder_with_provider(provider())
+    // No ALPN here: hyper-rustls (the JWKS and OTLP clients) adds its own
+    // and refuses a config that has one; see [`UpstreamTrust::upstream`].
+    ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    // Upstreams are spoken to over HTTP/1.1 (LANGUAGE.md §4): say so.
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    c
+        .with_no_client_auth()
 }
 
 /// The CAs of a `proxy_ssl_trusted_certificate` file.
@@ -284,11 +300,11 @@ pub fn load_trust(path: &Path) -> Result<UpstreamTrust, TlsError> {
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
-    Ok(UpstreamTrust {
-        path: Some(path.to_path_buf()),
-        fingerprint: h.finish(),
-        config: Arc::new(client_config(roots)),
-    })
+    Ok(UpstreamTrust::new(
+        Some(path.to_path_buf()),
+        h.finish(),
+        client_config(roots),
+    ))
 }
 
 /// The operating system's trust store (read once per process). With none
@@ -307,11 +323,7 @@ pub fn system_trust() -> Arc<UpstreamTrust> {
             tracing::error!("no system CA certificates found: https upstreams will fail verification (install ca-certificates or set proxy_ssl_trusted_certificate)");
         }
         let config = client_config(roots);
-        Arc::new(UpstreamTrust {
-            path: None,
-            fingerprint: 0,
-            config: Arc::new(config),
-        })
+        Arc::new(UpstreamTrust::new(None, 0, config))
     })
     .clone()
 }
@@ -356,11 +368,11 @@ impl GatewayTls {
             Some(p) => match self.trust.get(p) {
                 Some(t) => t.clone(),
                 // Compiled from the same config: never missing; fail closed.
-                None => Arc::new(UpstreamTrust {
-                    path: Some(p.clone()),
-                    fingerprint: u64::MAX,
-                    config: Arc::new(client_config(RootCertStore::empty())),
-                }),
+                None => Arc::new(UpstreamTrust::new(
+                    Some(p.clone()),
+                    u64::MAX,
+                    client_config(RootCertStore::empty()),
+                )),
             },
             None => system_trust(),
         }

@@ -500,7 +500,8 @@ fn reload_picks_up_a_new_certificate_and_keeps_it_when_the_next_is_bad() {
 }
 
 /// An HTTPS upstream with `cert`/`key` from `dir`: answers every request
-/// with the SNI it saw, the X-Forwarded-Proto and the Host.
+/// with the SNI it saw, the X-Forwarded-Proto, the Host and the ALPN
+/// protocol negotiated (it offers h2 and http/1.1).
 fn tls_upstream(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
@@ -520,6 +521,8 @@ fn tls_upstream(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .expect("server config");
+    let mut cfg = cfg;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(addr))
@@ -536,6 +539,11 @@ fn tls_upstream(
                     return;
                 };
                 let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let alpn = tls
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map_or("-".to_string(), |p| String::from_utf8_lossy(p).into_owned());
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let h = |n: &str| {
@@ -546,7 +554,7 @@ fn tls_upstream(
                                 .to_string()
                         };
                         let body = format!(
-                            "sni={sni} xfp={} host={}",
+                            "sni={sni} xfp={} host={} alpn={alpn}",
                             h("x-forwarded-proto"),
                             h("host")
                         );
@@ -598,7 +606,10 @@ fn https_upstream_is_verified_against_the_trusted_ca() {
     assert_eq!(seen.status, 200, "{}", seen.body);
     assert_eq!(
         seen.body,
-        format!("sni=localhost xfp=https host=localhost:{}", up.port())
+        format!(
+            "sni=localhost xfp=https host=localhost:{} alpn=http/1.1",
+            up.port()
+        )
     );
     for path in ["/other-ca", "/system-roots"] {
         let seen = rt

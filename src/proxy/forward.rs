@@ -73,7 +73,7 @@ pub fn pool_target<'a>(
         },
         connect_timeout: settings.proxy_connect_timeout,
         keepalive,
-        tls_config: trust.as_ref().map(|t| &t.config),
+        tls_config: trust.as_ref().map(|t| &t.upstream),
         fresh: false,
     }
 }
