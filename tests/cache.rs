@@ -161,6 +161,34 @@ async fn miss_hit_expiry_and_metrics() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_fresh_hit_never_builds_the_fetch() {
+    let cache = Cache::new(&def("t_lazy"));
+    let calls = counter();
+    let fetch = fixed(&calls, 200, &[("cache-control", "max-age=10")]);
+    let built = counter();
+    let b = Arc::clone(&built);
+    let r = cache
+        .serve_with("/a".into(), &get(), move || {
+            b.fetch_add(1, Ordering::SeqCst);
+            fetch
+        })
+        .await;
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(built.load(Ordering::SeqCst), 1, "a miss builds it");
+    // Stored as the body is read.
+    let body = r.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"body 0");
+    settle().await;
+    let r = cache
+        .serve_with("/a".into(), &get(), || -> Fetch {
+            panic!("a fresh hit built the upstream fetch")
+        })
+        .await;
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn head_is_answered_from_a_stored_get_and_never_stored() {
     let cache = Cache::new(&def("t_head"));
     let calls = counter();

@@ -694,7 +694,19 @@ impl Cache {
         req: &http::request::Parts,
         fetch: Fetch,
     ) -> Response<Body> {
-        let (status, mut resp) = self.decide(&key, req, &fetch).await;
+        self.serve_with(key, req, move || fetch).await
+    }
+
+    /// [`Cache::serve`] with the fetch built only when it is needed: a
+    /// fresh hit never builds it (preparing the upstream request is most
+    /// of a hit's cost otherwise).
+    pub async fn serve_with(
+        self: &Arc<Self>,
+        key: String,
+        req: &http::request::Parts,
+        make_fetch: impl FnOnce() -> Fetch,
+    ) -> Response<Body> {
+        let (status, mut resp) = self.decide(&key, req, make_fetch).await;
         self.counters[status.index()].inc();
         resp.headers_mut()
             .insert(X_CACHE_STATUS, HeaderValue::from_static(status.as_str()));
@@ -706,11 +718,11 @@ impl Cache {
         self: &Arc<Self>,
         key: &str,
         req: &http::request::Parts,
-        fetch: &Fetch,
+        make_fetch: impl FnOnce() -> Fetch,
     ) -> (CacheStatus, Response<Body>) {
         let directives = RequestDirectives::parse(&req.headers);
         if !self.methods.contains(&req.method) || directives.no_store {
-            return match fetch().await {
+            return match make_fetch()().await {
                 Ok(resp) => (CacheStatus::Bypass, resp),
                 Err(e) => (CacheStatus::Bypass, e.to_response()),
             };
@@ -722,14 +734,19 @@ impl Cache {
         let found = found.filter(|e| !auth || e.shareable_with_auth);
         if let Some(e) = &found
             && !directives.no_cache
+            && now < e.fresh_until
         {
-            if now < e.fresh_until {
-                return (CacheStatus::Hit, e.respond(now, head));
-            }
-            if now < e.swr_until && !head {
-                self.refresh_in_background(key, &flight_key, req, auth, e, fetch);
-                return (CacheStatus::Updating, e.respond(now, false));
-            }
+            return (CacheStatus::Hit, e.respond(now, head));
+        }
+        // Anything past a fresh hit may need the upstream.
+        let fetch = &make_fetch();
+        if let Some(e) = &found
+            && !directives.no_cache
+            && now < e.swr_until
+            && !head
+        {
+            self.refresh_in_background(key, &flight_key, req, auth, e, fetch);
+            return (CacheStatus::Updating, e.respond(now, false));
         }
         let ctx = Ctx {
             key,

@@ -674,19 +674,23 @@ async fn serve_request(
                 match cache {
                     Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
                         let key = vars.render(&cache.def().key);
-                        let mut prep = prepare(&ctx, p, &parts);
-                        // Validators and ranges are the client's business: the
-                        // cache stores whole responses (as NGINX does).
-                        for h in [
-                            header::IF_NONE_MATCH,
-                            header::IF_MODIFIED_SINCE,
-                            header::IF_RANGE,
-                            header::RANGE,
-                        ] {
-                            prep.headers.remove(h);
-                        }
-                        let fetch = cache_fetch(gw.clone(), si, li, prep, id.to_string());
-                        let resp = cache.serve(key, &parts, fetch).await;
+                        // Built only on a miss (or a refresh): a fresh hit
+                        // never prepares an upstream request.
+                        let make_fetch = || {
+                            let mut prep = prepare(&ctx, p, &parts);
+                            // Validators and ranges are the client's business:
+                            // the cache stores whole responses (as NGINX does).
+                            for h in [
+                                header::IF_NONE_MATCH,
+                                header::IF_MODIFIED_SINCE,
+                                header::IF_RANGE,
+                                header::RANGE,
+                            ] {
+                                prep.headers.remove(h);
+                            }
+                            cache_fetch(gw.clone(), si, li, prep, id.to_string())
+                        };
+                        let resp = cache.serve_with(key, &parts, make_fetch).await;
                         out.cache = resp
                             .extensions()
                             .get::<crate::policy::cache::CacheStatus>()
