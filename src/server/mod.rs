@@ -9,15 +9,16 @@
 //! `watch` channel and logged.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -230,7 +231,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     let tls_configs = gw.tls.listeners.clone();
     crate::proxy::health::start(&gw);
     let shared = Arc::new(Shared::new(gw));
-    let graceful = Arc::new(GracefulShutdown::new());
+    let graceful = Drain::new();
     let mut listeners: HashMap<SocketAddr, ListenerHandle> = HashMap::new();
     for (addr, lim) in &limits {
         let tls = tls_configs.get(addr).cloned();
@@ -406,7 +407,6 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     for (_, h) in listeners.drain() {
         h.close().await;
     }
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
     match tokio::time::timeout(shutdown_timeout, graceful.shutdown()).await {
         Ok(()) => {
             tracing::info!("all requests finished");
@@ -454,7 +454,7 @@ async fn start_listener(
     limits: ClientLimits,
     tls_config: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Drain,
 ) -> Result<ListenerHandle, ServeError> {
     let handles = worker_handles();
     let sockets = bind(addr, handles.len()).map_err(|source| ServeError::Bind { addr, source })?;
@@ -494,7 +494,7 @@ async fn accept_loop(
     tls_now: tls::ListenerTls,
     permits: Option<Arc<Semaphore>>,
     shared: Arc<Shared>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Drain,
     mut stopped: watch::Receiver<bool>,
 ) {
     let listener = match TcpListener::from_std(socket) {
@@ -557,27 +557,32 @@ async fn accept_loop(
                     // decides as for any idle connection.
                     let accepted = tokio::time::Instant::now();
                     let header_timeout = conn.limits.header_timeout;
-                    let mut first = [0u8; 1];
-                    let serve = tokio::select! {
+                    let mut first = [0u8; 3];
+                    let peeked = tokio::select! {
                         // `peek`, not `readable`: the latter may wake early.
-                        r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => r.is_ok(),
-                        _ = stop.changed() => true,
+                        r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => match r {
+                            Ok(Ok(n)) => Some(n),
+                            Ok(Err(_)) => Some(0),
+                            Err(_) => None,
+                        },
+                        _ = stop.changed() => Some(0),
                     };
-                    if serve {
+                    if let Some(n) = peeked {
+                        let proto = Proto::sniff(&first[..n.min(first.len())]);
                         // HTTP/1 framing is checked below hyper (see `guard`).
                         let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
-                        Box::pin(conn.serve(TokioIo::new(stream), None, Some(gh))).await
+                        Box::pin(conn.serve(TokioIo::new(stream), proto, Some(gh))).await
                     }
                 }
                 // The handshake runs here, in the connection's own task.
                 Some(cfg) => {
                     match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
-                        Ok((stream, alpn @ tls::Alpn::H2)) => {
-                            Box::pin(conn.serve(TokioIo::new(stream), Some(alpn), None)).await
+                        Ok((stream, tls::Alpn::H2)) => {
+                            Box::pin(conn.serve(TokioIo::new(stream), Proto::H2, None)).await
                         }
-                        Ok((stream, alpn)) => {
+                        Ok((stream, _)) => {
                             let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                            Box::pin(conn.serve(TokioIo::new(stream), Some(alpn), Some(gh))).await
+                            Box::pin(conn.serve(TokioIo::new(stream), Proto::Http1, Some(gh))).await
                         }
                         Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
                     }
@@ -589,19 +594,101 @@ async fn accept_loop(
     }
 }
 
+/// Which HTTP a connection speaks, as far as its first bytes (or TLS's
+/// ALPN) tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// HTTP/1.x: served by hyper's HTTP/1 connection directly.
+    Http1,
+    /// HTTP/2 (ALPN `h2`).
+    H2,
+    /// Not known yet (the bytes so far could start the h2c preface): hyper's
+    /// auto builder reads the first bytes and decides.
+    Auto,
+}
+
+impl Proto {
+    /// A plain connection's first bytes: anything that cannot start the
+    /// HTTP/2 preface (`PRI * HTTP/2.0`) is HTTP/1, and skips the auto
+    /// builder's version read (a small read that would split the head).
+    fn sniff(first: &[u8]) -> Proto {
+        match first {
+            [] => Proto::Auto,
+            [b, ..] if *b != b'P' => Proto::Http1,
+            [_, _, _, ..] if !first.starts_with(b"PRI") => Proto::Http1,
+            _ => Proto::Auto,
+        }
+    }
+}
+
+/// The graceful drain: every connection holds a receiver; shutting down
+/// tells them all to finish (hyper's graceful shutdown: in-flight requests
+/// complete, idle connections close) and waits until the last is gone.
+#[derive(Clone)]
+struct Drain {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Drain {
+    fn new() -> Drain {
+        Drain {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    fn watcher(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        self.tx.send_replace(true);
+        self.tx.closed().await;
+    }
+}
+
+/// Drive one connection to its end; when the drain starts, ask it to shut
+/// down gracefully and keep driving it until it has.
+async fn drive<C, E>(conn: C, mut stop: watch::Receiver<bool>, shutdown: fn(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopping(&mut stop) => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the drain has started (never if the drain is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// One accepted connection, served over a plain or TLS stream.
 struct Conn {
     shared: Arc<Shared>,
     info: ConnInfo,
     limits: ClientLimits,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: watch::Receiver<bool>,
 }
 
 impl Conn {
-    /// Serve HTTP until the connection closes. `alpn` is what TLS
-    /// negotiated; `None` on plain listeners (HTTP/1.1, or h2c with prior
-    /// knowledge).
-    async fn serve<I>(self, io: I, alpn: Option<tls::Alpn>, guard: Option<guard::GuardHandle>)
+    /// Serve HTTP until the connection closes.
+    async fn serve<I>(self, io: I, proto: Proto, guard: Option<guard::GuardHandle>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -627,23 +714,31 @@ impl Conn {
         // The guard enforces the client header and keep-alive timeouts;
         // hyper's own (a boxed timer per request) is only a fallback for
         // streams without a guard.
+        let max_buf = (limits.max_header_size as usize).max(8192);
+        if proto == Proto::Http1 {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(backstop)
+                .half_close(true)
+                .max_buf_size(max_buf);
+            let conn = b.serve_connection(io, svc).with_upgrades();
+            drive(conn, watcher, |c| c.graceful_shutdown()).await;
+            return;
+        }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(backstop)
             .half_close(true)
-            .max_buf_size((limits.max_header_size as usize).max(8192));
+            .max_buf_size(max_buf);
         builder.http2().timer(TokioTimer::new());
-        let builder = match alpn {
-            Some(tls::Alpn::H2) => builder.http2_only(),
-            Some(tls::Alpn::Http1) => builder.http1_only(),
-            None => builder,
+        let builder = match proto {
+            Proto::H2 => builder.http2_only(),
+            _ => builder,
         };
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
+        drive(conn, watcher, |c| c.graceful_shutdown()).await;
     }
 }
 
