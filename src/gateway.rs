@@ -50,6 +50,8 @@ pub struct UpstreamPool {
     pub addrs: Vec<arc_swap::ArcSwap<SocketAddr>>,
     /// `host:port` as written, sent as `Host` (index = peer index).
     pub hosts: Vec<String>,
+    /// The same as `Host` header values, built once.
+    pub host_values: Vec<Option<http::HeaderValue>>,
     pub peers: Peers,
     /// The block as validated, to decide whether state carries over.
     pub def: Upstream,
@@ -194,6 +196,11 @@ pub fn compile(
         upstreams.push(Arc::new(UpstreamPool {
             name: u.name.clone(),
             hosts: u.servers.iter().map(|s| s.address.clone()).collect(),
+            host_values: u
+                .servers
+                .iter()
+                .map(|s| http::HeaderValue::try_from(s.address.as_str()).ok())
+                .collect(),
             addrs,
             peers,
             def: u.clone(),

@@ -131,7 +131,7 @@ fn emit(target: &LogTarget, line: String) {
 pub struct Record {
     pub start: Instant,
     pub time: SystemTime,
-    pub request_id: String,
+    pub request_id: http::HeaderValue,
     pub remote_addr: std::net::IpAddr,
     pub method: http::Method,
     /// The request target as received (path and query).
@@ -227,7 +227,7 @@ impl Record {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         serde_json::json!({
             "time": httpdate_rfc3339(self.time),
-            "request_id": self.request_id,
+            "request_id": crate::proxy::forward::id_str(&self.request_id),
             "remote_addr": self.remote_addr.to_string(),
             "method": self.method.as_str(),
             "path": self.uri.path(),
@@ -298,7 +298,7 @@ pub fn httpdate_rfc3339(t: SystemTime) -> String {
 pub struct LoggedBody<B> {
     inner: B,
     bytes: u64,
-    record: Option<Box<Record>>,
+    record: Option<Record>,
 }
 
 impl<B> LoggedBody<B> {
@@ -306,7 +306,7 @@ impl<B> LoggedBody<B> {
         LoggedBody {
             inner,
             bytes: 0,
-            record: Some(Box::new(record)),
+            record: Some(record),
         }
     }
 

@@ -173,6 +173,24 @@ pub fn new_request_id() -> String {
     crate::observe::trace::hex(&fastrand::u128(..).to_be_bytes())
 }
 
+/// A new request id as a header value: one allocation, and every clone
+/// (upstream request, response, log) shares it.
+pub fn new_request_id_value() -> HeaderValue {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, b) in fastrand::u128(..).to_be_bytes().iter().enumerate() {
+        buf[2 * i] = DIGITS[(b >> 4) as usize];
+        buf[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// A request id value as text (ids are sane ASCII by construction).
+pub fn id_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("")
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy-auth pair).
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -203,14 +221,28 @@ pub fn request_id_name(configured: &str) -> Option<HeaderName> {
     }
 }
 
-/// An IP address as a header value, formatted without the heap.
+/// An IP address as a header value: formatted on the stack, one
+/// allocation, and its clones (X-Forwarded-For, X-Real-IP) share it.
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     use std::io::Write;
-    let mut buf = [0u8; 46];
-    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    struct IpText {
+        buf: [u8; 46],
+        len: usize,
+    }
+    impl AsRef<[u8]> for IpText {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+    let mut t = IpText {
+        buf: [0u8; 46],
+        len: 0,
+    };
+    let mut cur = std::io::Cursor::new(&mut t.buf[..]);
     let _ = write!(cur, "{ip}");
-    let n = cur.position() as usize;
-    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
+    t.len = cur.position() as usize;
+    HeaderValue::from_maybe_shared(Bytes::from_owner(t))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Remove hop-by-hop headers and those listed in `Connection`.
@@ -230,6 +262,28 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
+}
+
+/// A copy of a request's headers for the upstream: without `Host`, the
+/// hop-by-hop headers and those listed in `Connection` (as
+/// [`strip_hop_by_hop`]), sized for `extra` more so the gateway's own
+/// never grow it.
+fn forwarded_headers(src: &HeaderMap, extra: usize) -> HeaderMap {
+    let listed: Vec<HeaderName> = src
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(src.len() + extra);
+    for (name, value) in src {
+        if *name == header::HOST || HOP_BY_HOP.contains(name) || listed.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
 }
 
 /// Characters kept as-is when a decoded path is put back on the wire.
@@ -281,7 +335,7 @@ fn remote_addr(server: &Server, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 struct Outcome_ {
     route: Option<Arc<str>>,
     server: Option<Arc<str>>,
-    request_id: String,
+    request_id: HeaderValue,
     remote_addr: IpAddr,
     log: crate::config::model::AccessLog,
     upstream: Option<UpstreamInfo>,
@@ -321,7 +375,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     let mut out = Outcome_ {
         route: None,
         server: None,
-        request_id: String::new(),
+        request_id: HeaderValue::from_static(""),
         remote_addr: conn.peer.ip(),
         log: gw.config.defaults.access_log.clone(),
         upstream: None,
@@ -379,18 +433,19 @@ async fn serve_request(
         (Some(_), None) => 1,
         (Some(_), Some(_)) => 2,
     };
-    let host_raw: Option<String> = match (req.uri().authority(), host_count) {
+    // A header value: the Host header's is shared with the request, not copied.
+    let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
         (_, 2..) => None,
-        (Some(a), _) => Some(a.as_str().to_string()),
-        (None, 1) => first_host.and_then(|h| h.to_str().ok()).map(str::to_string),
+        (Some(a), _) => HeaderValue::try_from(a.as_str()).ok(),
+        (None, 1) => first_host.filter(|h| h.to_str().is_ok()).cloned(),
         (None, _) => None,
     };
     out.request_id = req
         .headers()
         .get(default_id_header)
-        .and_then(sane_id)
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id);
+        .filter(|v| sane_id(v).is_some())
+        .cloned()
+        .unwrap_or_else(new_request_id_value);
     let bad = |id: &str| {
         let mut r = error_response(
             StatusCode::BAD_REQUEST,
@@ -403,33 +458,33 @@ async fn serve_request(
         r
     };
     if !framing_ok(req.headers()) {
-        return bad(&out.request_id);
+        return bad(id_str(&out.request_id));
     }
     if host_count > 1
-        || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_raw.is_none()))
+        || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_value.is_none()))
     {
-        return bad(&out.request_id);
+        return bad(id_str(&out.request_id));
     }
-    let host_raw = host_raw.unwrap_or_default();
-    let Some(host) = host_only(&host_raw) else {
-        return bad(&out.request_id);
+    let host_raw: &str = host_value.as_ref().map_or("", id_str);
+    let Some(host) = host_only(host_raw) else {
+        return bad(id_str(&out.request_id));
     };
     let Some(pq) = req.uri().path_and_query().cloned() else {
-        return bad(&out.request_id);
+        return bad(id_str(&out.request_id));
     };
     let raw_path = pq.path();
     if !raw_path.starts_with('/') {
-        return bad(&out.request_id);
+        return bad(id_str(&out.request_id));
     }
     let path = match normalize_path(raw_path) {
-        Ok(p) => p.into_owned(),
-        Err(_) => return bad(&out.request_id),
+        Ok(p) => p,
+        Err(_) => return bad(id_str(&out.request_id)),
     };
     let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "Not found",
-            &out.request_id,
+            id_str(&out.request_id),
             default_id_header,
         );
     };
@@ -443,7 +498,7 @@ async fn serve_request(
         if settings.request_id_header != default_id_header {
             out.request_id = request_id(&req, settings);
         }
-        let id = out.request_id.as_str();
+        let id = id_str(&out.request_id);
         let empty_caps: Vec<Option<String>> = Vec::new();
         let request_uri = pq.as_str().to_string();
         let vars = RequestVars {
@@ -463,7 +518,7 @@ async fn serve_request(
             claims: None,
         };
         let mut resp = return_response(r, &vars);
-        finish_response(&mut resp, settings, &vars);
+        finish_response(&mut resp, settings, &vars, &out.request_id);
         return resp;
     }
     let (li, captures, named) = match gw.router.lookup(si, &path) {
@@ -495,7 +550,7 @@ async fn serve_request(
             if settings.request_id_header != default_id_header {
                 out.request_id = request_id(&req, settings);
             }
-            let id = out.request_id.as_str();
+            let id = id_str(&out.request_id);
             let mut target = encode_path(&format!("{path}/"));
             if let Some(q) = pq.query() {
                 target.push('?');
@@ -516,7 +571,7 @@ async fn serve_request(
             return error_response(
                 StatusCode::NOT_FOUND,
                 "Not found",
-                &out.request_id,
+                id_str(&out.request_id),
                 default_id_header,
             );
         }
@@ -528,7 +583,7 @@ async fn serve_request(
     if settings.request_id_header != default_id_header {
         out.request_id = request_id(&req, settings);
     }
-    let id = out.request_id.as_str();
+    let id = id_str(&out.request_id);
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
     out.remote_addr = remote;
     let server_name = server
@@ -668,6 +723,7 @@ async fn serve_request(
                 path: &path,
                 trace,
                 body_timeout: server.limits.body_timeout,
+                request_id: &out.request_id,
             };
             let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
             let resp =
@@ -737,7 +793,7 @@ async fn serve_request(
             crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
         }
     };
-    finish_response(&mut resp, settings, &vars);
+    finish_response(&mut resp, settings, &vars, &out.request_id);
     if let Some(v) = limit_headers {
         v.write_headers(resp.headers_mut());
     }
@@ -838,17 +894,22 @@ fn host_only(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// The request id under a location's own `request_id_header`.
-fn request_id<B>(req: &Request<B>, settings: &LocationSettings) -> String {
+fn request_id<B>(req: &Request<B>, settings: &LocationSettings) -> HeaderValue {
     req.headers()
         .get(settings.request_id_header.as_str())
-        .and_then(sane_id)
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id)
+        .filter(|v| sane_id(v).is_some())
+        .cloned()
+        .unwrap_or_else(new_request_id_value)
 }
 
 /// Response headers every answer of a location gets: `add_header`, the
 /// request id.
-fn finish_response(resp: &mut Response<Body>, settings: &LocationSettings, vars: &RequestVars<'_>) {
+fn finish_response(
+    resp: &mut Response<Body>,
+    settings: &LocationSettings,
+    vars: &RequestVars<'_>,
+    id: &HeaderValue,
+) {
     let status = resp.status().as_u16();
     let ok_status = (200..400).contains(&status);
     for h in &settings.add_header {
@@ -865,11 +926,8 @@ fn finish_response(resp: &mut Response<Body>, settings: &LocationSettings, vars:
             }
         }
     }
-    if let (Some(n), Ok(v)) = (
-        request_id_name(&settings.request_id_header),
-        HeaderValue::try_from(vars.request_id),
-    ) {
-        resp.headers_mut().insert(n, v);
+    if let Some(n) = request_id_name(&settings.request_id_header) {
+        resp.headers_mut().insert(n, id.clone());
     }
 }
 
@@ -907,6 +965,7 @@ struct ProxyCtx<'a> {
     path: &'a str,
     trace: &'a crate::observe::trace::TraceContext,
     body_timeout: Duration,
+    request_id: &'a HeaderValue,
 }
 
 /// The path and query sent upstream (LANGUAGE.md §4, §13.3).
@@ -1075,8 +1134,8 @@ async fn proxy(
 #[derive(Clone)]
 pub struct Prepared {
     pub method: http::Method,
-    /// Path and query sent upstream.
-    pub target: String,
+    /// Path and query sent upstream (`None`: not a valid URI, a 400).
+    pub target: Option<Uri>,
     pub headers: HeaderMap,
     pub host_override: Option<String>,
     pub hash_key: Option<String>,
@@ -1086,17 +1145,25 @@ pub struct Prepared {
 
 fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> Prepared {
     let settings = &ctx.loc.settings;
-    let target = upstream_target(ctx, p);
-    let mut headers = parts.headers.clone();
+    // No rewrite and no URI part: the client's own origin-form target goes
+    // up as it came (the same bytes, no copy and no second parse).
+    let target = if ctx.loc.rewrites.is_empty()
+        && p.uri.is_none()
+        && parts.uri.scheme().is_none()
+        && parts.uri.authority().is_none()
+    {
+        Some(parts.uri.clone())
+    } else {
+        Uri::from_maybe_shared(Bytes::from(upstream_target(ctx, p))).ok()
+    };
+    let mut headers = forwarded_headers(&parts.headers, 8 + settings.proxy_set_header.len());
     let upgrade = upgrade_protocol(&parts.headers);
-    strip_hop_by_hop(&mut headers);
     if let Some(proto) = &upgrade {
         // A protocol upgrade (WebSocket) is the one hop-by-hop exchange that
         // must cross: it is re-added and the tunnel set up on 101.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
-    headers.remove(header::HOST);
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -1132,11 +1199,8 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
         },
     );
     headers.insert(TRACEPARENT, ctx.trace.header_value());
-    if let (Some(n), Ok(v)) = (
-        request_id_name(&settings.request_id_header),
-        HeaderValue::try_from(ctx.vars.request_id),
-    ) {
-        headers.insert(n, v);
+    if let Some(n) = request_id_name(&settings.request_id_header) {
+        headers.insert(n, ctx.request_id.clone());
     }
     let mut host_override: Option<String> = None;
     for (name, value) in &settings.proxy_set_header {
@@ -1197,10 +1261,8 @@ async fn send(
         ProxyTarget::Address { .. } => None,
     };
     let keepalive = pool.as_ref().map_or(DEFAULT_KEEPALIVE, |p| p.def.keepalive);
-    // The target's bytes become the URI's (no copy).
-    let uri: Uri = match Uri::from_maybe_shared(Bytes::from(std::mem::take(&mut prep.target))) {
-        Ok(u) => u,
-        Err(_) => return Err(ProxyError::BadRequest),
+    let Some(uri) = prep.target.take() else {
+        return Err(ProxyError::BadRequest);
     };
     let max_tries = match &pool {
         Some(pool) => {
@@ -1220,7 +1282,7 @@ async fn send(
         ProxyTarget::Upstream(_) => String::new(),
     };
     for attempt in 0..max_tries {
-        let (endpoint, host_header, pick) = match &pool {
+        let (endpoint, host_header, pick, host_value) = match &pool {
             Some(pool) => {
                 let mut pc = PickContext::new(Instant::now())
                     .client_ip(prep.client_ip)
@@ -1242,6 +1304,7 @@ async fn send(
                     crate::proxy::pool::Endpoint::Addr(addr),
                     pool.hosts[i].as_str(),
                     Some(pick),
+                    pool.host_values[i].clone(),
                 )
             }
             None => match &p.target {
@@ -1249,6 +1312,7 @@ async fn send(
                     crate::proxy::pool::Endpoint::Name(Arc::from(host.as_str()), *port),
                     written_address.as_str(),
                     None,
+                    HeaderValue::try_from(written_address.as_str()).ok(),
                 ),
                 ProxyTarget::Upstream(_) => return Err(ProxyError::NoUpstream),
             },
@@ -1278,10 +1342,10 @@ async fn send(
                 std::mem::take(&mut headers)
             };
             let host_value = match host_override {
-                Some(o) => HeaderValue::try_from(o.as_str()),
-                None => HeaderValue::try_from(host_header),
+                Some(o) => HeaderValue::try_from(o.as_str()).ok(),
+                None => host_value,
             };
-            if let Ok(v) = host_value {
+            if let Some(v) = host_value {
                 h.insert(header::HOST, v);
             }
         }
