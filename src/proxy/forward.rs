@@ -718,7 +718,7 @@ async fn serve_request(
                 gw,
                 loc,
                 vars: &vars,
-                host_raw: &host_raw,
+                host_raw,
                 conn,
                 path: &path,
                 trace,
