@@ -570,8 +570,11 @@ async fn accept_loop(
                     if let Some(n) = peeked {
                         let proto = Proto::sniff(&first[..n.min(first.len())]);
                         // HTTP/1 framing is checked below hyper (see `guard`).
+                        // Not boxed: `serve` boxes the connection it drives
+                        // (one allocation of the size it needs, not of the
+                        // largest variant).
                         let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
-                        Box::pin(conn.serve(TokioIo::new(stream), proto, Some(gh))).await
+                        conn.serve(TokioIo::new(stream), proto, Some(gh)).await
                     }
                 }
                 // The handshake runs here, in the connection's own task.
@@ -722,7 +725,8 @@ impl Conn {
                 .half_close(true)
                 .max_buf_size(max_buf);
             let conn = b.serve_connection(io, svc).with_upgrades();
-            drive(conn, watcher, |c| c.graceful_shutdown()).await;
+            // Boxed here, each protocol's connection at its own size.
+            Box::pin(drive(conn, watcher, |c| c.graceful_shutdown())).await;
             return;
         }
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -738,7 +742,7 @@ impl Conn {
             _ => builder,
         };
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        drive(conn, watcher, |c| c.graceful_shutdown()).await;
+        Box::pin(drive(conn, watcher, |c| c.graceful_shutdown())).await;
     }
 }
 
