@@ -52,6 +52,10 @@ pub struct UpstreamPool {
     pub hosts: Vec<String>,
     /// The same as `Host` header values, built once.
     pub host_values: Vec<Option<http::HeaderValue>>,
+    /// How active health checks reach the servers: over TLS (with this
+    /// trust) when every `proxy_pass` and aggregate call to the upstream
+    /// says `https://`, plain HTTP otherwise.
+    pub probe_tls: Option<Arc<crate::tls::UpstreamTrust>>,
     pub peers: Peers,
     /// The block as validated, to decide whether state carries over.
     pub def: Upstream,
@@ -107,6 +111,42 @@ pub struct Gateway {
     pub labels: Vec<ServerLabels>,
     /// Listener certificates and upstream trust, read at (re)load.
     pub tls: crate::tls::GatewayTls,
+}
+
+/// The TLS an upstream's health checks use: the first `https` location's
+/// trust when every reference to the upstream (`proxy_pass`, aggregate
+/// calls) is `https`; `None` (plain HTTP) when any is plain or none exists.
+fn probe_tls(
+    config: &Config,
+    tls: &crate::tls::GatewayTls,
+    upstream: usize,
+) -> Option<Arc<crate::tls::UpstreamTrust>> {
+    use crate::config::model::ProxyTarget;
+    let mut trust = None;
+    for l in config.servers.iter().flat_map(|s| &s.locations) {
+        let refs: Vec<bool> = match &l.handler {
+            Handler::Proxy(p) => vec![p.tls]
+                .into_iter()
+                .filter(|_| matches!(p.target, ProxyTarget::Upstream(i) if i == upstream))
+                .collect(),
+            Handler::Aggregate(a) => a
+                .calls
+                .iter()
+                .filter(|c| matches!(c.target, ProxyTarget::Upstream(i) if i == upstream))
+                .map(|c| c.tls)
+                .collect(),
+            Handler::Return(_) => Vec::new(),
+        };
+        for https in refs {
+            if !https {
+                return None;
+            }
+            if trust.is_none() {
+                trust = Some(tls.trust_for(&l.settings));
+            }
+        }
+    }
+    trust
 }
 
 pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
@@ -192,7 +232,6 @@ pub fn compile(
             Algorithm::from(&u.balance),
             prev,
         );
-        let _ = i;
         upstreams.push(Arc::new(UpstreamPool {
             name: u.name.clone(),
             hosts: u.servers.iter().map(|s| s.address.clone()).collect(),
@@ -201,6 +240,7 @@ pub fn compile(
                 .iter()
                 .map(|s| http::HeaderValue::try_from(s.address.as_str()).ok())
                 .collect(),
+            probe_tls: probe_tls(&config, &tls, i),
             addrs,
             peers,
             def: u.clone(),

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -508,6 +509,18 @@ fn tls_upstream(
     file: &str,
     addr: SocketAddr,
 ) -> SocketAddr {
+    tls_upstream_counting(rt, dir, file, addr, Arc::new(AtomicUsize::new(0)))
+}
+
+/// [`tls_upstream`], counting the health checks it answers (requests with
+/// tollgate's health-check user agent) in `probes`.
+fn tls_upstream_counting(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    file: &str,
+    addr: SocketAddr,
+    probes: Arc<AtomicUsize>,
+) -> SocketAddr {
     let certs = rustls::pki_types::pem::PemObject::pem_file_iter(dir.join(format!("{file}.pem")))
         .expect("pem")
         .collect::<Result<Vec<CertificateDer<'static>>, _>>()
@@ -534,6 +547,7 @@ fn tls_upstream(
                 return;
             };
             let acceptor = acceptor.clone();
+            let probes = probes.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -553,6 +567,9 @@ fn tls_upstream(
                                 .unwrap_or("-")
                                 .to_string()
                         };
+                        if h("user-agent") == "tollgate-health-check" {
+                            probes.fetch_add(1, Ordering::SeqCst);
+                        }
                         let body = format!(
                             "sni={sni} xfp={} host={} alpn={alpn}",
                             h("x-forwarded-proto"),
@@ -617,6 +634,50 @@ fn https_upstream_is_verified_against_the_trusted_ca() {
             .expect("untrusted");
         assert_eq!(seen.status, 502, "{path}: {}", seen.body);
     }
+}
+
+#[test]
+fn health_checks_of_an_https_upstream_speak_tls() {
+    // Probed over plain HTTP, a TLS server fails every check and the
+    // upstream is marked down (503 for everything).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "ca");
+    pki.issue("site", &["site.test"]);
+    pki.issue("upstream", &["localhost", "127.0.0.1", "::1"]);
+    let rt = rt();
+    let at = ("localhost", 0)
+        .to_socket_addrs()
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    let probes = Arc::new(AtomicUsize::new(0));
+    let up = tls_upstream_counting(&rt, dir.path(), "upstream", at, probes.clone());
+    let port = free_port();
+    let conf = format!(
+        "upstream secure {{ server localhost:{up_port}; health_check uri=/healthz interval=50ms timeout=1s fails=1 passes=1; }}\n\
+         server {{ listen 127.0.0.1:{port} ssl; server_name site.test; ssl_certificate site.pem; ssl_certificate_key site.key;\n\
+             location / {{ proxy_ssl_trusted_certificate ca.pem; proxy_pass https://secure; }}\n\
+         }}\n",
+        up_port = up.port()
+    );
+    let gw = Gw::start(dir.path(), &conf, port);
+    // Wait (bounded) until the upstream has answered a few health checks.
+    let end = Instant::now() + Duration::from_secs(10);
+    while probes.load(Ordering::SeqCst) < 3 {
+        assert!(
+            Instant::now() < end,
+            "no health check reached the TLS upstream:\n{}",
+            gw.log.lock().expect("log").join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cfg = client_config(&pki.ca_der(), &[]);
+    let seen = rt
+        .block_on(https_get(port, "site.test", cfg, "/x"))
+        .expect("request");
+    assert_eq!(seen.status, 200, "{}", seen.body);
+    let log = gw.log.lock().expect("log").join("\n");
+    assert!(!log.contains("health check: down"), "{log}");
 }
 
 #[test]

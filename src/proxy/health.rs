@@ -10,8 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 
 use crate::config::model::HealthCheck;
 use crate::gateway::{Gateway, UpstreamPool, resolve};
@@ -41,23 +40,38 @@ pub fn start(gw: &Gateway) {
     }
 }
 
-/// One GET; healthy when it answers 2xx or 3xx within the timeout.
-pub async fn probe(addr: SocketAddr, host: &str, uri: &str, timeout: Duration) -> bool {
+/// One GET on a new connection (TLS when `tls` is set, verified as the
+/// proxied requests are); healthy when it answers 2xx or 3xx within the
+/// timeout.
+pub async fn probe(
+    addr: SocketAddr,
+    host: &str,
+    uri: &str,
+    timeout: Duration,
+    tls: Option<&Arc<crate::tls::UpstreamTrust>>,
+) -> bool {
+    use crate::proxy::pool::{Endpoint, Key, Target};
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let target = Target {
+            key: Key {
+                endpoint: Endpoint::Addr(addr),
+                tls: tls.map(|t| {
+                    let name = crate::tls::upstream_server_name(&addr.ip().to_string(), host);
+                    (Arc::<str>::from(name), t.fingerprint)
+                }),
+            },
+            connect_timeout: timeout,
+            // Never pooled: a probe is its own connection.
+            keepalive: 0,
+            tls_config: tls.map(|t| &t.upstream),
+            fresh: true,
+        };
         let req = http::Request::get(uri)
             .header(http::header::HOST, host)
             .header(http::header::USER_AGENT, "tollgate-health-check")
-            .body(Empty::new())
+            .body(crate::proxy::forward::full_body(Bytes::new()))
             .ok()?;
-        let resp = send.send_request(req).await.ok()?;
+        let resp = crate::proxy::pool::request(&target, req).await.ok()?;
         let ok = resp.status().is_success() || resp.status().is_redirection();
         let _ = resp.into_body().collect().await;
         Some(ok)
@@ -76,8 +90,9 @@ async fn check_loop(pool: Weak<UpstreamPool>, peer: usize, hc: HealthCheck) {
         let (Some(addr), Some(host)) = (p.addr(peer), p.hosts.get(peer).cloned()) else {
             return;
         };
+        let tls = p.probe_tls.clone();
         drop(p);
-        let ok = probe(addr, &host, &hc.uri, hc.timeout).await;
+        let ok = probe(addr, &host, &hc.uri, hc.timeout, tls.as_ref()).await;
         let Some(p) = pool.upgrade() else { return };
         if ok {
             passes += 1;
