@@ -529,6 +529,59 @@ fn smuggling_framing_is_refused_before_the_upstream() {
 }
 
 #[test]
+fn refused_heads_are_logged_and_counted() {
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let admin = free_port();
+    let conf = format!(
+        "admin {{ listen 127.0.0.1:{admin}; }}\n\
+         server {{ listen 127.0.0.1:{{port}}; access_log {} json; location / {{ proxy_pass http://{{up}}; }} }}",
+        log.display()
+    );
+    let gw = Gw::start(&conf, up.addr);
+    let r = gw.exchange(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert_400_closed(&r, "CL+TE");
+    let id = r
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .map(str::trim)
+        .map(str::to_string)
+        .expect("a request id");
+    // The log is written by a background thread: wait for the line.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(&id)) {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no log line for {id}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(v["status"], 400, "{line}");
+    assert_eq!(v["route"], "none", "{line}");
+    assert_eq!(v["method"], "-", "{line}");
+    assert_eq!(v["path"], "-", "{line}");
+    // Counted once the response has gone out (the log line is written then too).
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).expect("admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut metrics = String::new();
+    let _ = s.read_to_string(&mut metrics);
+    assert!(
+        metrics.contains("gateway_requests_total{route=\"none\",method=\"-\",status=\"400\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn a_refused_upgrade_does_not_switch_the_checks_off() {
     let up = Upstream::start();
     let gw = Gw::start(CONF, up.addr);

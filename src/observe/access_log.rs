@@ -134,8 +134,9 @@ pub struct Record {
     pub request_id: http::HeaderValue,
     pub remote_addr: std::net::IpAddr,
     pub method: http::Method,
-    /// The request target as received (path and query).
-    pub uri: http::Uri,
+    /// The request target as received (path and query); `None` when the
+    /// request was refused before it was parsed (logged as `-`).
+    pub uri: Option<http::Uri>,
     pub status: u16,
     pub route: Arc<str>,
     pub server: Option<Arc<str>>,
@@ -206,7 +207,7 @@ impl Record {
                 ids: ids.clone(),
                 method: self.method.clone(),
                 route: self.route.clone(),
-                uri: self.uri.clone(),
+                uri: self.uri.clone().unwrap_or_default(),
                 status: self.status,
                 upstream_addr: self.upstream_addr.as_ref().map(ToString::to_string),
                 start: self.time,
@@ -230,8 +231,8 @@ impl Record {
             "request_id": crate::proxy::forward::id_str(&self.request_id),
             "remote_addr": self.remote_addr.to_string(),
             "method": self.method.as_str(),
-            "path": self.uri.path(),
-            "query": self.uri.query().unwrap_or(""),
+            "path": self.uri.as_ref().map_or("-", |u| u.path()),
+            "query": self.uri.as_ref().and_then(|u| u.query()).unwrap_or(""),
             "status": self.status,
             "bytes_sent": bytes,
             "duration_ms": ms(elapsed),
@@ -254,12 +255,19 @@ impl Record {
                 .unwrap_or("-")
                 .to_string()
         };
+        let request = match &self.uri {
+            Some(u) => format!(
+                "{} {} HTTP/1.1",
+                self.method,
+                u.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+            ),
+            None => "-".to_string(),
+        };
         format!(
-            "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\"",
+            "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\"",
             self.remote_addr,
             httpdate::fmt_http_date(self.time),
-            self.method,
-            self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            request,
             self.status,
             bytes,
             text(&self.referer),

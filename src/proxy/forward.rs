@@ -169,10 +169,6 @@ fn sane_id(v: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
-pub fn new_request_id() -> String {
-    crate::observe::trace::hex(&fastrand::u128(..).to_be_bytes())
-}
-
 /// A new request id as a header value: one allocation, and every clone
 /// (upstream request, response, log) shares it.
 pub fn new_request_id_value() -> HeaderValue {
@@ -392,7 +388,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         request_id: out.request_id,
         remote_addr: out.remote_addr,
         method,
-        uri,
+        uri: Some(uri),
         status: resp.status().as_u16(),
         route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
         server: out.server,
@@ -408,6 +404,52 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         user_agent,
         referer,
         log: out.log,
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+    )
+}
+
+/// A response given without a parsed request (the guard's refusals):
+/// logged and counted like any other, in the access log of the listener's
+/// default server, under route `none` and method `-`, with no target.
+pub fn logged_refusal(
+    shared: &Shared,
+    conn: ConnInfo,
+    resp: Response<Body>,
+    request_id: HeaderValue,
+) -> Response<Body> {
+    let gw = shared.gateway.load();
+    let server = gw.router.select_server(conn.local, None);
+    let record = crate::observe::access_log::Record {
+        start: Instant::now(),
+        time: std::time::SystemTime::now(),
+        request_id,
+        remote_addr: conn.peer.ip(),
+        method: Method::from_bytes(b"-").unwrap_or(Method::GET),
+        uri: None,
+        status: resp.status().as_u16(),
+        route: NONE_ROUTE.with(Arc::clone),
+        server: server
+            .and_then(|si| gw.labels.get(si))
+            .map(|l| l.server.clone()),
+        #[cfg(feature = "otlp")]
+        span: None,
+        trace_id: crate::observe::trace::TraceContext::from_header(None).trace_id,
+        upstream_addr: None,
+        upstream_status: None,
+        upstream_duration: None,
+        auth: None,
+        rate_limit: None,
+        cache: None,
+        user_agent: None,
+        referer: None,
+        log: server.and_then(|si| gw.config.servers.get(si)).map_or_else(
+            || gw.config.defaults.access_log.clone(),
+            |s| s.settings.access_log.clone(),
+        ),
     };
     let (parts, body) = resp.into_parts();
     Response::from_parts(

@@ -88,7 +88,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::model::ClientLimits;
-use crate::proxy::forward::{Body, ConnInfo, Shared, error_response, handle, new_request_id};
+use crate::proxy::forward::{
+    Body, ConnInfo, Shared, error_response, handle, id_str, logged_refusal, new_request_id_value,
+};
 
 /// The HTTP/2 connection preface (h2c with prior knowledge).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -1330,7 +1332,7 @@ pub async fn serve(
             0 => 400,
             s => s,
         };
-        return rejection(&shared, status);
+        return rejection(&shared, conn, status);
     }
     let may_upgrade = req
         .extensions()
@@ -1343,7 +1345,7 @@ pub async fn serve(
     resp
 }
 
-fn rejection(shared: &Shared, status: u16) -> Response<Body> {
+fn rejection(shared: &Shared, conn: ConnInfo, status: u16) -> Response<Body> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
     let message = match status {
         StatusCode::URI_TOO_LONG => "URI too long",
@@ -1357,10 +1359,11 @@ fn rejection(shared: &Shared, status: u16) -> Response<Body> {
         .defaults
         .request_id_header
         .clone();
-    let mut resp = error_response(status, message, &new_request_id(), &id_header);
+    let id = new_request_id_value();
+    let mut resp = error_response(status, message, id_str(&id), &id_header);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    logged_refusal(shared, conn, resp, id)
 }
 
 #[cfg(test)]
