@@ -303,3 +303,36 @@ fn shutdown_timeout_cuts_slow_requests_and_exits_1() {
         "the cut request cannot have completed"
     );
 }
+
+#[test]
+fn a_reload_gives_new_connections_the_new_client_limits() {
+    use std::io::{Read, Write};
+    let conf = |keepalive: &str| {
+        format!(
+            "server {{\n    listen @PORT@;\n    keepalive_timeout {keepalive};\n    location = /v {{ return 200 v; }}\n}}\n"
+        )
+    };
+    let gw = Gateway::start(&conf("60s"));
+    assert_eq!(gw.rewrite_config(&conf("1s")), Reload::Applied(2));
+    // A connection made after the reload is closed after 1 s idle, not 60.
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nv") {
+        let n = s.read(&mut buf).expect("response");
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let idle_since = std::time::Instant::now();
+    let closed = matches!(s.read(&mut buf), Ok(0));
+    assert!(closed, "the idle connection was not closed within 20 s");
+    assert!(
+        idle_since.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        idle_since.elapsed()
+    );
+}

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -197,9 +198,29 @@ struct ListenerHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The TLS config new connections get (`None`: plain); swapped on reload.
     tls: tls::ListenerTls,
+    /// The client limits new connections get; swapped on reload.
+    limits: Arc<ArcSwap<ClientLimits>>,
+    /// The `max_connections` semaphore new connections take a permit
+    /// from (`None`: no limit); replaced when a reload changes the limit.
+    permits: Arc<ArcSwapOption<Semaphore>>,
 }
 
 impl ListenerHandle {
+    /// A reload's limits for this address: connections accepted from now
+    /// on get them (those already open keep theirs, as NGINX's old
+    /// workers do). A changed `max_connections` starts a new count.
+    fn update_limits(&self, new: &ClientLimits) {
+        let old = self.limits.load_full();
+        if *old == *new {
+            return;
+        }
+        if old.max_connections != new.max_connections {
+            self.permits
+                .store(new.max_connections.map(|n| Arc::new(Semaphore::new(n))));
+        }
+        self.limits.store(Arc::new(new.clone()));
+    }
+
     /// Stop accepting and wait until the socket is closed and the accept
     /// task, with its handle on the graceful-shutdown tracker, is gone.
     async fn close(self) {
@@ -354,9 +375,13 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                 }
                 crate::proxy::health::start(&new);
                 // Certificates were re-read with the new snapshot; the next
-                // handshake on each listener uses them.
+                // handshake on each listener uses them, and the next
+                // connection the new client limits.
                 for (addr, h) in &listeners {
                     h.tls.store(new.tls.listeners.get(addr).cloned());
+                    if let Some(l) = want.get(addr) {
+                        h.update_limits(l);
+                    }
                 }
                 let new_admin = new.config.admin.clone();
                 shared.gateway.store(Arc::new(new));
@@ -467,7 +492,10 @@ async fn start_listener(
     let tls = tls::listener_tls(tls_config);
     // Above max_connections (per listener, all workers together),
     // connections wait in the accept queue.
-    let permits = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let permits = Arc::new(ArcSwapOption::from(
+        limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+    ));
+    let limits = Arc::new(ArcSwap::from_pointee(limits));
     let mut tasks = Vec::with_capacity(handles.len());
     for (h, socket) in handles.iter().zip(sockets) {
         tasks.push(h.spawn(accept_loop(
@@ -481,7 +509,13 @@ async fn start_listener(
             stopped.clone(),
         )));
     }
-    Ok(ListenerHandle { stop, tasks, tls })
+    Ok(ListenerHandle {
+        stop,
+        tasks,
+        tls,
+        limits,
+        permits,
+    })
 }
 
 /// Accept connections on one worker's socket and serve each in a task of
@@ -490,9 +524,9 @@ async fn start_listener(
 async fn accept_loop(
     socket: std::net::TcpListener,
     local: SocketAddr,
-    limits: ClientLimits,
+    limits_now: Arc<ArcSwap<ClientLimits>>,
     tls_now: tls::ListenerTls,
-    permits: Option<Arc<Semaphore>>,
+    permits_now: Arc<ArcSwapOption<Semaphore>>,
     shared: Arc<Shared>,
     graceful: Drain,
     mut stopped: watch::Receiver<bool>,
@@ -521,9 +555,9 @@ async fn accept_loop(
         // and this worker accepts nothing more meanwhile: the rest wait in
         // the kernel's accept queue. (Taking the permit after `accept`
         // keeps workers from hoarding permits while idle.)
-        let permit = match &permits {
+        let permit = match permits_now.load_full() {
             Some(p) => tokio::select! {
-                p = p.clone().acquire_owned() => match p {
+                p = p.acquire_owned() => match p {
                     Ok(p) => Some(p),
                     Err(_) => return,
                 },
@@ -540,7 +574,7 @@ async fn accept_loop(
                 peer,
                 tls: tls_config.is_some(),
             },
-            limits: limits.clone(),
+            limits: ClientLimits::clone(&limits_now.load()),
             watcher: graceful.watcher(),
         };
         METRICS.connections_active.inc();
