@@ -105,6 +105,7 @@ pub fn template_text(t: &crate::config::model::Template) -> String {
                     Var::JwtClaim(n) => format!("jwt_claim_{n}"),
                     Var::ServerName => "server_name".into(),
                     Var::ServerPort => "server_port".into(),
+                    Var::IsArgs => "is_args".into(),
                 };
                 let _ = write!(s, "${{{name}}}");
             }

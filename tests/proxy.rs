@@ -134,7 +134,8 @@ fn return_text_redirect_and_bare_code() {
         r#"location = /t { return 200 "hello $request_method"; }
            location = /moved { return 301 https://example.com/new$request_uri; }
            location = /gone { return 404; }
-           location = /found { return 302 /elsewhere; }"#,
+           location = /found { return 302 /elsewhere; }
+           location = /q { return 200 "$uri$is_args$args"; }"#,
     );
     let r = get(&gw.url("/t"));
     assert_eq!((r.status, r.text().as_str()), (200, "hello GET"));
@@ -144,6 +145,8 @@ fn return_text_redirect_and_bare_code() {
         r.header("location").as_deref(),
         Some("https://example.com/new/moved?a=1")
     );
+    assert_eq!(get(&gw.url("/q?a=1&b")).text(), "/q?a=1&b");
+    assert_eq!(get(&gw.url("/q")).text(), "/q");
     assert_eq!(get(&gw.url("/gone")).status, 404);
     let r = get(&gw.url("/found"));
     assert_eq!(

@@ -146,6 +146,9 @@ pub enum Var {
     ServerName,
     /// `$server_port` (extension): the port the request came in on.
     ServerPort,
+    /// `$is_args` (extension, NGINX's): `?` when the request has a query,
+    /// empty otherwise.
+    IsArgs,
 }
 
 /// One piece of a [`Template`].

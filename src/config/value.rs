@@ -133,6 +133,7 @@ pub const VAR_NAMES: &[&str] = &[
     "server_name",
     "server_port",
     "query_string",
+    "is_args",
 ];
 
 /// How a template resolves names that are not request variables.
@@ -266,6 +267,7 @@ fn resolve_var(name: &str, env: &TemplateEnv<'_>) -> Result<Resolved, (String, S
         "request_id" => Var::RequestId,
         "server_name" => Var::ServerName,
         "server_port" => Var::ServerPort,
+        "is_args" => Var::IsArgs,
         _ => {
             if name.len() == 1 && name.as_bytes()[0].is_ascii_digit() {
                 let n = name.as_bytes()[0] - b'0';

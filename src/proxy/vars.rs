@@ -106,6 +106,11 @@ impl RequestVars<'_> {
             Var::ServerPort => {
                 let _ = write!(out, "{}", self.server_port);
             }
+            Var::IsArgs => {
+                if !self.args.is_empty() {
+                    out.push('?');
+                }
+            }
         }
     }
 }
