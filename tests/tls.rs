@@ -500,6 +500,21 @@ fn reload_picks_up_a_new_certificate_and_keeps_it_when_the_next_is_bad() {
     assert!(seen.cert == second, "the old certificate must keep serving");
 }
 
+/// A CA in `dir` with a `site.test` certificate for the gateway and an
+/// `upstream` one for localhost, and the address `localhost` resolves to
+/// (where the upstream must listen for the gateway to find it).
+fn site_and_upstream_pki(dir: &Path) -> (Pki, SocketAddr) {
+    let pki = Pki::new(dir, "ca");
+    pki.issue("site", &["site.test"]);
+    pki.issue("upstream", &["localhost", "127.0.0.1", "::1"]);
+    let at = ("localhost", 0)
+        .to_socket_addrs()
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    (pki, at)
+}
+
 /// An HTTPS upstream with `cert`/`key` from `dir`: answers every request
 /// with the SNI it saw, the X-Forwarded-Proto, the Host and the ALPN
 /// protocol negotiated (it offers h2 and http/1.1).
@@ -593,17 +608,9 @@ fn tls_upstream_counting(
 #[test]
 fn https_upstream_is_verified_against_the_trusted_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path(), "ca");
+    let (pki, at) = site_and_upstream_pki(dir.path());
     let _other = Pki::new(dir.path(), "other-ca");
-    pki.issue("site", &["site.test"]);
-    pki.issue("upstream", &["localhost", "127.0.0.1", "::1"]);
     let rt = rt();
-    // Listen where the gateway will resolve `localhost` to.
-    let at = ("localhost", 0)
-        .to_socket_addrs()
-        .expect("resolve")
-        .next()
-        .expect("an address");
     let up = tls_upstream(&rt, dir.path(), "upstream", at);
     let port = free_port();
     let conf = format!(
@@ -641,15 +648,8 @@ fn health_checks_of_an_https_upstream_speak_tls() {
     // Probed over plain HTTP, a TLS server fails every check and the
     // upstream is marked down (503 for everything).
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path(), "ca");
-    pki.issue("site", &["site.test"]);
-    pki.issue("upstream", &["localhost", "127.0.0.1", "::1"]);
+    let (pki, at) = site_and_upstream_pki(dir.path());
     let rt = rt();
-    let at = ("localhost", 0)
-        .to_socket_addrs()
-        .expect("resolve")
-        .next()
-        .expect("an address");
     let probes = Arc::new(AtomicUsize::new(0));
     let up = tls_upstream_counting(&rt, dir.path(), "upstream", at, probes.clone());
     let port = free_port();

@@ -241,17 +241,20 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// The header names a message's `Connection` headers list.
+fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect()
+}
+
 /// Remove hop-by-hop headers and those listed in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-            .collect();
-        for n in listed {
+        for n in connection_listed(h) {
             h.remove(n);
         }
     }
@@ -265,13 +268,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// [`strip_hop_by_hop`]), sized for `extra` more so the gateway's own
 /// never grow it.
 fn forwarded_headers(src: &HeaderMap, extra: usize) -> HeaderMap {
-    let listed: Vec<HeaderName> = src
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
+    let listed = connection_listed(src);
     let mut out = HeaderMap::with_capacity(src.len() + extra);
     for (name, value) in src {
         if *name == header::HOST || HOP_BY_HOP.contains(name) || listed.contains(name) {
