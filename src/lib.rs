@@ -64,3 +64,9 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod tls;
+
+/// A hash map for the per-request, per-thread lookups (idle upstream
+/// connections, metric handles): foldhash (hashbrown's own default) instead
+/// of SipHash. Keys come from the config, never from clients, so the
+/// DoS-resistance SipHash buys is not needed there.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -135,6 +135,14 @@ fn metrics_on_the_admin_listener() {
     c.get(&gw.url("/api/x"));
     c.get(&gw.url("/limited"));
     c.get(&gw.url("/limited"));
+    // Clients choose extension methods freely: they share one series.
+    for m in ["FOO", "BAR"] {
+        let reply = raw(
+            &gw.addr(),
+            format!("{m} /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(raw_status(&reply), 200);
+    }
     let r = c.get(&format!("http://127.0.0.1:{admin}/metrics"));
     assert_eq!(r.status, 200);
     assert!(
@@ -142,9 +150,11 @@ fn metrics_on_the_admin_listener() {
             .is_some_and(|t| t.contains("openmetrics") || t.contains("text/plain"))
     );
     let m = r.text();
+    assert!(!m.contains("method=\"FOO\""), "{m}");
     for needle in [
         r#"gateway_requests_total{route="= /health",method="GET",status="200"} 1"#,
         r#"gateway_requests_total{route="/api/",method="GET",status="200"} 1"#,
+        r#"gateway_requests_total{route="= /health",method="OTHER",status="200"} 2"#,
         "gateway_request_duration_seconds_bucket",
         r#"gateway_upstream_requests_total{upstream="pool""#,
         r#"gateway_upstream_up{upstream="pool""#,

@@ -160,10 +160,31 @@ type CounterKey = (Arc<str>, http::Method, u16);
 thread_local! {
     /// Metric handles of this thread, so that counting a request takes no
     /// lock and allocates nothing once a (route, method, status) was seen.
-    static COUNTERS: std::cell::RefCell<HashMap<CounterKey, prometheus_client::metrics::counter::Counter>> =
-        std::cell::RefCell::new(HashMap::new());
-    static HISTOGRAMS: std::cell::RefCell<HashMap<Arc<str>, prometheus_client::metrics::histogram::Histogram>> =
-        std::cell::RefCell::new(HashMap::new());
+    static COUNTERS: std::cell::RefCell<crate::FastMap<CounterKey, prometheus_client::metrics::counter::Counter>> =
+        std::cell::RefCell::new(crate::FastMap::default());
+    static HISTOGRAMS: std::cell::RefCell<crate::FastMap<Arc<str>, prometheus_client::metrics::histogram::Histogram>> =
+        std::cell::RefCell::new(crate::FastMap::default());
+}
+
+/// The `method` label of a request: the standard methods (and `-`, a
+/// request refused before it was parsed) as they are, any other `OTHER`:
+/// clients choose extension methods freely, and each would otherwise add
+/// a metric series for good.
+fn metric_method(m: &http::Method) -> http::Method {
+    use http::Method;
+    match *m {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS
+        | Method::PATCH
+        | Method::TRACE
+        | Method::CONNECT => m.clone(),
+        _ if m.as_str() == "-" => m.clone(),
+        _ => Method::from_bytes(b"OTHER").unwrap_or(Method::GET),
+    }
 }
 
 impl Record {
@@ -171,14 +192,15 @@ impl Record {
         let elapsed = self.start.elapsed();
         COUNTERS.with(|c| {
             let mut c = c.borrow_mut();
-            let key = (self.route.clone(), self.method.clone(), self.status);
+            let method = metric_method(&self.method);
+            let key = (self.route.clone(), method.clone(), self.status);
             c.entry(key)
                 .or_insert_with(|| {
                     METRICS
                         .requests
                         .get_or_create(&RequestLabels {
                             route: self.route.to_string(),
-                            method: self.method.to_string(),
+                            method: method.to_string(),
                             status: self.status,
                         })
                         .clone()

@@ -191,18 +191,18 @@ impl Metrics {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 thread_local! {
-    static UPSTREAM_COUNTERS: std::cell::RefCell<std::collections::HashMap<(u64, u16), Counter>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    static UPSTREAM_COUNTERS: std::cell::RefCell<crate::FastMap<(u64, u16), Counter>> =
+        std::cell::RefCell::new(crate::FastMap::default());
 }
 
 /// Count one upstream exchange without a lock or an allocation once the
 /// (upstream, server, status) triple was seen on this thread.
 pub fn count_upstream(upstream: &str, server: &str, status: u16) {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    upstream.hash(&mut h);
-    server.hash(&mut h);
-    let key = (h.finish(), status);
+    use std::hash::BuildHasher;
+    let key = (
+        foldhash::fast::FixedState::default().hash_one((upstream, server)),
+        status,
+    );
     UPSTREAM_COUNTERS.with(|c| {
         c.borrow_mut()
             .entry(key)

@@ -14,7 +14,6 @@
 //! connection is the only one that uses it (see DESIGN.md).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -131,7 +130,7 @@ struct Idle {
 
 thread_local! {
     /// This thread's idle connections (LIFO per key).
-    static IDLE: RefCell<HashMap<Key, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<crate::FastMap<Key, Vec<Idle>>> = RefCell::new(crate::FastMap::default());
 }
 
 fn checkout(key: &Key) -> Option<SendRequest<Body>> {
