@@ -570,7 +570,13 @@ async fn accept_loop(
         let conn = Conn {
             shared: shared.clone(),
             info: ConnInfo {
-                local: stream.local_addr().unwrap_or(local),
+                // Known for a specific address; asked (a syscall) only
+                // for a wildcard one.
+                local: if local.ip().is_unspecified() {
+                    stream.local_addr().unwrap_or(local)
+                } else {
+                    local
+                },
                 peer,
                 tls: tls_config.is_some(),
             },
