@@ -843,3 +843,20 @@ fn watch_files(
     }
     Some(debouncer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Proto;
+
+    #[test]
+    fn sniff_sends_only_what_may_be_h2c_to_the_auto_builder() {
+        assert_eq!(Proto::sniff(b"GET"), Proto::Http1);
+        assert_eq!(Proto::sniff(b"POS"), Proto::Http1);
+        assert_eq!(Proto::sniff(b"PUT"), Proto::Http1);
+        assert_eq!(Proto::sniff(b"PRI"), Proto::Auto);
+        // Too little to tell POST/PUT/PATCH from the preface.
+        assert_eq!(Proto::sniff(b"P"), Proto::Auto);
+        assert_eq!(Proto::sniff(b"PA"), Proto::Auto);
+        assert_eq!(Proto::sniff(b""), Proto::Auto);
+    }
+}
