@@ -1,12 +1,15 @@
 //! Listeners, the accept loop, graceful drain, and the one reload path.
 //!
-//! Every `listen` address gets one accept loop. Each connection is served by
-//! hyper-util's auto builder (HTTP/1.1, or h2c with prior knowledge) and
-//! every request loads the current [`Gateway`] snapshot once. Reloads (SIGHUP
-//! and config file changes) arrive on one channel, are checked with the same
-//! functions `check` uses, and swap the snapshot atomically; listeners are
-//! added and removed to match. The outcome of each reload is published on a
-//! `watch` channel and logged.
+//! Every `listen` address gets one accept loop per worker. Each connection
+//! is served by hyper's HTTP/1 connection when its first bytes (or TLS's
+//! ALPN) say HTTP/1, by HTTP/2 for ALPN `h2`, and by hyper-util's auto
+//! builder when they could still be the h2c preface ([`Proto`]); every
+//! request loads the current [`Gateway`] snapshot once. Reloads (SIGHUP
+//! and config file changes) arrive on one channel, are checked with the
+//! same functions `check` uses, and swap the snapshot atomically;
+//! listeners are added and removed to match, and the ones that stay get
+//! the new certificates and client limits for their next connections. The
+//! outcome of each reload is published on a `watch` channel and logged.
 
 use std::collections::HashMap;
 use std::future::Future;
