@@ -3,7 +3,7 @@
 //! Every `listen` address gets one accept loop per worker. Each connection
 //! is served by hyper's HTTP/1 connection when its first bytes (or TLS's
 //! ALPN) say HTTP/1, by HTTP/2 for ALPN `h2`, and by hyper-util's auto
-//! builder when they could still be the h2c preface ([`Proto`]); every
+//! builder when they could still be the h2c preface (`Proto::sniff`); every
 //! request loads the current [`Gateway`] snapshot once. Reloads (SIGHUP
 //! and config file changes) arrive on one channel, are checked with the
 //! same functions `check` uses, and swap the snapshot atomically;
