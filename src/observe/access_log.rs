@@ -250,7 +250,7 @@ impl Record {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         serde_json::json!({
             "time": httpdate_rfc3339(self.time),
-            "request_id": crate::proxy::forward::id_str(&self.request_id),
+            "request_id": crate::proxy::forward::header_text(&self.request_id),
             "remote_addr": self.remote_addr.to_string(),
             "method": self.method.as_str(),
             "path": self.uri.as_ref().map_or("-", |u| u.path()),

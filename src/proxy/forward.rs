@@ -182,8 +182,9 @@ pub fn new_request_id_value() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
-/// A request id value as text (ids are sane ASCII by construction).
-pub fn id_str(v: &HeaderValue) -> &str {
+/// A header value as text (empty if it is not visible ASCII; request ids
+/// and the hosts it is used for are checked to be).
+pub fn header_text(v: &HeaderValue) -> &str {
     v.to_str().unwrap_or("")
 }
 
@@ -497,33 +498,33 @@ async fn serve_request(
         r
     };
     if !framing_ok(req.headers()) {
-        return bad(id_str(&out.request_id));
+        return bad(header_text(&out.request_id));
     }
     if host_count > 1
         || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_value.is_none()))
     {
-        return bad(id_str(&out.request_id));
+        return bad(header_text(&out.request_id));
     }
-    let host_raw: &str = host_value.as_ref().map_or("", id_str);
+    let host_raw: &str = host_value.as_ref().map_or("", header_text);
     let Some(host) = host_only(host_raw) else {
-        return bad(id_str(&out.request_id));
+        return bad(header_text(&out.request_id));
     };
     let Some(pq) = req.uri().path_and_query().cloned() else {
-        return bad(id_str(&out.request_id));
+        return bad(header_text(&out.request_id));
     };
     let raw_path = pq.path();
     if !raw_path.starts_with('/') {
-        return bad(id_str(&out.request_id));
+        return bad(header_text(&out.request_id));
     }
     let path = match normalize_path(raw_path) {
         Ok(p) => p,
-        Err(_) => return bad(id_str(&out.request_id)),
+        Err(_) => return bad(header_text(&out.request_id)),
     };
     let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "Not found",
-            id_str(&out.request_id),
+            header_text(&out.request_id),
             default_id_header,
         );
     };
@@ -537,7 +538,7 @@ async fn serve_request(
         if settings.request_id_header != default_id_header {
             out.request_id = request_id(&req, settings);
         }
-        let id = id_str(&out.request_id);
+        let id = header_text(&out.request_id);
         let empty_caps: Vec<Option<String>> = Vec::new();
         let request_uri = pq.as_str().to_string();
         let vars = RequestVars {
@@ -589,7 +590,7 @@ async fn serve_request(
             if settings.request_id_header != default_id_header {
                 out.request_id = request_id(&req, settings);
             }
-            let id = id_str(&out.request_id);
+            let id = header_text(&out.request_id);
             let mut target = encode_path(&format!("{path}/"));
             if let Some(q) = pq.query() {
                 target.push('?');
@@ -610,7 +611,7 @@ async fn serve_request(
             return error_response(
                 StatusCode::NOT_FOUND,
                 "Not found",
-                id_str(&out.request_id),
+                header_text(&out.request_id),
                 default_id_header,
             );
         }
@@ -622,7 +623,7 @@ async fn serve_request(
     if settings.request_id_header != default_id_header {
         out.request_id = request_id(&req, settings);
     }
-    let id = id_str(&out.request_id);
+    let id = header_text(&out.request_id);
     let remote = remote_addr(server, conn.peer.ip(), req.headers());
     out.remote_addr = remote;
     let server_name = server

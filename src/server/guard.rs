@@ -89,7 +89,8 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::model::ClientLimits;
 use crate::proxy::forward::{
-    Body, ConnInfo, Shared, error_response, handle, id_str, logged_refusal, new_request_id_value,
+    Body, ConnInfo, Shared, error_response, handle, header_text, logged_refusal,
+    new_request_id_value,
 };
 
 /// The HTTP/2 connection preface (h2c with prior knowledge).
@@ -1360,7 +1361,7 @@ fn rejection(shared: &Shared, conn: ConnInfo, status: u16) -> Response<Body> {
         .request_id_header
         .clone();
     let id = new_request_id_value();
-    let mut resp = error_response(status, message, id_str(&id), &id_header);
+    let mut resp = error_response(status, message, header_text(&id), &id_header);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     logged_refusal(shared, conn, resp, id)
