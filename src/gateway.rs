@@ -124,18 +124,16 @@ fn probe_tls(
     use crate::config::model::ProxyTarget;
     let mut trust = None;
     for l in config.servers.iter().flat_map(|s| &s.locations) {
+        let ours = |t: &ProxyTarget| matches!(t, ProxyTarget::Upstream(i) if *i == upstream);
         let refs: Vec<bool> = match &l.handler {
-            Handler::Proxy(p) => vec![p.tls]
-                .into_iter()
-                .filter(|_| matches!(p.target, ProxyTarget::Upstream(i) if i == upstream))
-                .collect(),
+            Handler::Proxy(p) if ours(&p.target) => vec![p.tls],
             Handler::Aggregate(a) => a
                 .calls
                 .iter()
-                .filter(|c| matches!(c.target, ProxyTarget::Upstream(i) if i == upstream))
+                .filter(|c| ours(&c.target))
                 .map(|c| c.tls)
                 .collect(),
-            Handler::Return(_) => Vec::new(),
+            _ => Vec::new(),
         };
         for https in refs {
             if !https {
