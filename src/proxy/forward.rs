@@ -268,7 +268,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// hop-by-hop headers and those listed in `Connection` (as
 /// [`strip_hop_by_hop`]), sized for `extra` more so the gateway's own
 /// never grow it.
-fn forwarded_headers(src: &HeaderMap, extra: usize) -> HeaderMap {
+#[doc(hidden)] // public for benches/pipeline.rs
+pub fn forwarded_headers(src: &HeaderMap, extra: usize) -> HeaderMap {
     let listed = connection_listed(src);
     let mut out = HeaderMap::with_capacity(src.len() + extra);
     for (name, value) in src {

@@ -1,0 +1,90 @@
+//! The per-request pipeline pieces between routing and the upstream:
+//! variable expansion (templates of `proxy_set_header`, `add_header`,
+//! cache and rate-limit keys) and the copy of the client's headers for the
+//! upstream request (hop-by-hop and `Connection`-listed ones dropped).
+//!
+//! `cargo bench --bench pipeline -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tollgate::config::model::Template;
+use tollgate::config::value::{TemplateEnv, parse_template};
+use tollgate::proxy::forward::forwarded_headers;
+use tollgate::proxy::vars::RequestVars;
+
+fn template(text: &str) -> Template {
+    let env = TemplateEnv {
+        env: &|_| None,
+        named_captures: &[],
+        calls: &[],
+    };
+    parse_template(text, &[], &env).expect("template")
+}
+
+/// A browser-like request: eight headers, a cookie, a bearer token.
+fn client_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (n, v) in [
+        ("host", "api.example.com"),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) bench"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate, br"),
+        (
+            "authorization",
+            "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI3In0.sig",
+        ),
+        ("cookie", "session=abc123; theme=dark"),
+        ("x-user", "7"),
+        ("connection", "keep-alive"),
+    ] {
+        h.append(
+            HeaderName::from_static(n),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let headers = client_headers();
+    let vars = RequestVars {
+        remote_addr: "203.0.113.7".parse().expect("ip"),
+        host: "api.example.com",
+        scheme: "https",
+        method: "GET",
+        uri: "/api/users/7",
+        request_uri: "/api/users/7?page=2&sort=name",
+        args: "page=2&sort=name",
+        headers: &headers,
+        request_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+        server_name: "api.example.com",
+        server_port: 443,
+        captures: &[],
+        named: &[],
+        claims: None,
+    };
+    let mut g = c.benchmark_group("vars");
+    for (name, text) in [
+        ("literal", "tollgate"),
+        ("cache_key", "$scheme$host$request_uri"),
+        ("remote_addr", "$remote_addr"),
+        ("arg", "$arg_sort"),
+        ("header", "$http_x_user"),
+        ("cookie", "$cookie_theme"),
+    ] {
+        let t = template(text);
+        g.bench_function(name, |b| b.iter(|| vars.render(black_box(&t))));
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("upstream_headers");
+    g.bench_function("copy_8_headers", |b| {
+        b.iter(|| forwarded_headers(black_box(&headers), 8))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
