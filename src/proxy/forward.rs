@@ -1425,16 +1425,17 @@ async fn send(
         };
         let retry_allowed = !had_body && upgrade.is_none() && attempt + 1 < max_tries;
         match result {
-            Ok(Ok(mut resp))
+            Ok(Ok(resp))
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() =>
             {
                 report(Outcome::Success);
                 let client_side = extensions.remove::<hyper::upgrade::OnUpgrade>();
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                if let Some(client_side) = client_side {
+                let (mut rparts, upstream_body) = resp.into_parts();
+                if let (Some(client_side), Some(upstream_side)) =
+                    (client_side, upstream_body.into_upgraded())
+                {
                     tokio::spawn(tunnel(client_side, upstream_side));
                 }
-                let (mut rparts, _) = resp.into_parts();
                 let keep_upgrade = rparts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut rparts.headers);
                 rparts
@@ -1518,20 +1519,15 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
 
 /// Copy bytes both ways between the upgraded client and upstream
 /// connections until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (c, u) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            tracing::debug!(
-                client_ok = c.is_ok(),
-                upstream_ok = u.is_ok(),
-                "upgrade failed"
-            );
+async fn tunnel(client: hyper::upgrade::OnUpgrade, mut u: crate::proxy::client::Conn) {
+    let c = match client.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade failed");
             return;
         }
     };
     let mut c = hyper_util::rt::TokioIo::new(c);
-    let mut u = hyper_util::rt::TokioIo::new(u);
     if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
         tracing::debug!(error = %e, "tunnel closed with an error");
     }

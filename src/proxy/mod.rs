@@ -3,6 +3,7 @@
 pub mod aggregate;
 pub mod balance;
 pub mod body;
+pub mod client;
 pub mod forward;
 pub mod health;
 pub mod pool;

@@ -9,9 +9,10 @@
 //! also drops the stack's oldest entries once they have been idle for
 //! [`IDLE_TIMEOUT`] or their upstream closed them.
 //!
-//! This replaces hyper-util's legacy `Client`: no shared pool behind a
-//! mutex, no cross-task checkout machinery — the worker that owns the
-//! connection is the only one that uses it (see DESIGN.md).
+//! No shared pool behind a mutex, no cross-task checkout machinery, no
+//! task per connection: the task serving a request owns its upstream
+//! connection while it uses it and speaks HTTP/1 on it itself
+//! ([`super::client`]); see DESIGN.md.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -23,11 +24,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 
+use super::client::{Conn, Io, ProtoError, ResponseBody};
 use super::forward::Body;
 
 /// How long an idle upstream connection is kept (NGINX's upstream
@@ -82,13 +81,13 @@ pub enum ClientError {
     /// The TLS handshake failed (certificate, protocol).
     Tls(std::io::Error),
     /// The HTTP exchange failed after the connection was up.
-    Http(hyper::Error),
+    Http(ProtoError),
     /// A pooled connection was closed by the upstream as the request went
     /// out, before any response byte — most likely its keep-alive timeout
     /// racing ours. Safe to send again on a new connection when the
     /// request is idempotent and has no body (NGINX does the same for its
     /// cached connections).
-    Stale(hyper::Error),
+    Stale(ProtoError),
 }
 
 impl ClientError {
@@ -124,7 +123,7 @@ impl std::error::Error for ClientError {
 }
 
 struct Idle {
-    sender: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -133,16 +132,17 @@ thread_local! {
     static IDLE: RefCell<crate::FastMap<Key, Vec<Idle>>> = RefCell::new(crate::FastMap::default());
 }
 
-fn checkout(key: &Key) -> Option<SendRequest<Body>> {
+fn checkout(key: &Key) -> Option<Conn> {
     IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
         let stack = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some(c) = stack.pop() {
-            if c.sender.is_closed() || now.duration_since(c.since) > IDLE_TIMEOUT {
+        while let Some(mut c) = stack.pop() {
+            // Closed by the upstream (or sent something unasked) while idle.
+            if now.duration_since(c.since) > IDLE_TIMEOUT || !c.conn.is_reusable() {
                 continue;
             }
-            return Some(c.sender);
+            return Some(c.conn);
         }
         None
     })
@@ -150,18 +150,19 @@ fn checkout(key: &Key) -> Option<SendRequest<Body>> {
     .flatten()
 }
 
-fn checkin(key: Key, sender: SendRequest<Body>, keepalive: usize) {
-    if keepalive == 0 || sender.is_closed() {
+fn checkin(key: Key, mut conn: Conn, keepalive: usize) {
+    if keepalive == 0 {
         return;
     }
+    conn.settle();
     let _ = IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
         let now = Instant::now();
         let stack = idle.entry(key).or_default();
-        // The oldest sit at the bottom: drop the expired and the closed.
+        // The oldest sit at the bottom: drop the expired.
         let stale = stack
             .iter()
-            .take_while(|c| c.sender.is_closed() || now.duration_since(c.since) > IDLE_TIMEOUT)
+            .take_while(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
             .count();
         if stale > 0 {
             stack.drain(..stale);
@@ -170,99 +171,64 @@ fn checkin(key: Key, sender: SendRequest<Body>, keepalive: usize) {
             // Full: the oldest goes (closing it), the warm one stays.
             stack.remove(0);
         }
-        stack.push(Idle { sender, since: now });
+        stack.push(Idle { conn, since: now });
     });
 }
 
 /// Send `req` (origin-form URI, `Host` set) over a pooled or new connection.
-/// A pooled connection that turns out closed before the request was
-/// written is replaced transparently.
+/// A pooled connection the upstream closed while it sat idle is skipped;
+/// one that closes as the request goes out is a [`ClientError::Stale`].
 pub async fn request(
     t: &Target<'_>,
-    mut req: Request<Body>,
+    req: Request<Body>,
 ) -> Result<Response<PooledBody>, ClientError> {
-    loop {
-        let pooled = if t.fresh {
-            None
-        } else {
-            match checkout(&t.key) {
-                Some(s) => Some(s),
-                // None idle: let this worker run what is already ready
-                // once (responses in flight return their connections)
-                // before paying for a new one. Under a burst this cut the
-                // connections opened per request from 0.87 to 0.10
-                // (bench/RESULTS.md); with idle ones, it never runs.
-                None => {
-                    tokio::task::yield_now().await;
-                    checkout(&t.key)
-                }
+    let pooled = if t.fresh {
+        None
+    } else {
+        match checkout(&t.key) {
+            Some(c) => Some(c),
+            // None idle: let this worker run what is already ready once
+            // (responses in flight return their connections) before paying
+            // for a new one. Under a burst this cut the connections opened
+            // per request from 0.87 to 0.10 (bench/RESULTS.md); with idle
+            // ones, it never runs.
+            None => {
+                tokio::task::yield_now().await;
+                checkout(&t.key)
             }
-        };
-        let (mut sender, reused) = match pooled {
-            Some(s) => (s, true),
-            // Boxed: connecting (TLS included) is the rare path and its
-            // state is large; every request's future would carry it.
-            None => (Box::pin(connect(t)).await?, false),
-        };
-        if let Err(e) = sender.ready().await {
-            if reused {
-                continue;
-            }
-            return Err(ClientError::Http(e));
         }
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                let (parts, body) = resp.into_parts();
-                let ret = (!upgraded).then(|| Return {
+    };
+    let (mut conn, reused) = match pooled {
+        Some(c) => (c, true),
+        // Boxed: connecting (TLS included) is the rare path and its state
+        // is large; every request's future would carry it.
+        None => (Box::pin(connect(t)).await?, false),
+    };
+    let (parts, body) = req.into_parts();
+    match conn.exchange(&parts, body).await {
+        Ok(head) => {
+            let mut body = PooledBody {
+                body: head.body,
+                conn: Some(conn),
+                failed: None,
+                ret: Some(Return {
                     key: t.key.clone(),
-                    sender,
                     keepalive: t.keepalive,
-                });
-                let mut body = PooledBody { inner: body, ret };
-                if body.inner.is_end_stream() {
-                    body.give_back();
-                }
-                return Ok(Response::from_parts(parts, body));
+                }),
+            };
+            if body.body.is_upgrade() {
+                body.ret = None;
+            } else if body.body.is_done() {
+                body.give_back();
             }
-            Err(mut e) => match e.take_message() {
-                // Not written: the pooled connection was closing. Try the
-                // next one (or a fresh connection).
-                Some(r) if reused => req = r,
-                _ => {
-                    let e = e.into_error();
-                    return Err(if reused && closed_early(&e) {
-                        ClientError::Stale(e)
-                    } else {
-                        ClientError::Http(e)
-                    });
-                }
-            },
+            Ok(Response::from_parts(head.parts, body))
         }
+        Err(e) if reused && e.closed_early() => Err(ClientError::Stale(e)),
+        Err(e) => Err(ClientError::Http(e)),
     }
 }
 
-/// The connection went away before any response: closed or reset.
-fn closed_early(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        return true;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(x) = cur {
-        if let Some(io) = x.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        cur = x.source();
-    }
-    false
-}
-
-async fn connect(t: &Target<'_>) -> Result<SendRequest<Body>, ClientError> {
+async fn connect(t: &Target<'_>) -> Result<Conn, ClientError> {
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
     let deadline = tokio::time::Instant::now() + t.connect_timeout;
     let tcp = match &t.key.endpoint {
@@ -293,81 +259,98 @@ async fn connect(t: &Target<'_>) -> Result<SendRequest<Body>, ClientError> {
                 .await
                 .map_err(|_| ClientError::Tls(timed_out()))?
                 .map_err(ClientError::Tls)?;
-            handshake(stream).await
+            Ok(Conn::new(Io::Tls(Box::new(stream))))
         }
-        _ => handshake(tcp).await,
+        _ => Ok(Conn::new(Io::Plain(tcp))),
     }
-}
-
-async fn handshake<S>(io: S) -> Result<SendRequest<Body>, ClientError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(ClientError::Http)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 struct Return {
     key: Key,
-    sender: SendRequest<Body>,
     keepalive: usize,
 }
 
-/// An upstream response body that puts its connection back in the pool
-/// once read to the end.
+/// An upstream response body, read from its connection as it is polled;
+/// the connection goes back in the pool once the body is read to its end.
 pub struct PooledBody {
-    inner: Incoming,
+    body: ResponseBody,
+    conn: Option<Conn>,
     ret: Option<Return>,
+    /// A read error, reported on the next poll: the bytes before it get
+    /// passed on first (hyper's server drops what it has not flushed when
+    /// a body fails, and a reset right behind the last bytes would
+    /// otherwise cost the client all of them).
+    failed: Option<ProtoError>,
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some(r) = self.ret.take() {
-            checkin(r.key, r.sender, r.keepalive);
+        if let (Some(r), Some(conn)) = (self.ret.take(), self.conn.take())
+            && self.body.reusable()
+        {
+            checkin(r.key, conn, r.keepalive);
+        }
+    }
+
+    /// After a 101: the upstream connection, for the tunnel.
+    pub fn into_upgraded(mut self) -> Option<Conn> {
+        if self.body.is_upgrade() {
+            self.conn.take()
+        } else {
+            None
         }
     }
 }
 
 impl HttpBody for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ProtoError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ProtoError>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            Poll::Ready(Some(Err(_))) => this.ret = None,
-            _ => {}
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
         }
-        r
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if this.body.is_upgrade() {
+            return Poll::Ready(None);
+        }
+        match this.body.poll_data(conn, cx) {
+            Poll::Ready(None) => {
+                this.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(d))) => {
+                if this.body.is_done() {
+                    this.give_back();
+                }
+                Poll::Ready(Some(Ok(Frame::data(d))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ret = None;
+                this.conn = None;
+                this.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.failed.is_none()
+            && (self.conn.is_none() || self.body.is_done() || self.body.is_upgrade())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.give_back();
+        if self.conn.is_none() {
+            return SizeHint::with_exact(0);
         }
+        self.body.size_hint()
     }
 }

@@ -1,0 +1,914 @@
+//! The upstream side of HTTP/1, our own: the task serving the client
+//! writes the request and reads the response on the upstream connection
+//! itself.
+//!
+//! hyper's client gives every connection a task of its own and hands each
+//! request to it over a channel, the response back over another and the
+//! body over a third; every proxied request paid for two extra task wakes
+//! and the channels. Here a pooled [`Conn`] is an owned socket and a read
+//! buffer: checked out, written, read and checked in by one task (NGINX's
+//! upstream module works the same way). Parsing is `httparse`'s, the parser
+//! hyper uses.
+//!
+//! The message rules (RFC 9112): a `HEAD` request and 1xx, 204 and 304
+//! responses have no body; `Transfer-Encoding` ending in `chunked` wins over
+//! `Content-Length`; conflicting `Content-Length` values are an error; a
+//! response with neither is read to the connection's end. Interim 1xx
+//! responses are skipped (101 ends the exchange: the connection becomes a
+//! tunnel). A connection is reused only after a response read to its end,
+//! with keep-alive (HTTP/1.1 without `Connection: close`, HTTP/1.0 with
+//! `keep-alive`) and nothing unread behind it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::Body as HttpBody;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::forward::{Body, BoxError};
+
+/// The largest response head accepted (status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most response headers accepted.
+const MAX_HEADERS: usize = 128;
+/// What a read asks for at least.
+const READ_CHUNK: usize = 8 * 1024;
+/// What a body read asks for at most (large bodies grow the buffer to it).
+const MAX_READ: usize = 64 * 1024;
+/// Body pieces smaller than this are copied out of the read buffer (one
+/// small allocation) so the buffer stays unshared and is reused; larger
+/// ones are split off it without a copy.
+const COPY_BELOW: usize = 4 * 1024;
+/// A chunk-size line (with extensions) or a trailer line longer than this
+/// is refused.
+const MAX_LINE: usize = 4 * 1024;
+/// All trailer lines together.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Request body pieces up to this size are copied behind the head (one
+/// write); larger ones are written on their own.
+const COALESCE_BELOW: usize = 16 * 1024;
+/// An idle connection keeps a read buffer up to this size.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The connection ended (or was reset) before any byte of a response:
+    /// on a pooled connection, most likely the upstream's keep-alive
+    /// timeout racing ours.
+    #[error("connection closed before a response")]
+    Closed,
+    #[error("connection closed before the response was complete")]
+    Incomplete,
+    #[error("invalid response head: {0}")]
+    Parse(#[from] httparse::Error),
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// The request body failed (the client's side).
+    #[error("request body")]
+    Body(#[source] BoxError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl ProtoError {
+    /// Nothing of a response arrived: the connection went away first.
+    pub fn closed_early(&self) -> bool {
+        match self {
+            ProtoError::Closed => true,
+            ProtoError::Io(e) => gone(e),
+            _ => false,
+        }
+    }
+}
+
+/// A reset or closed connection (as opposed to a timeout or a refusal).
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// An upstream socket: plain or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An upstream connection: the socket and what was read ahead of use.
+pub struct Conn {
+    io: Io,
+    buf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Read to its end (or there never was one).
+    Done,
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one; the bytes
+    /// of trailers seen so far.
+    Trailers(usize),
+}
+
+/// The head of a response and what to read after it.
+pub struct Head {
+    pub parts: http::response::Parts,
+    pub body: ResponseBody,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// Still good for a request: the upstream neither closed it nor sent
+    /// anything unasked since the last response. Costs no system call when
+    /// the socket has not become readable.
+    pub fn is_reusable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut scratch = [0u8; 8];
+        let mut rb = ReadBuf::new(&mut scratch);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Ready means an end, an error or bytes nobody asked for (a TLS
+        // session ticket is consumed inside and reads as Pending).
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+
+    /// Before going idle: a buffer grown by a large body is let go.
+    pub fn settle(&mut self) {
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = BytesMut::new();
+        }
+        if self.wbuf.capacity() > KEEP_BUFFER {
+            self.wbuf = Vec::new();
+        }
+    }
+
+    /// Write `parts` (origin-form target, `Host` among the headers) and
+    /// `body`, then read the response head. On an error the connection is
+    /// spent.
+    pub async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        body: Body,
+    ) -> Result<Head, ProtoError> {
+        let head_request = parts.method == Method::HEAD;
+        if let Err(e) = self.write_request(parts, body).await {
+            // An upstream may answer (a 413, say) and close before reading
+            // the whole body: a response that made it is the better error.
+            if matches!(&e, ProtoError::Io(io) if gone(io))
+                && let Ok(mut head) = self.read_head(head_request).await
+            {
+                head.body.keep_alive = false;
+                return Ok(head);
+            }
+            return Err(e);
+        }
+        self.read_head(head_request).await
+    }
+
+    async fn write_request(
+        &mut self,
+        parts: &http::request::Parts,
+        mut body: Body,
+    ) -> Result<(), ProtoError> {
+        let mut w = std::mem::take(&mut self.wbuf);
+        w.clear();
+        let declared: Option<u64> = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        // How the body goes: as the client declared it, as its size is
+        // known, or chunked.
+        let has_body = !body.is_end_stream();
+        let length: Option<u64> = match (has_body, declared) {
+            (true, Some(n)) => Some(n),
+            (true, None) => body.size_hint().exact(),
+            (false, Some(0)) => Some(0),
+            (false, _) => None,
+        };
+        let chunked = has_body && length.is_none();
+        w.extend_from_slice(parts.method.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .as_bytes(),
+        );
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if let Some(n) = length {
+            w.extend_from_slice(b"content-length: ");
+            w.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+            w.extend_from_slice(b"\r\n");
+        } else if chunked {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        w.extend_from_slice(b"\r\n");
+        let r = if has_body {
+            self.write_body(&mut w, &mut body, length).await
+        } else {
+            write_all(&mut self.io, &w).await.map_err(ProtoError::Io)
+        };
+        self.wbuf = w;
+        r?;
+        if let Io::Tls(_) = self.io {
+            self.io.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The body after the head already in `w`: small pieces ride along with
+    /// it, the rest is written as it comes.
+    async fn write_body(
+        &mut self,
+        w: &mut Vec<u8>,
+        body: &mut Body,
+        length: Option<u64>,
+    ) -> Result<(), ProtoError> {
+        let mut sent: u64 = 0;
+        loop {
+            // What is ready rides along; before waiting for more, what is
+            // pending goes out (the upstream sees the head at once).
+            let frame =
+                match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)))
+                    .await
+                {
+                    Poll::Ready(f) => f,
+                    Poll::Pending => {
+                        if !w.is_empty() {
+                            write_all(&mut self.io, w).await?;
+                            w.clear();
+                        }
+                        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+                    }
+                };
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => return Err(ProtoError::Body(e)),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    // Trailers are not forwarded upstream.
+                    Err(_) => continue,
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            sent += data.len() as u64;
+            if let Some(n) = length
+                && sent > n
+            {
+                return Err(ProtoError::Body(
+                    "request body longer than its Content-Length".into(),
+                ));
+            }
+            if length.is_none() {
+                w.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            }
+            if data.len() < COALESCE_BELOW {
+                w.extend_from_slice(&data);
+            } else {
+                write_all(&mut self.io, w).await?;
+                w.clear();
+                write_all(&mut self.io, &data).await?;
+            }
+            if length.is_none() {
+                w.extend_from_slice(b"\r\n");
+            }
+            if w.len() >= COALESCE_BELOW {
+                write_all(&mut self.io, w).await?;
+                w.clear();
+            }
+        }
+        if let Some(n) = length
+            && sent != n
+        {
+            return Err(ProtoError::Body(
+                "request body shorter than its Content-Length".into(),
+            ));
+        }
+        if length.is_none() {
+            w.extend_from_slice(b"0\r\n\r\n");
+        }
+        if !w.is_empty() {
+            write_all(&mut self.io, w).await?;
+            w.clear();
+        }
+        Ok(())
+    }
+
+    /// Read more into the buffer: at least `want` bytes of room.
+    async fn fill(&mut self, want: usize) -> io::Result<usize> {
+        self.buf.reserve(want);
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    async fn read_head(&mut self, head_request: bool) -> Result<Head, ProtoError> {
+        let mut received = !self.buf.is_empty();
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = self.parse_head(head_request)? {
+                    return Ok(head);
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(ProtoError::HeadTooLarge);
+                }
+            }
+            match self.fill(READ_CHUNK).await {
+                Ok(0) if !received => return Err(ProtoError::Closed),
+                Ok(0) => return Err(ProtoError::Incomplete),
+                Ok(_) => received = true,
+                Err(e) if !received && gone(&e) => return Err(ProtoError::Closed),
+                Err(e) => return Err(ProtoError::Io(e)),
+            }
+        }
+    }
+
+    /// A complete head at the front of the buffer, taken off it; `None`
+    /// when more bytes are needed. Interim (1xx) responses are dropped.
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ProtoError> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut r = httparse::Response::new(&mut headers);
+            let len = match r.parse(&self.buf)? {
+                httparse::Status::Complete(len) => len,
+                httparse::Status::Partial => return Ok(None),
+            };
+            let code = r.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code).map_err(|_| ProtoError::Invalid("status"))?;
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                self.buf.advance(len);
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let version = match r.version {
+                Some(0) => Version::HTTP_10,
+                _ => Version::HTTP_11,
+            };
+            // The head is copied once; every header value shares the copy.
+            let base = self.buf.as_ptr() as usize;
+            let shared = Bytes::copy_from_slice(&self.buf[..len]);
+            let mut map = HeaderMap::with_capacity(r.headers.len());
+            for h in r.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| ProtoError::Invalid("header name"))?;
+                let start = h.value.as_ptr() as usize - base;
+                let value =
+                    HeaderValue::from_maybe_shared(shared.slice(start..start + h.value.len()))
+                        .map_err(|_| ProtoError::Invalid("header value"))?;
+                map.append(name, value);
+            }
+            self.buf.advance(len);
+            let (framing, mut keep_alive) = framing(&mut map, status, head_request)?;
+            keep_alive &= keeps_alive(&map, version);
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = map;
+            let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+            return Ok(Some(Head {
+                parts,
+                body: ResponseBody {
+                    framing: if upgrade { Framing::Done } else { framing },
+                    keep_alive: keep_alive && !upgrade,
+                    upgrade,
+                },
+            }));
+        }
+    }
+
+    /// The next piece of a body framed by `body`; `None` at its end.
+    fn poll_body(
+        &mut self,
+        body: &mut ResponseBody,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, ProtoError>>> {
+        loop {
+            match body.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    body.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Framing::Length(rem) => {
+                    if !self.buf.is_empty() {
+                        let n = (rem.min(self.buf.len() as u64)) as usize;
+                        body.framing = Framing::Length(rem - n as u64);
+                        return Poll::Ready(Some(Ok(self.take(n))));
+                    }
+                    let want = (rem.min(MAX_READ as u64) as usize).max(READ_CHUNK);
+                    if ready!(self.poll_fill(cx, want))? == 0 {
+                        return Poll::Ready(Some(Err(ProtoError::Incomplete)));
+                    }
+                }
+                Framing::Close => {
+                    if !self.buf.is_empty() {
+                        let n = self.buf.len();
+                        return Poll::Ready(Some(Ok(self.take(n))));
+                    }
+                    if ready!(self.poll_fill(cx, MAX_READ))? == 0 {
+                        body.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                }
+                Framing::Chunked(state) => {
+                    match self.step_chunked(state)? {
+                        Step::Data(d, next) => {
+                            body.framing = Framing::Chunked(next);
+                            return Poll::Ready(Some(Ok(d)));
+                        }
+                        Step::Next(next) => {
+                            body.framing = Framing::Chunked(next);
+                            continue;
+                        }
+                        Step::End => {
+                            body.framing = Framing::Done;
+                            return Poll::Ready(None);
+                        }
+                        Step::More => {}
+                    }
+                    if ready!(self.poll_fill(cx, READ_CHUNK))? == 0 {
+                        return Poll::Ready(Some(Err(ProtoError::Incomplete)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, ProtoError>> {
+        self.buf.reserve(want);
+        let fut = self.io.read_buf(&mut self.buf);
+        let fut = std::pin::pin!(fut);
+        fut.poll(cx).map_err(ProtoError::Io)
+    }
+
+    /// `n` bytes off the front of the buffer.
+    fn take(&mut self, n: usize) -> Bytes {
+        if n < COPY_BELOW {
+            let b = Bytes::copy_from_slice(&self.buf[..n]);
+            self.buf.advance(n);
+            b
+        } else {
+            self.buf.split_to(n).freeze()
+        }
+    }
+
+    /// One step of the chunked decoder on what is buffered.
+    fn step_chunked(&mut self, state: Chunk) -> Result<Step, ProtoError> {
+        match state {
+            Chunk::Size => {
+                let Some(line) = self.line()? else {
+                    return Ok(Step::More);
+                };
+                let size = chunk_size(&self.buf[..line.0])?;
+                self.buf.advance(line.1);
+                Ok(Step::Next(if size == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(size)
+                }))
+            }
+            Chunk::Data(rem) => {
+                if self.buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = (rem.min(self.buf.len() as u64)) as usize;
+                let left = rem - n as u64;
+                let d = self.take(n);
+                Ok(Step::Data(
+                    d,
+                    if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    },
+                ))
+            }
+            Chunk::DataEnd => match &self.buf[..] {
+                [b'\r', b'\n', ..] => {
+                    self.buf.advance(2);
+                    Ok(Step::Next(Chunk::Size))
+                }
+                [b'\n', ..] => {
+                    self.buf.advance(1);
+                    Ok(Step::Next(Chunk::Size))
+                }
+                [] | [b'\r'] => Ok(Step::More),
+                _ => Err(ProtoError::Invalid("chunk not followed by CRLF")),
+            },
+            Chunk::Trailers(seen) => {
+                let Some((end, next)) = self.line()? else {
+                    return Ok(Step::More);
+                };
+                self.buf.advance(next);
+                if end == 0 {
+                    return Ok(Step::End);
+                }
+                let seen = seen + next;
+                if seen > MAX_TRAILERS {
+                    return Err(ProtoError::Invalid("trailers too large"));
+                }
+                Ok(Step::Next(Chunk::Trailers(seen)))
+            }
+        }
+    }
+
+    /// A line at the front of the buffer: (its length without the line
+    /// end, the length with it).
+    fn line(&self) -> Result<Option<(usize, usize)>, ProtoError> {
+        match self.buf.iter().take(MAX_LINE).position(|&b| b == b'\n') {
+            Some(i) => {
+                let end = if i > 0 && self.buf[i - 1] == b'\r' {
+                    i - 1
+                } else {
+                    i
+                };
+                Ok(Some((end, i + 1)))
+            }
+            None if self.buf.len() >= MAX_LINE => Err(ProtoError::Invalid("chunk line too long")),
+            None => Ok(None),
+        }
+    }
+}
+
+enum Step {
+    Data(Bytes, Chunk),
+    Next(Chunk),
+    End,
+    More,
+}
+
+/// The hex size at the start of a chunk-size line (extensions ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, ProtoError> {
+    let mut size: u64 = 0;
+    let mut digits = 0;
+    for &b in line {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b';' | b' ' | b'\t' => break,
+            _ => return Err(ProtoError::Invalid("chunk size")),
+        };
+        digits += 1;
+        if digits > 15 {
+            return Err(ProtoError::Invalid("chunk size too large"));
+        }
+        size = size * 16 + u64::from(d);
+    }
+    if digits == 0 {
+        return Err(ProtoError::Invalid("chunk size"));
+    }
+    Ok(size)
+}
+
+/// The body's framing and whether it allows keep-alive (RFC 9112 §6.3).
+/// `Content-Length` is dropped when `Transfer-Encoding` overrides it.
+fn framing(
+    h: &mut HeaderMap,
+    status: StatusCode,
+    head_request: bool,
+) -> Result<(Framing, bool), ProtoError> {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Done, true));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        // Both framings on one message: the connection is not trusted again.
+        let both = h.remove(header::CONTENT_LENGTH).is_some();
+        return Ok(if chunked {
+            (Framing::Chunked(Chunk::Size), !both)
+        } else {
+            (Framing::Close, false)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v
+            .to_str()
+            .map_err(|_| ProtoError::Invalid("content-length"))?
+            .split(',')
+        {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ProtoError::Invalid("content-length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| ProtoError::Invalid("content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ProtoError::Invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// Whether the response lets the connection be used again.
+fn keeps_alive(h: &HeaderMap, version: Version) -> bool {
+    let has = |token: &str| {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+/// A response body, read from its connection as it is polled.
+pub struct ResponseBody {
+    framing: Framing,
+    keep_alive: bool,
+    upgrade: bool,
+}
+
+impl ResponseBody {
+    /// Read to its end (or bodiless).
+    pub fn is_done(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0))
+    }
+
+    /// Done, and the connection may carry another request.
+    pub fn reusable(&self) -> bool {
+        self.is_done() && self.keep_alive
+    }
+
+    /// A 101: the connection is the tunnel's now.
+    pub fn is_upgrade(&self) -> bool {
+        self.upgrade
+    }
+
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Done => http_body::SizeHint::with_exact(0),
+            Framing::Length(n) => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+
+    pub fn poll_data(
+        &mut self,
+        conn: &mut Conn,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, ProtoError>>> {
+        let r = conn.poll_body(self, cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.framing = Framing::Done;
+            self.keep_alive = false;
+        }
+        r
+    }
+}
+
+/// A connection handed over after a 101: what was read past the response
+/// head comes first.
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.buf.is_empty() {
+            let n = this.buf.len().min(buf.remaining());
+            buf.put_slice(&this.buf[..n]);
+            this.buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+async fn write_all(io: &mut Io, b: &[u8]) -> io::Result<()> {
+    io.write_all(b).await
+}
+
+/// `n` in decimal, without a `String`.
+fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &out[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_parse_and_refuse() {
+        assert_eq!(chunk_size(b"1a").ok(), Some(26));
+        assert_eq!(chunk_size(b"A;ext=1").ok(), Some(10));
+        assert_eq!(chunk_size(b"0").ok(), Some(0));
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"-1").is_err());
+        assert!(chunk_size(b"1000000000000000").is_err());
+    }
+
+    #[test]
+    fn decimal_lengths() {
+        assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa_u64(65536, &mut [0; 20]), b"65536");
+        assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(
+            framing(&mut h, StatusCode::OK, false).ok(),
+            Some((Framing::Length(5), true))
+        );
+        assert_eq!(
+            framing(&mut h, StatusCode::OK, true).ok(),
+            Some((Framing::Done, true))
+        );
+        assert_eq!(
+            framing(&mut h, StatusCode::NOT_MODIFIED, false).ok(),
+            Some((Framing::Done, true))
+        );
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(framing(&mut h, StatusCode::OK, false).is_err());
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert_eq!(
+            framing(&mut h, StatusCode::OK, false).ok(),
+            Some((Framing::Chunked(Chunk::Size), false))
+        );
+        assert!(!h.contains_key(header::CONTENT_LENGTH));
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(
+            framing(&mut h, StatusCode::OK, false).ok(),
+            Some((Framing::Close, false))
+        );
+        assert_eq!(
+            framing(&mut HeaderMap::new(), StatusCode::OK, false).ok(),
+            Some((Framing::Close, false))
+        );
+    }
+
+    #[test]
+    fn keep_alive_by_version_and_connection() {
+        let mut h = HeaderMap::new();
+        assert!(keeps_alive(&h, Version::HTTP_11));
+        assert!(!keeps_alive(&h, Version::HTTP_10));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        assert!(keeps_alive(&h, Version::HTTP_10));
+        h.insert(header::CONNECTION, HeaderValue::from_static("x, close"));
+        assert!(!keeps_alive(&h, Version::HTTP_11));
+    }
+}
