@@ -53,7 +53,7 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// write); larger ones are written on their own.
 const COALESCE_BELOW: usize = 16 * 1024;
 /// An idle connection keeps a read buffer up to this size.
-const KEEP_BUFFER: usize = 64 * 1024;
+const KEEP_BUFFER: usize = 16 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
