@@ -1323,9 +1323,12 @@ async fn send(
         ProxyTarget::Upstream(_) => String::new(),
     };
     for attempt in 0..max_tries {
+        // One clock read for the pick and the upstream time (what lies
+        // between them is no I/O); one more when the answer is in.
+        let sent_at = Instant::now();
         let (endpoint, host_header, pick, host_value) = match &pool {
             Some(pool) => {
-                let mut pc = PickContext::new(Instant::now())
+                let mut pc = PickContext::new(sent_at)
                     .client_ip(prep.client_ip)
                     .tried(&tried);
                 if let Some(k) = hash_key_bytes {
@@ -1396,20 +1399,21 @@ async fn send(
             Ok(r) => r,
             Err(_) => return Err(ProxyError::BadRequest),
         };
-        let sent_at = Instant::now();
         let result = tokio::time::timeout(
             read_timeout,
             crate::proxy::pool::request(&conn_target, up_req),
         )
         .await;
         let authority = &conn_target.key.endpoint;
+        let duration = sent_at.elapsed();
+        let answered_at = sent_at + duration;
         *info = Some(UpstreamInfo {
             addr: Some(authority.clone()),
             status: match &result {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
                 _ => None,
             },
-            duration: sent_at.elapsed(),
+            duration,
         });
         if let (Some(pool), Some(pk)) = (&pool, &pick) {
             crate::observe::metrics::count_upstream(
@@ -1420,7 +1424,7 @@ async fn send(
         }
         let report = |o: Outcome| {
             if let (Some(pool), Some(pk)) = (&pool, &pick) {
-                pool.peers.report(pk.peer(), o, Instant::now());
+                pool.peers.report(pk.peer(), o, answered_at);
             }
         };
         let retry_allowed = !had_body && upgrade.is_none() && attempt + 1 < max_tries;
