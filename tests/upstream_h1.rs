@@ -43,6 +43,7 @@ struct Log {
 /// - `/http10`: an HTTP/1.0 response without a length, then the close;
 /// - `/close-after`: a keep-alive 200, then the upstream closes the
 ///   connection anyway (as an idle timeout would);
+/// - `/reject-early`: a 413 right after the head, the body never read;
 /// - anything else: 200 echoing the request body.
 struct Scripted {
     addr: SocketAddr,
@@ -51,7 +52,15 @@ struct Scripted {
 
 impl Scripted {
     fn start() -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // A small receive buffer (inherited by accepted sockets): a body
+        // the upstream does not read backs up quickly.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+            .expect("bind");
+        sock.listen(64).expect("listen");
+        let listener: TcpListener = sock.into();
         let addr = listener.local_addr().expect("addr");
         let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
         let l = log.clone();
@@ -111,6 +120,13 @@ fn serve(id: usize, s: TcpStream, log: &(Mutex<Log>, Condvar)) {
         let method = first.next().unwrap_or("").to_string();
         let path = first.next().unwrap_or("").to_string();
         let lower = head.to_ascii_lowercase();
+        if path == "/reject-early" {
+            // Refuse at the head, then neither read the body nor close
+            // (until the test is long over).
+            let _ = w.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nnope");
+            std::thread::sleep(Duration::from_secs(30));
+            return;
+        }
         let mut body = Vec::new();
         if let Some(n) = lower
             .lines()
@@ -326,4 +342,45 @@ fn request_bodies_go_up_framed() {
         last.head
     );
     assert_eq!(last.body, b"abcdefg");
+}
+
+#[test]
+fn an_upstream_answering_before_reading_the_body_is_heard() {
+    let up = Scripted::start();
+    let gw = Gateway::start(&format!(
+        "worker_threads 1;\n\
+         upstream up {{ server {}; keepalive 8; }}\n\
+         server {{\n    listen @PORT@;\n    proxy_read_timeout 3s;\n    client_max_body_size 64m;\n    location / {{ proxy_pass http://up; }}\n}}\n",
+        up.addr
+    ));
+    // 16 MiB: far more than the kernel buffers between the gateway and
+    // the upstream hold, so the gateway's writes stall.
+    let len = 16 << 20;
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    let mut writer = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let head =
+            format!("POST /reject-early HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
+        let _ = writer.write_all(head.as_bytes());
+        let chunk = vec![b'z'; 64 * 1024];
+        for _ in 0..len / chunk.len() {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    // Not a 504 after proxy_read_timeout with the gateway stuck writing.
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    drop(s);
+    let _ = sender.join();
 }

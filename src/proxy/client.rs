@@ -71,6 +71,11 @@ pub enum ProtoError {
     Invalid(&'static str),
     #[error("response head larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
+    /// The upstream sent a response while the request body was still
+    /// going up (it will not read the rest): the response is read, the
+    /// connection not reused.
+    #[error("the upstream answered before the request body was sent")]
+    AnsweredEarly,
     /// The request body failed (the client's side).
     #[error("request body")]
     Body(#[source] BoxError),
@@ -246,9 +251,11 @@ impl Conn {
     ) -> Result<Head, ProtoError> {
         let head_request = parts.method == Method::HEAD;
         if let Err(e) = self.write_request(parts, body).await {
-            // An upstream may answer (a 413, say) and close before reading
-            // the whole body: a response that made it is the better error.
-            if matches!(&e, ProtoError::Io(io) if gone(io))
+            // An upstream may answer (a 413, say) before reading the whole
+            // body, and close or just stop reading: a response that made it
+            // is the better outcome.
+            if (matches!(&e, ProtoError::AnsweredEarly)
+                || matches!(&e, ProtoError::Io(io) if gone(io)))
                 && let Ok(mut head) = self.read_head(head_request).await
             {
                 head.body.keep_alive = false;
@@ -340,7 +347,7 @@ impl Conn {
                     Poll::Ready(f) => f,
                     Poll::Pending => {
                         if !w.is_empty() {
-                            write_all(&mut self.io, w).await?;
+                            self.send(w).await?;
                             w.clear();
                         }
                         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
@@ -372,15 +379,15 @@ impl Conn {
             if data.len() < COALESCE_BELOW {
                 w.extend_from_slice(&data);
             } else {
-                write_all(&mut self.io, w).await?;
+                self.send(w).await?;
                 w.clear();
-                write_all(&mut self.io, &data).await?;
+                self.send(&data).await?;
             }
             if length.is_none() {
                 w.extend_from_slice(b"\r\n");
             }
             if w.len() >= COALESCE_BELOW {
-                write_all(&mut self.io, w).await?;
+                self.send(w).await?;
                 w.clear();
             }
         }
@@ -395,10 +402,36 @@ impl Conn {
             w.extend_from_slice(b"0\r\n\r\n");
         }
         if !w.is_empty() {
-            write_all(&mut self.io, w).await?;
+            self.send(w).await?;
             w.clear();
         }
         Ok(())
+    }
+
+    /// Write all of `b`; while the upstream is not taking more, watch for
+    /// it answering instead ([`ProtoError::AnsweredEarly`]).
+    async fn send(&mut self, mut b: &[u8]) -> Result<(), ProtoError> {
+        std::future::poll_fn(|cx| {
+            while !b.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, b) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(ProtoError::Io(io::ErrorKind::WriteZero.into())));
+                    }
+                    Poll::Ready(Ok(n)) => b = &b[n..],
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ProtoError::Io(e))),
+                    Poll::Pending => {
+                        return match self.poll_fill(cx, READ_CHUNK) {
+                            Poll::Ready(Ok(0)) => Poll::Ready(Err(ProtoError::Closed)),
+                            Poll::Ready(Ok(_)) => Poll::Ready(Err(ProtoError::AnsweredEarly)),
+                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                            Poll::Pending => Poll::Pending,
+                        };
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// Read more into the buffer: at least `want` bytes of room.
