@@ -37,7 +37,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// The most response headers accepted.
 const MAX_HEADERS: usize = 128;
 /// What a read asks for at least.
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = 4 * 1024;
 /// What a body read asks for at most (large bodies grow the buffer to it).
 const MAX_READ: usize = 64 * 1024;
 /// Body pieces smaller than this are copied out of the read buffer (one
