@@ -119,7 +119,7 @@ async fn one_call(
         gw, settings, call.tls, endpoint, &host, keepalive, &mut trust,
     );
     let result = async {
-        let resp = crate::proxy::pool::request(&conn_target, req)
+        let resp = crate::proxy::pool::request(&conn_target, req, None)
             .await
             .map_err(|e| e.to_string())?;
         let status = resp.status();

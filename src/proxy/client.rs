@@ -247,10 +247,11 @@ impl Conn {
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
+        pass: Option<Passthrough<'_>>,
         body: Body,
     ) -> Result<Head, ProtoError> {
         let head_request = parts.method == Method::HEAD;
-        if let Err(e) = self.write_request(parts, body).await {
+        if let Err(e) = self.write_request(parts, pass, body).await {
             // An upstream may answer (a 413, say) before reading the whole
             // body, and close or just stop reading: a response that made it
             // is the better outcome.
@@ -269,52 +270,13 @@ impl Conn {
     async fn write_request(
         &mut self,
         parts: &http::request::Parts,
+        pass: Option<Passthrough<'_>>,
         mut body: Body,
     ) -> Result<(), ProtoError> {
         let mut w = std::mem::take(&mut self.wbuf);
         w.clear();
-        let declared: Option<u64> = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
-        // How the body goes: as the client declared it, as its size is
-        // known, or chunked.
         let has_body = !body.is_end_stream();
-        let length: Option<u64> = match (has_body, declared) {
-            (true, Some(n)) => Some(n),
-            (true, None) => body.size_hint().exact(),
-            (false, Some(0)) => Some(0),
-            (false, _) => None,
-        };
-        let chunked = has_body && length.is_none();
-        w.extend_from_slice(parts.method.as_str().as_bytes());
-        w.push(b' ');
-        w.extend_from_slice(
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .as_bytes(),
-        );
-        w.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
-        if let Some(n) = length {
-            w.extend_from_slice(b"content-length: ");
-            w.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
-            w.extend_from_slice(b"\r\n");
-        } else if chunked {
-            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        w.extend_from_slice(b"\r\n");
+        let length = encode_head(&mut w, parts, pass, has_body, body.size_hint().exact());
         let r = if has_body {
             self.write_body(&mut w, &mut body, length).await
         } else {
@@ -670,6 +632,94 @@ impl Conn {
     }
 }
 
+/// The client's headers, passed on as they are except for `Host`, the
+/// hop-by-hop ones, those its `Connection` lists, the names the request
+/// itself sets (the gateway's own) and `skip`. Written straight from the
+/// client's map: no per-request copy of it.
+#[derive(Clone, Copy)]
+pub struct Passthrough<'a> {
+    pub headers: &'a HeaderMap,
+    pub skip: &'a [HeaderName],
+}
+
+/// The request head into `w`: request line, the passed-on client headers,
+/// the request's own, and the framing — the declared `Content-Length`,
+/// else the body's known size, else chunked (`None` without a body).
+/// Returns the length framing the body must match (`None`: chunked or no
+/// body).
+#[doc(hidden)] // public for benches/pipeline.rs
+pub fn encode_head(
+    w: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    pass: Option<Passthrough<'_>>,
+    has_body: bool,
+    exact_size: Option<u64>,
+) -> Option<u64> {
+    let declared: Option<u64> = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .or_else(|| pass.and_then(|p| p.headers.get(header::CONTENT_LENGTH)))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let length: Option<u64> = match (has_body, declared) {
+        (true, Some(n)) => Some(n),
+        (true, None) => exact_size,
+        (false, Some(0)) => Some(0),
+        (false, _) => None,
+    };
+    let chunked = has_body && length.is_none();
+    w.extend_from_slice(parts.method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut line = |name: &HeaderName, value: &HeaderValue| {
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    };
+    if let Some(p) = pass {
+        let listed = if p.headers.contains_key(header::CONNECTION) {
+            super::forward::connection_listed(p.headers)
+        } else {
+            Vec::new()
+        };
+        for (name, value) in p.headers {
+            if *name == header::HOST
+                || *name == header::CONTENT_LENGTH
+                || super::forward::HOP_BY_HOP.contains(name)
+                || parts.headers.keys().any(|own| own == name)
+                || p.skip.contains(name)
+                || listed.contains(name)
+            {
+                continue;
+            }
+            line(name, value);
+        }
+    }
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        line(name, value);
+    }
+    if let Some(n) = length {
+        w.extend_from_slice(b"content-length: ");
+        w.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+        w.extend_from_slice(b"\r\n");
+    } else if chunked {
+        w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    w.extend_from_slice(b"\r\n");
+    length
+}
+
 enum Step {
     Data(Bytes, Chunk),
     Next(Chunk),
@@ -932,6 +982,54 @@ mod tests {
             framing(&mut HeaderMap::new(), StatusCode::OK, false).ok(),
             Some((Framing::Close, false))
         );
+    }
+
+    #[test]
+    fn the_head_passes_client_headers_filtered_and_the_gateways_own() {
+        let client = http::Request::post("/x")
+            .header("host", "public.example")
+            .header("connection", "keep-alive, x-secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-secret", "hop")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("accept", "a")
+            .header("accept", "b")
+            .header("x-drop", "1")
+            .header("content-length", "3")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let mut own = http::Request::post("/up/x?q=1")
+            .header("host", "10.0.0.1:80")
+            .header("x-forwarded-for", "6.6.6.6, 127.0.0.1")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let skip = [HeaderName::from_static("x-drop")];
+        let pass = Some(Passthrough {
+            headers: &client.headers,
+            skip: &skip,
+        });
+        let mut w = Vec::new();
+        assert_eq!(encode_head(&mut w, &own, pass, true, None), Some(3));
+        assert_eq!(
+            String::from_utf8_lossy(&w),
+            "POST /up/x?q=1 HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: 10.0.0.1:80\r\n\
+             x-forwarded-for: 6.6.6.6, 127.0.0.1\r\ncontent-length: 3\r\n\r\n"
+        );
+        // Without a declared length: the body's size, else chunked.
+        own.headers.clear();
+        w.clear();
+        assert_eq!(encode_head(&mut w, &own, None, true, Some(7)), Some(7));
+        assert!(w.ends_with(b"content-length: 7\r\n\r\n"));
+        w.clear();
+        assert_eq!(encode_head(&mut w, &own, None, true, None), None);
+        assert!(w.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
+        w.clear();
+        assert_eq!(encode_head(&mut w, &own, None, false, None), None);
+        assert_eq!(&w[..], b"POST /up/x?q=1 HTTP/1.1\r\n\r\n");
     }
 
     #[test]

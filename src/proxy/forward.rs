@@ -189,7 +189,7 @@ pub fn header_text(v: &HeaderValue) -> &str {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy-auth pair).
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -243,7 +243,7 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// The header names a message's `Connection` headers list.
-fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+pub(crate) fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
     h.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -262,23 +262,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
-}
-
-/// A copy of a request's headers for the upstream: without `Host`, the
-/// hop-by-hop headers and those listed in `Connection` (as
-/// [`strip_hop_by_hop`]), sized for `extra` more so the gateway's own
-/// never grow it.
-#[doc(hidden)] // public for benches/pipeline.rs
-pub fn forwarded_headers(src: &HeaderMap, extra: usize) -> HeaderMap {
-    let listed = connection_listed(src);
-    let mut out = HeaderMap::with_capacity(src.len() + extra);
-    for (name, value) in src {
-        if *name == header::HOST || HOP_BY_HOP.contains(name) || listed.contains(name) {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    out
 }
 
 /// Characters kept as-is when a decoded path is put back on the wire.
@@ -783,9 +766,10 @@ async fn serve_request(
                                 header::IF_RANGE,
                                 header::RANGE,
                             ] {
-                                prep.headers.remove(h);
+                                prep.headers.remove(&h);
+                                prep.skip.push(h);
                             }
-                            cache_fetch(gw.clone(), si, li, prep, id.to_string())
+                            cache_fetch(gw.clone(), si, li, prep.into_owned(), id.to_string())
                         };
                         let resp = cache.serve_with(key, &parts, make_fetch).await;
                         out.cache = resp
@@ -848,7 +832,7 @@ fn cache_fetch(
     gw: Arc<Gateway>,
     server: usize,
     location: usize,
-    prep: Prepared,
+    prep: Prepared<'static>,
     request_id: String,
 ) -> crate::policy::cache::Fetch {
     Arc::new(move || {
@@ -1173,18 +1157,44 @@ async fn proxy(
 /// server is picked: computed once, reused by every try (and, for cached
 /// locations, by background refreshes).
 #[derive(Clone)]
-pub struct Prepared {
+pub struct Prepared<'a> {
     pub method: http::Method,
     /// Path and query sent upstream (`None`: not a valid URI, a 400).
     pub target: Option<Uri>,
+    /// The gateway's own headers (forwarding, trace, request id,
+    /// `proxy_set_header`); they replace the client's of the same name.
     pub headers: HeaderMap,
+    /// The client's headers, passed on filtered as they are written
+    /// ([`crate::proxy::client::Passthrough`]): borrowed while the client's
+    /// request is alive, owned for a cache's later fetches.
+    pub client: std::borrow::Cow<'a, HeaderMap>,
+    /// Client headers dropped besides those the filter always drops
+    /// (`proxy_set_header NAME ""`, a cache's validators).
+    pub skip: Vec<HeaderName>,
     pub host_override: Option<String>,
     pub hash_key: Option<String>,
     pub client_ip: IpAddr,
     pub upgrade: Option<HeaderValue>,
 }
 
-fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> Prepared {
+impl Prepared<'_> {
+    /// For a fetch that may outlive the client's request.
+    pub fn into_owned(self) -> Prepared<'static> {
+        Prepared {
+            method: self.method,
+            target: self.target,
+            headers: self.headers,
+            client: std::borrow::Cow::Owned(self.client.into_owned()),
+            skip: self.skip,
+            host_override: self.host_override,
+            hash_key: self.hash_key,
+            client_ip: self.client_ip,
+            upgrade: self.upgrade,
+        }
+    }
+}
+
+fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Parts) -> Prepared<'a> {
     let settings = &ctx.loc.settings;
     // No rewrite and no URI part: the client's own origin-form target goes
     // up as it came (the same bytes, no copy and no second parse).
@@ -1197,7 +1207,9 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
     } else {
         Uri::from_maybe_shared(Bytes::from(upstream_target(ctx, p))).ok()
     };
-    let mut headers = forwarded_headers(&parts.headers, 8 + settings.proxy_set_header.len());
+    // Only the gateway's own: the client's are written from its map.
+    let mut headers = HeaderMap::with_capacity(8 + settings.proxy_set_header.len());
+    let mut skip = Vec::new();
     let upgrade = upgrade_protocol(&parts.headers);
     if let Some(proto) = &upgrade {
         // A protocol upgrade (WebSocket) is the one hop-by-hop exchange that
@@ -1207,7 +1219,12 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
     }
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    // The client's, unless its `Connection` made it hop-by-hop.
+    let client_xff = parts.headers.get(&X_FORWARDED_FOR).filter(|_| {
+        !parts.headers.contains_key(header::CONNECTION)
+            || !connection_listed(&parts.headers).contains(&X_FORWARDED_FOR)
+    });
+    let xff = match client_xff.and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             let mut v = Vec::with_capacity(prev.len() + 2 + peer_value.len());
             v.extend_from_slice(prev.as_bytes());
@@ -1255,6 +1272,7 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
         };
         if v.is_empty() {
             headers.remove(&n);
+            skip.push(n);
         } else if let Ok(v) = HeaderValue::try_from(v) {
             headers.insert(n, v);
         }
@@ -1270,6 +1288,8 @@ fn prepare(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &http::request::Parts) -> P
         method: parts.method.clone(),
         target,
         headers,
+        client: std::borrow::Cow::Borrowed(&parts.headers),
+        skip,
         host_override,
         hash_key,
         client_ip: ctx.vars.remote_addr,
@@ -1283,7 +1303,7 @@ async fn send(
     gw: &Gateway,
     p: &ProxyPass,
     settings: &LocationSettings,
-    mut prep: Prepared,
+    mut prep: Prepared<'_>,
     mut body: Option<Body>,
     extensions: &mut http::Extensions,
     info: &mut Option<UpstreamInfo>,
@@ -1401,7 +1421,14 @@ async fn send(
         };
         let result = tokio::time::timeout(
             read_timeout,
-            crate::proxy::pool::request(&conn_target, up_req),
+            crate::proxy::pool::request(
+                &conn_target,
+                up_req,
+                Some(crate::proxy::client::Passthrough {
+                    headers: &prep.client,
+                    skip: &prep.skip,
+                }),
+            ),
         )
         .await;
         let authority = &conn_target.key.endpoint;

@@ -26,7 +26,7 @@ use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use rustls_pki_types::ServerName;
 
-use super::client::{Conn, Io, ProtoError, ResponseBody};
+use super::client::{Conn, Io, Passthrough, ProtoError, ResponseBody};
 use super::forward::Body;
 
 /// How long an idle upstream connection is kept (NGINX's upstream
@@ -175,12 +175,14 @@ fn checkin(key: Key, mut conn: Conn, keepalive: usize) {
     });
 }
 
-/// Send `req` (origin-form URI, `Host` set) over a pooled or new connection.
-/// A pooled connection the upstream closed while it sat idle is skipped;
-/// one that closes as the request goes out is a [`ClientError::Stale`].
+/// Send `req` (origin-form URI, `Host` set) over a pooled or new
+/// connection, with the client's headers `pass` passes on. A pooled
+/// connection the upstream closed while it sat idle is skipped; one that
+/// closes as the request goes out is a [`ClientError::Stale`].
 pub async fn request(
     t: &Target<'_>,
     req: Request<Body>,
+    pass: Option<Passthrough<'_>>,
 ) -> Result<Response<PooledBody>, ClientError> {
     let pooled = if t.fresh {
         None
@@ -205,7 +207,7 @@ pub async fn request(
         None => (Box::pin(connect(t)).await?, false),
     };
     let (parts, body) = req.into_parts();
-    match conn.exchange(&parts, body).await {
+    match conn.exchange(&parts, pass, body).await {
         Ok(head) => {
             let mut body = PooledBody {
                 body: head.body,
