@@ -11,6 +11,7 @@
 //!                     router + per-route pipelines + upstream pools
 //!                                                                  │ Arc, swapped atomically
 //!  client ──hyper──▶ server ──▶ router.lookup ──▶ pipeline ──▶ upstream pool ──▶ service
+//!                                                                 proxy::client (own HTTP/1)
 //! ```
 //!
 //! `config` imports no tokio, hyper or tower: it turns text into a
