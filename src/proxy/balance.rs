@@ -869,8 +869,7 @@ impl Tier {
         for rehash in 0..=MAX_TRIES {
             let mut crc = Crc32::new();
             if rehash > 0 {
-                let mut buf = [0u8; 20];
-                crc.update(decimal(rehash, &mut buf));
+                crc.update(itoa::Buffer::new().format(rehash).as_bytes());
             }
             crc.update(key);
             hash += u64::from((crc.finish() >> 16) & 0x7fff);
@@ -963,20 +962,6 @@ impl Ring {
     }
 }
 
-/// `n` in decimal ASCII, written into `buf`.
-fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 || i == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
 /// CRC-32 (IEEE 802.3, reflected, as zlib and NGINX's `ngx_crc32`).
 const CRC32_TABLE: [u32; 256] = {
     let mut table = [0u32; 256];
@@ -1033,17 +1018,6 @@ mod tests {
     fn crc32_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
-    }
-
-    #[test]
-    fn decimal_digits() {
-        let mut buf = [0u8; 20];
-        assert_eq!(decimal(0, &mut buf), b"0");
-        assert_eq!(decimal(20, &mut buf), b"20");
-        assert_eq!(
-            decimal(usize::MAX, &mut buf),
-            usize::MAX.to_string().as_bytes()
-        );
     }
 
     #[test]

@@ -336,7 +336,8 @@ impl Conn {
                 ));
             }
             if length.is_none() {
-                w.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                // Into the Vec directly: no String per chunk.
+                let _ = std::io::Write::write_fmt(w, format_args!("{:x}\r\n", data.len()));
             }
             if data.len() < COALESCE_BELOW {
                 w.extend_from_slice(&data);
@@ -711,7 +712,7 @@ pub fn encode_head(
     }
     if let Some(n) = length {
         w.extend_from_slice(b"content-length: ");
-        w.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+        w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         w.extend_from_slice(b"\r\n");
     } else if chunked {
         w.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -910,20 +911,6 @@ async fn write_all(io: &mut Io, b: &[u8]) -> io::Result<()> {
     io.write_all(b).await
 }
 
-/// `n` in decimal, without a `String`.
-fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut i = out.len();
-    loop {
-        i -= 1;
-        out[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &out[i..]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,13 +923,6 @@ mod tests {
         assert!(chunk_size(b"").is_err());
         assert!(chunk_size(b"-1").is_err());
         assert!(chunk_size(b"1000000000000000").is_err());
-    }
-
-    #[test]
-    fn decimal_lengths() {
-        assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa_u64(65536, &mut [0; 20]), b"65536");
-        assert_eq!(itoa_u64(u64::MAX, &mut [0; 20]), b"18446744073709551615");
     }
 
     #[test]
