@@ -43,3 +43,18 @@ mkdir -p corpus/hop_by_hop
 printf 'connection: close, X-Secret\nx-secret: 1\nkeep-alive: 5\nte: trailers\nhost: a\nupgrade: h2c\nx-other: 2\nx-other: 3\n' \
     > corpus/hop_by_hop/seed-1
 echo "seeded: $(ls corpus/parse_validate | wc -l) config files; $(ls corpus/normalize | wc -l) paths, $(ls corpus/template | wc -l) templates, $(ls corpus/guard | wc -l) request streams"
+
+# upstream_response: 1 flag byte (bit 0: HEAD), 8 split-seed bytes, then
+# what the upstream sent.
+mkdir -p corpus/upstream_response
+n=0
+for r in 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello' \
+    'HTTP/1.1 103 Early\r\nLink: <a>\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nT: x\r\n\r\n' \
+    'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nto the close' \
+    'HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n' \
+    'HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd' \
+    'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 2\r\n\r\n1\r\na\r\n0\r\n\r\n' \
+    'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00'; do
+    n=$((n + 1))
+    { printf '\000\001\002\003\004\005\006\007\010'; printf "$r"; } > "corpus/upstream_response/seed-$n"
+done

@@ -172,8 +172,24 @@ impl AsyncWrite for Io {
 /// An upstream connection: the socket and what was read ahead of use.
 pub struct Conn {
     io: Io,
-    buf: BytesMut,
+    dec: Decoder,
     wbuf: Vec<u8>,
+}
+
+/// The response side's bytes and their decoding, apart from the socket
+/// (so it can be fed any bytes, split any way: the fuzz target and the
+/// split-invariance test do).
+#[derive(Default)]
+pub struct Decoder {
+    buf: BytesMut,
+}
+
+/// What the body decoder made of the buffered bytes.
+enum Progress {
+    Data(Bytes),
+    End,
+    /// More bytes are needed.
+    More,
 }
 
 /// How a response body is delimited.
@@ -209,7 +225,7 @@ impl Conn {
     pub fn new(io: Io) -> Conn {
         Conn {
             io,
-            buf: BytesMut::new(),
+            dec: Decoder::default(),
             wbuf: Vec::new(),
         }
     }
@@ -218,7 +234,7 @@ impl Conn {
     /// anything unasked since the last response. Costs no system call when
     /// the socket has not become readable.
     pub fn is_reusable(&mut self) -> bool {
-        if !self.buf.is_empty() {
+        if !self.dec.buf.is_empty() {
             return false;
         }
         let mut scratch = [0u8; 8];
@@ -233,8 +249,8 @@ impl Conn {
 
     /// Before going idle: a buffer grown by a large body is let go.
     pub fn settle(&mut self) {
-        if self.buf.capacity() > KEEP_BUFFER {
-            self.buf = BytesMut::new();
+        if self.dec.buf.capacity() > KEEP_BUFFER {
+            self.dec.buf = BytesMut::new();
         }
         if self.wbuf.capacity() > KEEP_BUFFER {
             self.wbuf = Vec::new();
@@ -399,18 +415,18 @@ impl Conn {
 
     /// Read more into the buffer: at least `want` bytes of room.
     async fn fill(&mut self, want: usize) -> io::Result<usize> {
-        self.buf.reserve(want);
-        self.io.read_buf(&mut self.buf).await
+        self.dec.buf.reserve(want);
+        self.io.read_buf(&mut self.dec.buf).await
     }
 
     async fn read_head(&mut self, head_request: bool) -> Result<Head, ProtoError> {
-        let mut received = !self.buf.is_empty();
+        let mut received = !self.dec.buf.is_empty();
         loop {
-            if !self.buf.is_empty() {
-                if let Some(head) = self.parse_head(head_request)? {
+            if !self.dec.buf.is_empty() {
+                if let Some(head) = self.dec.parse_head(head_request)? {
                     return Ok(head);
                 }
-                if self.buf.len() >= MAX_HEAD {
+                if self.dec.buf.len() >= MAX_HEAD {
                     return Err(ProtoError::HeadTooLarge);
                 }
             }
@@ -424,6 +440,33 @@ impl Conn {
         }
     }
 
+    /// The next piece of a body framed by `body`; `None` at its end.
+    fn poll_body(
+        &mut self,
+        body: &mut ResponseBody,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, ProtoError>>> {
+        loop {
+            match self.dec.body_step(body)? {
+                Progress::Data(d) => return Poll::Ready(Some(Ok(d))),
+                Progress::End => return Poll::Ready(None),
+                Progress::More => {}
+            }
+            if ready!(self.poll_fill(cx, body.want()))? == 0 {
+                return Poll::Ready(body.at_close().map(Err));
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, ProtoError>> {
+        self.dec.buf.reserve(want);
+        let fut = self.io.read_buf(&mut self.dec.buf);
+        let fut = std::pin::pin!(fut);
+        fut.poll(cx).map_err(ProtoError::Io)
+    }
+}
+
+impl Decoder {
     /// A complete head at the front of the buffer, taken off it; `None`
     /// when more bytes are needed. Interim (1xx) responses are dropped.
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ProtoError> {
@@ -431,6 +474,10 @@ impl Conn {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut headers);
             let len = match r.parse(&self.buf)? {
+                // The same limit whether the head came whole or in pieces.
+                httparse::Status::Complete(len) if len > MAX_HEAD => {
+                    return Err(ProtoError::HeadTooLarge);
+                }
                 httparse::Status::Complete(len) => len,
                 httparse::Status::Partial => return Ok(None),
             };
@@ -479,69 +526,44 @@ impl Conn {
         }
     }
 
-    /// The next piece of a body framed by `body`; `None` at its end.
-    fn poll_body(
-        &mut self,
-        body: &mut ResponseBody,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, ProtoError>>> {
+    /// One step of the body framed by `body` on what is buffered.
+    fn body_step(&mut self, body: &mut ResponseBody) -> Result<Progress, ProtoError> {
         loop {
             match body.framing {
-                Framing::Done => return Poll::Ready(None),
+                Framing::Done => return Ok(Progress::End),
                 Framing::Length(0) => {
                     body.framing = Framing::Done;
-                    return Poll::Ready(None);
+                    return Ok(Progress::End);
                 }
                 Framing::Length(rem) => {
-                    if !self.buf.is_empty() {
-                        let n = (rem.min(self.buf.len() as u64)) as usize;
-                        body.framing = Framing::Length(rem - n as u64);
-                        return Poll::Ready(Some(Ok(self.take(n))));
+                    if self.buf.is_empty() {
+                        return Ok(Progress::More);
                     }
-                    let want = (rem.min(MAX_READ as u64) as usize).max(READ_CHUNK);
-                    if ready!(self.poll_fill(cx, want))? == 0 {
-                        return Poll::Ready(Some(Err(ProtoError::Incomplete)));
-                    }
+                    let n = (rem.min(self.buf.len() as u64)) as usize;
+                    body.framing = Framing::Length(rem - n as u64);
+                    return Ok(Progress::Data(self.take(n)));
                 }
                 Framing::Close => {
-                    if !self.buf.is_empty() {
-                        let n = self.buf.len();
-                        return Poll::Ready(Some(Ok(self.take(n))));
+                    if self.buf.is_empty() {
+                        return Ok(Progress::More);
                     }
-                    if ready!(self.poll_fill(cx, MAX_READ))? == 0 {
+                    let n = self.buf.len();
+                    return Ok(Progress::Data(self.take(n)));
+                }
+                Framing::Chunked(state) => match self.step_chunked(state)? {
+                    Step::Data(d, next) => {
+                        body.framing = Framing::Chunked(next);
+                        return Ok(Progress::Data(d));
+                    }
+                    Step::Next(next) => body.framing = Framing::Chunked(next),
+                    Step::End => {
                         body.framing = Framing::Done;
-                        return Poll::Ready(None);
+                        return Ok(Progress::End);
                     }
-                }
-                Framing::Chunked(state) => {
-                    match self.step_chunked(state)? {
-                        Step::Data(d, next) => {
-                            body.framing = Framing::Chunked(next);
-                            return Poll::Ready(Some(Ok(d)));
-                        }
-                        Step::Next(next) => {
-                            body.framing = Framing::Chunked(next);
-                            continue;
-                        }
-                        Step::End => {
-                            body.framing = Framing::Done;
-                            return Poll::Ready(None);
-                        }
-                        Step::More => {}
-                    }
-                    if ready!(self.poll_fill(cx, READ_CHUNK))? == 0 {
-                        return Poll::Ready(Some(Err(ProtoError::Incomplete)));
-                    }
-                }
+                    Step::More => return Ok(Progress::More),
+                },
             }
         }
-    }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, ProtoError>> {
-        self.buf.reserve(want);
-        let fut = self.io.read_buf(&mut self.buf);
-        let fut = std::pin::pin!(fut);
-        fut.poll(cx).map_err(ProtoError::Io)
     }
 
     /// `n` bytes off the front of the buffer.
@@ -848,6 +870,26 @@ impl ResponseBody {
         self.upgrade
     }
 
+    /// How much room the next read of this body wants.
+    fn want(&self) -> usize {
+        match self.framing {
+            Framing::Length(rem) => (rem.min(MAX_READ as u64) as usize).max(READ_CHUNK),
+            Framing::Close => MAX_READ,
+            _ => READ_CHUNK,
+        }
+    }
+
+    /// The connection ended: the end of a body delimited by it, or an
+    /// incomplete one.
+    fn at_close(&mut self) -> Option<ProtoError> {
+        if self.framing == Framing::Close {
+            self.framing = Framing::Done;
+            None
+        } else {
+            Some(ProtoError::Incomplete)
+        }
+    }
+
     pub fn size_hint(&self) -> http_body::SizeHint {
         match self.framing {
             Framing::Done => http_body::SizeHint::with_exact(0),
@@ -870,6 +912,78 @@ impl ResponseBody {
     }
 }
 
+/// A whole decoded response: status, headers (name, value), body.
+#[doc(hidden)]
+pub type Decoded = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
+
+/// A response decoded from `input` arriving in pieces of the sizes in
+/// `pieces` (cycled; 0 or none: all the rest), as the socket would deliver
+/// it: the status, the headers and the body, or the error's text. Used by
+/// the fuzz target and the split-invariance test; the gateway decodes
+/// through [`Conn`].
+#[doc(hidden)]
+pub fn decode(input: &[u8], pieces: &[usize], head_request: bool) -> Result<Decoded, String> {
+    let mut dec = Decoder::default();
+    let mut fed = 0;
+    let mut turn = 0;
+    let mut feed = |dec: &mut Decoder| -> bool {
+        if fed >= input.len() {
+            return false;
+        }
+        let left = input.len() - fed;
+        let n = match pieces.get(turn % pieces.len().max(1)) {
+            Some(&n) if n > 0 => n.min(left),
+            _ => left,
+        };
+        turn += 1;
+        dec.buf.extend_from_slice(&input[fed..fed + n]);
+        fed += n;
+        true
+    };
+    let head = loop {
+        if !dec.buf.is_empty() {
+            if let Some(h) = dec.parse_head(head_request).map_err(|e| e.to_string())? {
+                break h;
+            }
+            if dec.buf.len() >= MAX_HEAD {
+                return Err(ProtoError::HeadTooLarge.to_string());
+            }
+        }
+        if !feed(&mut dec) {
+            return Err(if input.is_empty() {
+                ProtoError::Closed
+            } else {
+                ProtoError::Incomplete
+            }
+            .to_string());
+        }
+    };
+    let mut body = head.body;
+    let mut out = Vec::new();
+    loop {
+        match dec.body_step(&mut body).map_err(|e| e.to_string())? {
+            Progress::Data(d) if d.is_empty() => return Err("an empty body piece".into()),
+            Progress::Data(d) => out.extend_from_slice(&d),
+            Progress::End => break,
+            Progress::More => {
+                if !feed(&mut dec) {
+                    if let Some(e) = body.at_close() {
+                        return Err(e.to_string());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let headers = head
+        .parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    Ok((head.parts.status.as_u16(), headers, out))
+}
+
 /// A connection handed over after a 101: what was read past the response
 /// head comes first.
 impl AsyncRead for Conn {
@@ -879,10 +993,10 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.buf.is_empty() {
-            let n = this.buf.len().min(buf.remaining());
-            buf.put_slice(&this.buf[..n]);
-            this.buf.advance(n);
+        if !this.dec.buf.is_empty() {
+            let n = this.dec.buf.len().min(buf.remaining());
+            buf.put_slice(&this.dec.buf[..n]);
+            this.dec.buf.advance(n);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -1010,6 +1124,96 @@ mod tests {
         w.clear();
         assert_eq!(encode_head(&mut w, &own, None, false, None), None);
         assert_eq!(&w[..], b"POST /up/x?q=1 HTTP/1.1\r\n\r\n");
+    }
+
+    /// A response with a body in every framing, and the same bytes cut.
+    fn responses() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let body = proptest::collection::vec(any::<u8>(), 0..300);
+        let chunks = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..6);
+        prop_oneof![
+            body.clone().prop_map(|b| {
+                let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-A: 1\r\n\r\n", b.len())
+                    .into_bytes();
+                v.extend_from_slice(&b);
+                v
+            }),
+            (chunks, any::<bool>()).prop_map(|(cs, trailer)| {
+                let mut v = b"HTTP/1.1 103 Early\r\nLink: <x>\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for c in cs {
+                    v.extend_from_slice(format!("{:X};e=1\r\n", c.len()).as_bytes());
+                    v.extend_from_slice(&c);
+                    v.extend_from_slice(b"\r\n");
+                }
+                v.extend_from_slice(if trailer { b"0\r\nT: x\r\n\r\n" } else { b"0\r\n\r\n" });
+                v
+            }),
+            body.clone().prop_map(|b| {
+                let mut v = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+                v.extend_from_slice(&b);
+                v
+            }),
+            proptest::collection::vec(any::<u8>(), 0..400),
+            (body, 0usize..120).prop_map(|(b, cut)| {
+                let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len() + 1)
+                    .into_bytes();
+                v.extend_from_slice(&b);
+                v.truncate(v.len().saturating_sub(cut));
+                v
+            }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// However the bytes arrive, the decoded response (or the error)
+        /// is the same, and nothing panics.
+        #[test]
+        fn decoding_does_not_depend_on_how_the_bytes_arrive(
+            input in responses(),
+            pieces in proptest::collection::vec(0usize..50, 1..8),
+            head in proptest::bool::ANY,
+        ) {
+            let whole = decode(&input, &[], head);
+            proptest::prop_assert_eq!(&decode(&input, &pieces, head), &whole);
+            proptest::prop_assert_eq!(&decode(&input, &[1], head), &whole);
+        }
+    }
+
+    #[test]
+    fn decoded_responses_in_every_framing() {
+        let r = decode(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            &[7],
+            false,
+        );
+        assert_eq!(
+            r,
+            Ok((
+                200,
+                vec![("transfer-encoding".into(), b"chunked".to_vec())],
+                b"abc".to_vec()
+            ))
+        );
+        let r = decode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &[], true);
+        assert!(matches!(r, Ok((200, _, ref b)) if b.is_empty()), "{r:?}");
+        let r = decode(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab",
+            &[],
+            false,
+        );
+        assert_eq!(r, Err(ProtoError::Incomplete.to_string()));
+        assert_eq!(decode(b"", &[], false), Err(ProtoError::Closed.to_string()));
+        let mut big = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 10, b'a');
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            decode(&big, &[], false),
+            Err(ProtoError::HeadTooLarge.to_string())
+        );
+        assert_eq!(
+            decode(&big, &[1000], false),
+            Err(ProtoError::HeadTooLarge.to_string())
+        );
     }
 
     #[test]
