@@ -1,13 +1,15 @@
 //! Upstream connections: per worker thread, a stack of idle HTTP/1
 //! connections for each (address, TLS identity).
 //!
-//! A request pops the most recently returned connection (the warmest one)
-//! or opens a new one; the connection goes back on the stack when the
-//! response body has been read to its end — a body dropped half-read closes
-//! it, since the connection cannot be reused. At most `keepalive` idle
-//! connections are kept per stack (the upstream's `keepalive N`); a return
-//! also drops the stack's oldest entries once they have been idle for
-//! [`IDLE_TIMEOUT`] or their upstream closed them.
+//! A request pops the most recently returned connection (the warmest one),
+//! skipping those the upstream closed while they sat idle, or opens a new
+//! one; the connection goes back on the stack when the response body has
+//! been read to its end — a body dropped half-read closes it, since the
+//! connection cannot be reused. At most `keepalive` idle connections are
+//! kept per stack (the upstream's `keepalive N`); a return also drops the
+//! stack's oldest entries once they have been idle for [`IDLE_TIMEOUT`]. A
+//! connection the upstream closed stays open on our side (`CLOSE_WAIT`)
+//! until it is next popped or ages out.
 //!
 //! No shared pool behind a mutex, no cross-task checkout machinery, no
 //! task per connection: the task serving a request owns its upstream
