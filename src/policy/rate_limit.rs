@@ -74,6 +74,15 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
+/// A number as a header value in one allocation (`HeaderValue::from(u64)`
+/// takes two: a growing buffer, then its shrink).
+fn number(n: u64) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(
+        itoa::Buffer::new().format(n).as_bytes(),
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
 /// Whole seconds, rounded up.
 pub fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -84,20 +93,11 @@ impl Verdict {
     /// (seconds, rounded up), and `Retry-After` (seconds, rounded up) on a
     /// refusal.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
-        headers.insert(
-            RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
-        );
-        headers.insert(
-            RATELIMIT_RESET.clone(),
-            HeaderValue::from(ceil_secs(self.reset_after)),
-        );
+        headers.insert(RATELIMIT_LIMIT.clone(), number(self.limit));
+        headers.insert(RATELIMIT_REMAINING.clone(), number(self.remaining));
+        headers.insert(RATELIMIT_RESET.clone(), number(ceil_secs(self.reset_after)));
         if let Some(r) = self.retry_after {
-            headers.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(ceil_secs(r).max(1)),
-            );
+            headers.insert(http::header::RETRY_AFTER, number(ceil_secs(r).max(1)));
         }
     }
 
