@@ -214,8 +214,37 @@ pub fn request_id_name(configured: &str) -> Option<HeaderName> {
     if configured == "x-request-id" {
         Some(X_REQUEST_ID)
     } else {
-        HeaderName::try_from(configured).ok()
+        config_header_name(configured)
     }
+}
+
+thread_local! {
+    /// Header names from the config, parsed once per worker thread.
+    static CONFIG_NAMES: std::cell::RefCell<crate::FastMap<Box<str>, HeaderName>> =
+        std::cell::RefCell::new(crate::FastMap::default());
+}
+
+/// A header name written in the config (`proxy_set_header`, `add_header`,
+/// `forward_claims`, `request_id_header`): parsed the first time a worker
+/// meets it, then a shared clone instead of a parse and an allocation per
+/// request. Only config text reaches it, so the set is bounded; it is
+/// emptied if reloads ever pile up more than 4,096 names.
+pub fn config_header_name(name: &str) -> Option<HeaderName> {
+    CONFIG_NAMES
+        .try_with(|m| {
+            let mut m = m.borrow_mut();
+            if let Some(n) = m.get(name) {
+                return Some(n.clone());
+            }
+            let n = HeaderName::try_from(name).ok()?;
+            if m.len() >= 4096 {
+                m.clear();
+            }
+            m.insert(name.into(), n.clone());
+            Some(n)
+        })
+        .ok()
+        .flatten()
 }
 
 /// An IP address as a header value: formatted on the stack, one
@@ -633,7 +662,7 @@ async fn serve_request(
                 let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
                 for (claim, h) in &def.forward_claims {
                     req.headers_mut().remove(h.as_str());
-                    if let (Some(val), Ok(n)) = (c.get(claim), HeaderName::try_from(h.as_str()))
+                    if let (Some(val), Some(n)) = (c.get(claim), config_header_name(h))
                         && let Ok(val) = HeaderValue::try_from(val)
                     {
                         req.headers_mut().insert(n, val);
@@ -943,10 +972,7 @@ fn finish_response(
             if v.is_empty() {
                 continue;
             }
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(h.name.as_str()),
-                HeaderValue::try_from(v),
-            ) {
+            if let (Some(n), Ok(v)) = (config_header_name(&h.name), HeaderValue::try_from(v)) {
                 resp.headers_mut().append(n, v);
             }
         }
@@ -1267,7 +1293,7 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
             host_override = Some(v);
             continue;
         }
-        let Ok(n) = HeaderName::try_from(name.as_str()) else {
+        let Some(n) = config_header_name(name) else {
             continue;
         };
         if v.is_empty() {
