@@ -1093,14 +1093,29 @@ fn upstream_target(ctx: &ProxyCtx<'_>, p: &ProxyPass) -> String {
             }
         }
         Some(t) => {
-            let base = t.as_literal().unwrap_or_default();
+            // The common `proxy_pass http://up/prefix/;`: one allocation,
+            // sized for the result (escaping the pieces one after the other
+            // is escaping them joined).
             let rest = match ctx.loc.modifier {
                 Modifier::Prefix | Modifier::PrefixNoRegex => {
                     ctx.path.get(ctx.loc.pattern.len()..).unwrap_or("")
                 }
                 _ => "",
             };
-            let mut s = encode_path(&format!("{base}{rest}"));
+            let query_len = if vars.args.is_empty() {
+                0
+            } else {
+                1 + vars.args.len()
+            };
+            let mut s = String::new();
+            let lits = t.pieces.iter().filter_map(|p| match p {
+                crate::config::model::Piece::Lit(l) => Some(l.as_str()),
+                _ => None,
+            });
+            s.reserve_exact(lits.clone().map(str::len).sum::<usize>() + rest.len() + query_len);
+            for piece in lits.chain(std::iter::once(rest)) {
+                s.extend(percent_encoding::utf8_percent_encode(piece, PATH_SET));
+            }
             query(&mut s);
             s
         }
