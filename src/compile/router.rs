@@ -276,7 +276,7 @@ impl RouterBuilder {
 #[derive(Debug)]
 pub struct Router {
     servers: Vec<ServerRoutes>,
-    addrs: HashMap<SocketAddr, AddrTable>,
+    addrs: crate::FastMap<SocketAddr, AddrTable>,
 }
 
 /// The outcome of [`Router::lookup`].
@@ -413,11 +413,11 @@ struct AddrDraft {
 
 #[derive(Debug)]
 struct AddrTable {
-    exact: HashMap<Box<str>, usize>,
+    exact: crate::FastMap<Box<str>, usize>,
     /// `*.example.com` stored as `.example.com`.
-    leading: HashMap<Box<str>, usize>,
+    leading: crate::FastMap<Box<str>, usize>,
     /// `www.example.*` stored as `www.example.`.
-    trailing: HashMap<Box<str>, usize>,
+    trailing: crate::FastMap<Box<str>, usize>,
     /// Scanned in order: server-name regexes are a handful per address, and
     /// the caller's `Regex` may carry builder flags a `RegexSet` would lose.
     regexes: Vec<(Regex, usize)>,
@@ -427,9 +427,9 @@ struct AddrTable {
 impl AddrTable {
     fn build(draft: &AddrDraft, servers: &[ServerDraft]) -> Self {
         let mut table = AddrTable {
-            exact: HashMap::new(),
-            leading: HashMap::new(),
-            trailing: HashMap::new(),
+            exact: crate::FastMap::default(),
+            leading: crate::FastMap::default(),
+            trailing: crate::FastMap::default(),
             regexes: Vec::new(),
             default: draft
                 .default
@@ -511,7 +511,7 @@ impl AddrTable {
 struct ServerRoutes {
     /// Keyed by path: `location = path`, and the `path/` location that
     /// redirects `path` (one probe answers both questions).
-    statics: HashMap<Box<str>, StaticEntry>,
+    statics: crate::FastMap<Box<str>, StaticEntry>,
     /// Bit `min(len, 127)` is set when some key of `statics` has that
     /// length, so most paths skip hashing altogether.
     static_lens: u128,
@@ -527,7 +527,7 @@ struct StaticEntry {
 
 impl ServerRoutes {
     fn build(server: usize, locations: Vec<LocationDraft>) -> Result<Self, RouterError> {
-        let mut statics: HashMap<Box<str>, StaticEntry> = HashMap::new();
+        let mut statics: crate::FastMap<Box<str>, StaticEntry> = crate::FastMap::default();
         let mut prefixes = Vec::new();
         let mut patterns = Vec::new();
         let mut regexes = Vec::new();
