@@ -716,7 +716,7 @@ pub fn encode_head(
         for (name, value) in p.headers {
             if *name == header::HOST
                 || *name == header::CONTENT_LENGTH
-                || super::forward::HOP_BY_HOP.contains(name)
+                || super::forward::is_hop_by_hop(name)
                 || parts.headers.keys().any(|own| own == name)
                 || p.skip.contains(name)
                 || listed.contains(name)
