@@ -364,12 +364,72 @@ impl Scanner {
                         };
                     }
                 }
-                // Runs of plain bytes in a header value or a long target
-                // are counted, not stepped through one by one.
+                // `HTTP/1.1` or `HTTP/1.0` whole, when it fits the limits.
+                St::Version(0)
+                    if data.len() - i >= 8
+                        && data[i..i + 7] == *b"HTTP/1."
+                        && matches!(data[i + 7], b'0' | b'1')
+                        && self.head.len + 8 <= self.limits.head
+                        && self.head.line_len + 8 <= self.limits.request_line =>
+                {
+                    self.head.http11 = data[i + 7] == b'1';
+                    self.head.len += 8;
+                    self.head.line_len += 8;
+                    self.st = St::VersionCr;
+                    i += 8;
+                    self.offset += 8;
+                }
+                // The rest of a method (its first byte was stepped).
+                St::Method => {
+                    let room = self
+                        .limits
+                        .head
+                        .saturating_sub(self.head.len)
+                        .min(self.limits.request_line.saturating_sub(self.head.line_len));
+                    let rest = &data[i..data.len().min(i.saturating_add(room))];
+                    let k = rest
+                        .iter()
+                        .position(|&b| !is_tchar(b))
+                        .unwrap_or(rest.len());
+                    if k > 0 {
+                        for &b in &rest[..k] {
+                            self.push_method(b);
+                        }
+                        self.head.len += k;
+                        self.head.line_len += k;
+                        i += k;
+                        self.offset += k as u64;
+                        continue;
+                    }
+                    if let Some(r) = self.step_byte(data[i], &mut i) {
+                        return r;
+                    }
+                }
+                // Blanks before a value of no interest.
+                St::ValueLead
+                    if self.field == Field::Other
+                        && matches!(data[i], b' ' | b'\t')
+                        && self.head.len < self.limits.head =>
+                {
+                    self.head.len += 1;
+                    i += 1;
+                    self.offset += 1;
+                }
+                // A value of no interest starts like its run goes on.
+                St::ValueLead
+                    if self.field == Field::Other
+                        && data[i] != b'\r'
+                        && is_value_byte(data[i])
+                        && self.head.len < self.limits.head =>
+                {
+                    self.st = St::Value;
+                }
+                // Runs of plain bytes in a header value or a target are
+                // counted, not stepped through one by one (the target's
+                // first bytes are kept to check its form).
                 St::Value | St::Target
                     if (self.st == St::Value && self.field == Field::Other)
-                        || (self.st == St::Target
-                            && self.head.target_len >= self.head.target.len()) =>
+                        || self.st == St::Target =>
                 {
                     let value = self.st == St::Value;
                     let plain = |b: u8| {
@@ -389,6 +449,12 @@ impl Scanner {
                     if k > 0 {
                         self.head.len += k;
                         if !value {
+                            let keep = self.head.target.len().saturating_sub(self.head.target_len);
+                            let copy = keep.min(k);
+                            if copy > 0 {
+                                let at = self.head.target_len;
+                                self.head.target[at..at + copy].copy_from_slice(&rest[..copy]);
+                            }
                             self.head.line_len += k;
                             self.head.target_len += k;
                         }
@@ -1603,6 +1669,90 @@ mod tests {
                 want.extend_from_slice(SYNTHETIC);
             }
             proptest::prop_assert_eq!(out, want);
+        }
+    }
+
+    /// The scanner without its fast paths: every head byte stepped alone.
+    fn feed_bytewise(s: &mut Scanner, data: &[u8]) -> (usize, Option<Stop>) {
+        let mut i = 0;
+        while i < data.len() {
+            match s.st {
+                St::Done => return (i, None),
+                St::Body(_) | St::ChunkData(_) => {
+                    let (n, stop) = s.feed(&data[i..i + 1]);
+                    i += n;
+                    if stop.is_some() {
+                        return (i, stop);
+                    }
+                }
+                _ => {
+                    if let Some(r) = s.step_byte(data[i], &mut i) {
+                        return r;
+                    }
+                }
+            }
+        }
+        (i, None)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_paths_decide_as_byte_steps(
+            reqs in proptest::collection::vec(
+                (0usize..4, 0usize..4, 0usize..4, proptest::collection::vec(0usize..9, 0..5), 0usize..3),
+                1..4,
+            ),
+            noise in proptest::option::of((0usize..400, 0usize..8)),
+            head in 20usize..160,
+            line in 10usize..60,
+        ) {
+            const METHOD: [&[u8]; 4] = [b"GET", b"POST", b"CONNECT", b"G\x01T"];
+            const TARGET: [&[u8]; 4] = [b"/", b"/abc/def?x=1&y=%20", b"http://h/a-long-target-path", b"/a#b"];
+            const VERSION: [&[u8]; 4] = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.", b"HTTP/2.0"];
+            const FIELD: [&[u8]; 9] = [
+                b"Host: a", b"Content-Length: 3", b"Transfer-Encoding: chunked",
+                b"Upgrade: x", b"X-V: \t a\x80b ", b"X-Empty:", b"Bad Name: v", b"X-B:        \t    v", b"X-Ctl: a\x7fb",
+            ];
+            const BODY: [&[u8]; 3] = [b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n"];
+            const NOISE: [&[u8]; 8] = [b"\r", b"\n", b" ", b"\t", b":", b"#", b"\x00", b"\r\n"];
+            let mut data = Vec::new();
+            for (m, t, v, fields, body) in &reqs {
+                data.extend_from_slice(METHOD[*m]);
+                data.push(b' ');
+                data.extend_from_slice(TARGET[*t]);
+                data.push(b' ');
+                data.extend_from_slice(VERSION[*v]);
+                data.extend_from_slice(b"\r\n");
+                for f in fields {
+                    data.extend_from_slice(FIELD[*f]);
+                    data.extend_from_slice(b"\r\n");
+                }
+                data.extend_from_slice(b"\r\n");
+                data.extend_from_slice(BODY[*body]);
+            }
+            if let Some((at, k)) = noise {
+                let at = at.min(data.len());
+                data.splice(at..at, NOISE[k].iter().copied());
+            }
+            let limits = GuardLimits {
+                request_line: line,
+                head,
+                ..GuardLimits::new(&ClientLimits::default())
+            };
+            let mut fast = Scanner::new(limits);
+            let mut slow = Scanner::new(limits);
+            let mut at = 0;
+            // Feed on through upgrades, as the guard does.
+            loop {
+                let a = fast.feed(&data[at..]);
+                let b = feed_bytewise(&mut slow, &data[at..]);
+                proptest::prop_assert_eq!(a, b);
+                proptest::prop_assert_eq!(fast.committed(), slow.committed());
+                at += a.0;
+                if a.1 != Some(Stop::Upgrade) || at >= data.len() {
+                    break;
+                }
+            }
         }
     }
 
