@@ -111,6 +111,9 @@ pub struct Gateway {
     pub labels: Vec<ServerLabels>,
     /// Listener certificates and upstream trust, read at (re)load.
     pub tls: crate::tls::GatewayTls,
+    /// The default `request_id_header`, parsed once (looking a header up
+    /// by its text parses the name on every request).
+    pub request_id_name: Option<http::HeaderName>,
 }
 
 /// The TLS an upstream's health checks use: the first `https` location's
@@ -292,7 +295,10 @@ pub fn compile(
                 .collect(),
         })
         .collect();
+    let request_id_name =
+        http::HeaderName::try_from(config.defaults.request_id_header.as_str()).ok();
     Ok(Gateway {
+        request_id_name,
         labels,
         jwt,
         limiters,

@@ -663,6 +663,11 @@ impl Decoder {
 pub struct Passthrough<'a> {
     pub headers: &'a HeaderMap,
     pub skip: &'a [HeaderName],
+    /// The gateway's own headers (forwarding, trace, request id,
+    /// `proxy_set_header`, `Host`), written after the request's map; the
+    /// client's of these names are not passed on. A list, not a map: a
+    /// handful of names known to be distinct, never looked up by hashing.
+    pub own: &'a [(HeaderName, HeaderValue)],
 }
 
 /// The request head into `w`: request line, the passed-on client headers,
@@ -678,9 +683,15 @@ pub fn encode_head(
     has_body: bool,
     exact_size: Option<u64>,
 ) -> Option<u64> {
+    let own: &[(HeaderName, HeaderValue)] = pass.map_or(&[], |p| p.own);
     let declared: Option<u64> = parts
         .headers
         .get(header::CONTENT_LENGTH)
+        .or_else(|| {
+            own.iter()
+                .find(|(n, _)| n == header::CONTENT_LENGTH)
+                .map(|(_, v)| v)
+        })
         .or_else(|| pass.and_then(|p| p.headers.get(header::CONTENT_LENGTH)))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
@@ -717,7 +728,8 @@ pub fn encode_head(
             if *name == header::HOST
                 || *name == header::CONTENT_LENGTH
                 || super::forward::is_hop_by_hop(name)
-                || parts.headers.keys().any(|own| own == name)
+                || parts.headers.keys().any(|mine| mine == name)
+                || own.iter().any(|(mine, _)| mine == name)
                 || p.skip.contains(name)
                 || listed.contains(name)
             {
@@ -726,7 +738,7 @@ pub fn encode_head(
             line(name, value);
         }
     }
-    for (name, value) in &parts.headers {
+    for (name, value) in parts.headers.iter().chain(own.iter().map(|(n, v)| (n, v))) {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -1096,15 +1108,21 @@ mod tests {
             .0;
         let mut own = http::Request::post("/up/x?q=1")
             .header("host", "10.0.0.1:80")
-            .header("x-forwarded-for", "6.6.6.6, 127.0.0.1")
             .body(())
             .expect("request")
             .into_parts()
             .0;
         let skip = [HeaderName::from_static("x-drop")];
+        // The gateway's list: written after the map, and the client's
+        // header of the same name is not passed on.
+        let list = [(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_static("6.6.6.6, 127.0.0.1"),
+        )];
         let pass = Some(Passthrough {
             headers: &client.headers,
             skip: &skip,
+            own: &list,
         });
         let mut w = Vec::new();
         assert_eq!(encode_head(&mut w, &own, pass, true, None), Some(3));

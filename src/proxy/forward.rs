@@ -508,318 +508,322 @@ pub fn logged_refusal(
     )
 }
 
-async fn serve_request(
-    gw: &Arc<Gateway>,
+// Not an `async fn`: its arguments would sit in its state twice (the
+// argument and its binding); the block captures them once.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+fn serve_request<'a>(
+    gw: &'a Arc<Gateway>,
     conn: ConnInfo,
-    req: Request<Incoming>,
-    trace: &crate::observe::trace::TraceContext,
-    out: &mut Outcome_,
-) -> Response<Body> {
-    let default_id_header = gw.config.defaults.request_id_header.as_str();
-    // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
-    // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
-    let mut host_values = req.headers().get_all(header::HOST).iter();
-    let first_host = host_values.next();
-    let host_count = match (first_host, host_values.next()) {
-        (None, _) => 0,
-        (Some(_), None) => 1,
-        (Some(_), Some(_)) => 2,
-    };
-    // A header value: the Host header's is shared with the request, not copied.
-    let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
-        (_, 2..) => None,
-        (Some(a), _) => HeaderValue::try_from(a.as_str()).ok(),
-        (None, 1) => first_host.filter(|h| h.to_str().is_ok()).cloned(),
-        (None, _) => None,
-    };
-    out.request_id = req
-        .headers()
-        .get(default_id_header)
-        .filter(|v| sane_id(v).is_some())
-        .cloned()
-        .unwrap_or_else(new_request_id_value);
-    let bad = |id: &str| {
-        let mut r = error_response(
-            StatusCode::BAD_REQUEST,
-            "Bad request",
-            id,
-            default_id_header,
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        r
-    };
-    if !framing_ok(req.headers()) {
-        return bad(header_text(&out.request_id));
-    }
-    if host_count > 1
-        || (req.version() == http::Version::HTTP_11 && (host_count == 0 || host_value.is_none()))
-    {
-        return bad(header_text(&out.request_id));
-    }
-    let host_raw: &str = host_value.as_ref().map_or("", header_text);
-    let Some(host) = host_only(host_raw) else {
-        return bad(header_text(&out.request_id));
-    };
-    let Some(pq) = req.uri().path_and_query().cloned() else {
-        return bad(header_text(&out.request_id));
-    };
-    let raw_path = pq.path();
-    if !raw_path.starts_with('/') {
-        return bad(header_text(&out.request_id));
-    }
-    let path = match normalize_path(raw_path) {
-        Ok(p) => p,
-        Err(_) => return bad(header_text(&out.request_id)),
-    };
-    let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            header_text(&out.request_id),
-            default_id_header,
-        );
-    };
-    let server = &gw.config.servers[si];
-    out.server = gw.labels.get(si).map(|l| l.server.clone());
-    out.log = server.settings.access_log.clone();
-    // A server-level `return` answers before any location is matched
-    // (NGINX's server rewrite phase).
-    if let Some(r) = &server.server_return {
-        let settings = &server.settings;
-        if settings.request_id_header != default_id_header {
-            out.request_id = request_id(&req, settings);
-        }
-        let id = header_text(&out.request_id);
-        let empty_caps: Vec<Option<String>> = Vec::new();
-        let request_uri = pq.as_str().to_string();
-        let vars = RequestVars {
-            remote_addr: remote_addr(server, conn.peer.ip(), req.headers()),
-            host: &host,
-            scheme: if conn.tls { "https" } else { "http" },
-            method: req.method().as_str(),
-            uri: &path,
-            request_uri: &request_uri,
-            args: pq.query().unwrap_or(""),
-            headers: req.headers(),
-            request_id: id,
-            server_name: "",
-            server_port: conn.local.port(),
-            captures: &empty_caps,
-            named: &[],
-            claims: None,
+    mut req: Request<Incoming>,
+    trace: &'a crate::observe::trace::TraceContext,
+    out: &'a mut Outcome_,
+) -> impl std::future::Future<Output = Response<Body>> + 'a {
+    async move {
+        let default_id_header = gw.config.defaults.request_id_header.as_str();
+        // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
+        // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
+        let mut host_values = req.headers().get_all(header::HOST).iter();
+        let first_host = host_values.next();
+        let host_count = match (first_host, host_values.next()) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => 2,
         };
-        let mut resp = return_response(r, &vars);
-        finish_response(&mut resp, settings, &vars, &out.request_id);
-        return resp;
-    }
-    let (li, captures, named) = match gw.router.lookup(si, &path) {
-        Lookup::Found { location, captures } => {
-            let loc = &server.locations[location];
-            let mut caps = Vec::new();
-            let mut named = Vec::new();
-            if let Some(re) = &loc.regex {
-                for i in 0..captures.len() {
-                    caps.push(captures.get(i).map(str::to_string));
-                }
-                for n in re.capture_names().flatten() {
-                    if let Some(v) = captures.name(n) {
-                        named.push((n.to_string(), v.to_string()));
-                    }
-                }
-            }
-            (location, caps, named)
-        }
-        Lookup::RedirectSlash { location } => {
-            let loc = &server.locations[location];
-            out.route = gw
-                .labels
-                .get(si)
-                .and_then(|l| l.routes.get(location))
-                .cloned();
-            out.log = loc.settings.access_log.clone();
-            let settings = &loc.settings;
-            if settings.request_id_header != default_id_header {
-                out.request_id = request_id(&req, settings);
-            }
-            let id = header_text(&out.request_id);
-            let mut target = encode_path(&format!("{path}/"));
-            if let Some(q) = pq.query() {
-                target.push('?');
-                target.push_str(q);
-            }
-            let mut resp = error_response(
-                StatusCode::MOVED_PERMANENTLY,
-                "Moved permanently",
+        // A header value: the Host header's is shared with the request, not copied.
+        let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
+            (_, 2..) => None,
+            (Some(a), _) => HeaderValue::try_from(a.as_str()).ok(),
+            (None, 1) => first_host.filter(|h| h.to_str().is_ok()).cloned(),
+            (None, _) => None,
+        };
+        out.request_id = gw
+            .request_id_name
+            .as_ref()
+            .and_then(|n| req.headers().get(n))
+            .filter(|v| sane_id(v).is_some())
+            .cloned()
+            .unwrap_or_else(new_request_id_value);
+        let bad = |id: &str| {
+            let mut r = error_response(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
                 id,
-                &settings.request_id_header,
+                default_id_header,
             );
-            if let Ok(v) = HeaderValue::try_from(target) {
-                resp.headers_mut().insert(header::LOCATION, v);
-            }
-            return resp;
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        };
+        if !framing_ok(req.headers()) {
+            return bad(header_text(&out.request_id));
         }
-        Lookup::NotFound => {
+        if host_count > 1
+            || (req.version() == http::Version::HTTP_11
+                && (host_count == 0 || host_value.is_none()))
+        {
+            return bad(header_text(&out.request_id));
+        }
+        let host_raw: &str = host_value.as_ref().map_or("", header_text);
+        let Some(host) = host_only(host_raw) else {
+            return bad(header_text(&out.request_id));
+        };
+        let Some(pq) = req.uri().path_and_query().cloned() else {
+            return bad(header_text(&out.request_id));
+        };
+        let raw_path = pq.path();
+        if !raw_path.starts_with('/') {
+            return bad(header_text(&out.request_id));
+        }
+        let path = match normalize_path(raw_path) {
+            Ok(p) => p,
+            Err(_) => return bad(header_text(&out.request_id)),
+        };
+        let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
             return error_response(
                 StatusCode::NOT_FOUND,
                 "Not found",
                 header_text(&out.request_id),
                 default_id_header,
             );
+        };
+        let server = &gw.config.servers[si];
+        out.server = gw.labels.get(si).map(|l| l.server.clone());
+        out.log = server.settings.access_log.clone();
+        // A server-level `return` answers before any location is matched
+        // (NGINX's server rewrite phase).
+        if let Some(r) = &server.server_return {
+            let settings = &server.settings;
+            if settings.request_id_header != default_id_header {
+                out.request_id = request_id(&req, settings);
+            }
+            let id = header_text(&out.request_id);
+            let empty_caps: Vec<Option<String>> = Vec::new();
+            let request_uri = pq.as_str().to_string();
+            let vars = RequestVars {
+                remote_addr: remote_addr(server, conn.peer.ip(), req.headers()),
+                host: &host,
+                scheme: if conn.tls { "https" } else { "http" },
+                method: req.method().as_str(),
+                uri: &path,
+                request_uri: &request_uri,
+                args: pq.query().unwrap_or(""),
+                headers: req.headers(),
+                request_id: id,
+                server_name: "",
+                server_port: conn.local.port(),
+                captures: &empty_caps,
+                named: &[],
+                claims: None,
+            };
+            let mut resp = return_response(r, &vars);
+            finish_response(&mut resp, settings, &vars, &out.request_id);
+            return resp;
         }
-    };
-    let loc = &server.locations[li];
-    out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
-    out.log = loc.settings.access_log.clone();
-    let settings = &loc.settings;
-    if settings.request_id_header != default_id_header {
-        out.request_id = request_id(&req, settings);
-    }
-    let id = header_text(&out.request_id);
-    let remote = remote_addr(server, conn.peer.ip(), req.headers());
-    out.remote_addr = remote;
-    let server_name = server
-        .names
-        .iter()
-        .find_map(|n| match n {
-            crate::config::model::ServerName::Exact(x) => Some(x.as_str()),
-            _ => None,
-        })
-        .unwrap_or("");
-    let effective_host: &str = if host.is_empty() { server_name } else { &host };
-    let request_uri = pq.as_str();
-    let args = pq.query().unwrap_or("");
-    let method = req.method().clone();
-    let mut req = req;
-    // Authentication (§6): before anything else of the location runs.
-    let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
-        None => None,
-        Some(v) => match v.authenticate(req.headers(), args, std::time::SystemTime::now()) {
-            Ok(c) => {
-                out.auth = Some("ok");
-                // Claim headers are the gateway's: drop what the client sent.
-                let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
-                for (claim, h) in &def.forward_claims {
-                    req.headers_mut().remove(h.as_str());
-                    if let (Some(val), Some(n)) = (c.get(claim), config_header_name(h))
-                        && let Ok(val) = HeaderValue::try_from(val)
-                    {
-                        req.headers_mut().insert(n, val);
+        let (li, captures, named) = match gw.router.lookup(si, &path) {
+            Lookup::Found { location, captures } => {
+                let loc = &server.locations[location];
+                let mut caps = Vec::new();
+                let mut named = Vec::new();
+                if let Some(re) = &loc.regex {
+                    for i in 0..captures.len() {
+                        caps.push(captures.get(i).map(str::to_string));
+                    }
+                    for n in re.capture_names().flatten() {
+                        if let Some(v) = captures.name(n) {
+                            named.push((n.to_string(), v.to_string()));
+                        }
                     }
                 }
-                Some(c)
+                (location, caps, named)
             }
-            Err(r) => {
-                out.auth = Some(if r.is_invalid() { "invalid" } else { "missing" });
-                tracing::info!(policy = v.name(), reason = %r, request_id = %id, "authentication failed");
-                crate::observe::metrics::METRICS
-                    .auth_failures
-                    .get_or_create(&crate::observe::metrics::ReasonLabels {
-                        policy: v.name().to_string(),
-                        reason: format!("{r:?}")
-                            .split('(')
-                            .next()
-                            .unwrap_or("")
-                            .to_ascii_lowercase(),
-                    })
-                    .inc();
-                let mut resp =
-                    error_response(r.status(), r.message(), id, &settings.request_id_header);
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
+            Lookup::RedirectSlash { location } => {
+                let loc = &server.locations[location];
+                out.route = gw
+                    .labels
+                    .get(si)
+                    .and_then(|l| l.routes.get(location))
+                    .cloned();
+                out.log = loc.settings.access_log.clone();
+                let settings = &loc.settings;
+                if settings.request_id_header != default_id_header {
+                    out.request_id = request_id(&req, settings);
+                }
+                let id = header_text(&out.request_id);
+                let mut target = encode_path(&format!("{path}/"));
+                if let Some(q) = pq.query() {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                let mut resp = error_response(
+                    StatusCode::MOVED_PERMANENTLY,
+                    "Moved permanently",
+                    id,
+                    &settings.request_id_header,
                 );
+                if let Ok(v) = HeaderValue::try_from(target) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
                 return resp;
             }
-        },
-    };
-    // From here on the request is in parts: the variables borrow its
-    // headers (no copy), the handler takes its body.
-    let (mut parts, body) = req.into_parts();
-    let mut extensions = std::mem::take(&mut parts.extensions);
-    let vars = RequestVars {
-        remote_addr: remote,
-        host: effective_host,
-        scheme: if conn.tls { "https" } else { "http" },
-        method: method.as_str(),
-        uri: &path,
-        request_uri,
-        args,
-        headers: &parts.headers,
-        request_id: id,
-        server_name,
-        server_port: conn.local.port(),
-        captures: &captures,
-        named: &named,
-        claims: claims.as_deref(),
-    };
-    // Rate limits (§7): every limit of the location applies.
-    let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
-    if !settings.rate_limits.is_empty() {
-        let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
-        for &i in &settings.rate_limits {
-            let Some(lim) = gw.limiters.get(i) else {
-                continue;
-            };
-            let key = vars.render(lim.key());
-            match lim.decide(&key, Instant::now()).await {
-                crate::policy::rate_limit::Decision::Counted(v) => {
-                    if !v.allowed {
-                        out.rate_limit = Some("limited");
-                        crate::observe::metrics::METRICS
-                            .rate_limited
-                            .get_or_create(&crate::observe::metrics::LimitLabels {
-                                limit: lim.name().to_string(),
-                            })
-                            .inc();
-                        let mut resp = error_response(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "Too many requests",
-                            id,
-                            &settings.request_id_header,
-                        );
-                        v.write_headers(resp.headers_mut());
-                        return resp;
+            Lookup::NotFound => {
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "Not found",
+                    header_text(&out.request_id),
+                    default_id_header,
+                );
+            }
+        };
+        let loc = &server.locations[li];
+        out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
+        out.log = loc.settings.access_log.clone();
+        let settings = &loc.settings;
+        if settings.request_id_header != default_id_header {
+            out.request_id = request_id(&req, settings);
+        }
+        let id = header_text(&out.request_id);
+        let remote = remote_addr(server, conn.peer.ip(), req.headers());
+        out.remote_addr = remote;
+        let server_name = server
+            .names
+            .iter()
+            .find_map(|n| match n {
+                crate::config::model::ServerName::Exact(x) => Some(x.as_str()),
+                _ => None,
+            })
+            .unwrap_or("");
+        let effective_host: &str = if host.is_empty() { server_name } else { &host };
+        let request_uri = pq.as_str();
+        let args = pq.query().unwrap_or("");
+        let method = req.method().clone();
+        // Authentication (§6): before anything else of the location runs.
+        let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
+            None => None,
+            Some(v) => match v.authenticate(req.headers(), args, std::time::SystemTime::now()) {
+                Ok(c) => {
+                    out.auth = Some("ok");
+                    // Claim headers are the gateway's: drop what the client sent.
+                    let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
+                    for (claim, h) in &def.forward_claims {
+                        req.headers_mut().remove(h.as_str());
+                        if let (Some(val), Some(n)) = (c.get(claim), config_header_name(h))
+                            && let Ok(val) = HeaderValue::try_from(val)
+                        {
+                            req.headers_mut().insert(n, val);
+                        }
                     }
-                    verdicts.push(v);
+                    Some(c)
                 }
-                crate::policy::rate_limit::Decision::StoreError => {
-                    tracing::warn!(limit = lim.name(), "rate limit store unavailable");
-                    if !lim.on_store_error_allow() {
-                        out.rate_limit = Some("store_error");
-                        return error_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Rate limit store unavailable",
-                            id,
-                            &settings.request_id_header,
-                        );
+                Err(r) => {
+                    out.auth = Some(if r.is_invalid() { "invalid" } else { "missing" });
+                    tracing::info!(policy = v.name(), reason = %r, request_id = %id, "authentication failed");
+                    crate::observe::metrics::METRICS
+                        .auth_failures
+                        .get_or_create(&crate::observe::metrics::ReasonLabels {
+                            policy: v.name().to_string(),
+                            reason: format!("{r:?}")
+                                .split('(')
+                                .next()
+                                .unwrap_or("")
+                                .to_ascii_lowercase(),
+                        })
+                        .inc();
+                    let mut resp =
+                        error_response(r.status(), r.message(), id, &settings.request_id_header);
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
+                    );
+                    return resp;
+                }
+            },
+        };
+        // From here on the request is in parts: the variables borrow its
+        // headers (no copy), the handler takes its body.
+        let (mut parts, body) = req.into_parts();
+        let mut extensions = std::mem::take(&mut parts.extensions);
+        let vars = RequestVars {
+            remote_addr: remote,
+            host: effective_host,
+            scheme: if conn.tls { "https" } else { "http" },
+            method: method.as_str(),
+            uri: &path,
+            request_uri,
+            args,
+            headers: &parts.headers,
+            request_id: id,
+            server_name,
+            server_port: conn.local.port(),
+            captures: &captures,
+            named: &named,
+            claims: claims.as_deref(),
+        };
+        // Rate limits (§7): every limit of the location applies.
+        let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
+        if !settings.rate_limits.is_empty() {
+            let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
+            for &i in &settings.rate_limits {
+                let Some(lim) = gw.limiters.get(i) else {
+                    continue;
+                };
+                let key = vars.render(lim.key());
+                match lim.decide(&key, Instant::now()).await {
+                    crate::policy::rate_limit::Decision::Counted(v) => {
+                        if !v.allowed {
+                            out.rate_limit = Some("limited");
+                            crate::observe::metrics::METRICS
+                                .rate_limited
+                                .get_or_create(&crate::observe::metrics::LimitLabels {
+                                    limit: lim.name().to_string(),
+                                })
+                                .inc();
+                            let mut resp = error_response(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "Too many requests",
+                                id,
+                                &settings.request_id_header,
+                            );
+                            v.write_headers(resp.headers_mut());
+                            return resp;
+                        }
+                        verdicts.push(v);
                     }
-                    out.rate_limit = Some("store_error_allowed");
+                    crate::policy::rate_limit::Decision::StoreError => {
+                        tracing::warn!(limit = lim.name(), "rate limit store unavailable");
+                        if !lim.on_store_error_allow() {
+                            out.rate_limit = Some("store_error");
+                            return error_response(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "Rate limit store unavailable",
+                                id,
+                                &settings.request_id_header,
+                            );
+                        }
+                        out.rate_limit = Some("store_error_allowed");
+                    }
                 }
             }
+            if out.rate_limit.is_none() {
+                out.rate_limit = Some("allowed");
+            }
+            limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
         }
-        if out.rate_limit.is_none() {
-            out.rate_limit = Some("allowed");
-        }
-        limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
-    }
-    let mut resp = match &loc.handler {
-        Handler::Return(r) => return_response(r, &vars),
-        Handler::Proxy(p) => {
-            let ctx = ProxyCtx {
-                gw,
-                loc,
-                vars: &vars,
-                host_raw,
-                conn,
-                path: &path,
-                trace,
-                body_timeout: server.limits.body_timeout,
-                request_id: &out.request_id,
-            };
-            let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
-            let resp =
-                match cache {
+        let mut resp = match &loc.handler {
+            Handler::Return(r) => return_response(r, &vars),
+            Handler::Proxy(p) => {
+                let ctx = ProxyCtx {
+                    gw,
+                    loc,
+                    vars: &vars,
+                    host_raw,
+                    conn,
+                    path: &path,
+                    trace,
+                    body_timeout: server.limits.body_timeout,
+                    request_id: &out.request_id,
+                };
+                let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
+                let resp = match cache {
                     Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
                         let key = vars.render(&cache.def().key);
                         // Built only on a miss (or a refresh): a fresh hit
@@ -834,7 +838,7 @@ async fn serve_request(
                                 header::IF_RANGE,
                                 header::RANGE,
                             ] {
-                                prep.headers.remove(&h);
+                                prep.headers.retain(|(have, _)| *have != h);
                                 prep.skip.push(h);
                             }
                             cache_fetch(gw.clone(), si, li, prep.into_owned(), id.to_string())
@@ -870,27 +874,28 @@ async fn serve_request(
                         resp
                     }
                 };
-            if settings.wrap_response {
-                crate::policy::wrap::wrap(
-                    resp,
-                    settings.wrap_response_max_size,
-                    id,
-                    std::time::SystemTime::now(),
-                )
-                .await
-            } else {
-                resp
+                if settings.wrap_response {
+                    crate::policy::wrap::wrap(
+                        resp,
+                        settings.wrap_response_max_size,
+                        id,
+                        std::time::SystemTime::now(),
+                    )
+                    .await
+                } else {
+                    resp
+                }
             }
+            Handler::Aggregate(a) => {
+                crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
+            }
+        };
+        finish_response(&mut resp, settings, &vars, &out.request_id);
+        if let Some(v) = limit_headers {
+            v.write_headers(resp.headers_mut());
         }
-        Handler::Aggregate(a) => {
-            crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
-        }
-    };
-    finish_response(&mut resp, settings, &vars, &out.request_id);
-    if let Some(v) = limit_headers {
-        v.write_headers(resp.headers_mut());
+        resp
     }
-    resp
 }
 
 /// The upstream fetch of a cached location: owns what it needs, so the
@@ -915,11 +920,12 @@ fn cache_fetch(
             };
             let mut ext = http::Extensions::new();
             let mut info = None;
+            let mut sent = prep.clone();
             let first = send(
                 &gw,
                 p,
                 &loc.settings,
-                prep.clone(),
+                &mut sent,
                 None,
                 &mut ext,
                 &mut info,
@@ -928,7 +934,18 @@ fn cache_fetch(
             .await;
             match first {
                 Err(ProxyError::Stale) => {
-                    send(&gw, p, &loc.settings, prep, None, &mut ext, &mut info, true).await
+                    let mut prep = prep;
+                    send(
+                        &gw,
+                        p,
+                        &loc.settings,
+                        &mut prep,
+                        None,
+                        &mut ext,
+                        &mut info,
+                        true,
+                    )
+                    .await
                 }
                 r => r,
             }
@@ -1201,12 +1218,12 @@ async fn proxy(
     } else {
         None
     };
-    let prep = prepare(ctx, p, parts);
+    let mut prep = prepare(ctx, p, parts);
     match send(
         ctx.gw,
         p,
         &ctx.loc.settings,
-        prep,
+        &mut prep,
         body,
         extensions,
         info,
@@ -1217,11 +1234,12 @@ async fn proxy(
         // The request was bodyless (a stale error is only reported then):
         // prepare it again and send it on a new connection.
         Err(ProxyError::Stale) => {
+            prep = prepare(ctx, p, parts);
             send(
                 ctx.gw,
                 p,
                 &ctx.loc.settings,
-                prepare(ctx, p, parts),
+                &mut prep,
                 None,
                 extensions,
                 info,
@@ -1243,7 +1261,9 @@ pub struct Prepared<'a> {
     pub target: Option<Uri>,
     /// The gateway's own headers (forwarding, trace, request id,
     /// `proxy_set_header`); they replace the client's of the same name.
-    pub headers: HeaderMap,
+    /// A list with distinct names ([`set_own`]), not a map: built and
+    /// written once, never looked up by hashing.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The client's headers, passed on filtered as they are written
     /// ([`crate::proxy::client::Passthrough`]): borrowed while the client's
     /// request is alive, owned for a cache's later fetches.
@@ -1288,14 +1308,14 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         Uri::from_maybe_shared(Bytes::from(upstream_target(ctx, p))).ok()
     };
     // Only the gateway's own: the client's are written from its map.
-    let mut headers = HeaderMap::with_capacity(8 + settings.proxy_set_header.len());
+    let mut headers = Vec::with_capacity(8 + settings.proxy_set_header.len());
     let mut skip = Vec::new();
     let upgrade = upgrade_protocol(&parts.headers);
     if let Some(proto) = &upgrade {
         // A protocol upgrade (WebSocket) is the one hop-by-hop exchange that
         // must cross: it is re-added and the tunnel set up on 101.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto.clone());
+        headers.push((header::CONNECTION, HeaderValue::from_static("upgrade")));
+        headers.push((header::UPGRADE, proto.clone()));
     }
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
@@ -1315,30 +1335,31 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         _ => Some(peer_value.clone()),
     };
     if let Some(xff) = xff {
-        headers.insert(X_FORWARDED_FOR, xff);
+        headers.push((X_FORWARDED_FOR, xff));
     }
-    headers.insert(
+    headers.push((
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
-    );
+    ));
     let host_value = match parts.headers.get(header::HOST) {
         Some(h) if h.as_bytes() == ctx.host_raw.as_bytes() => Some(h.clone()),
         _ => HeaderValue::try_from(ctx.host_raw).ok(),
     };
     if let Some(h) = host_value {
-        headers.insert(X_FORWARDED_HOST, h);
+        headers.push((X_FORWARDED_HOST, h));
     }
-    headers.insert(
+    headers.push((
         X_REAL_IP,
         if ctx.vars.remote_addr == peer_ip {
             peer_value
         } else {
             ip_value(ctx.vars.remote_addr)
         },
-    );
-    headers.insert(TRACEPARENT, ctx.trace.header_value());
+    ));
+    headers.push((TRACEPARENT, ctx.trace.header_value()));
+    // From here on a name may repeat one above: set, not push.
     if let Some(n) = request_id_name(&settings.request_id_header) {
-        headers.insert(n, ctx.request_id.clone());
+        set_own(&mut headers, n, ctx.request_id.clone());
     }
     let mut host_override: Option<String> = None;
     for (name, value) in &settings.proxy_set_header {
@@ -1351,10 +1372,10 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
             continue;
         };
         if v.is_empty() {
-            headers.remove(&n);
+            headers.retain(|(have, _)| *have != n);
             skip.push(n);
         } else if let Ok(v) = HeaderValue::try_from(v) {
-            headers.insert(n, v);
+            set_own(&mut headers, n, v);
         }
     }
     let hash_key = match &p.target {
@@ -1377,13 +1398,35 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     }
 }
 
+/// Set `name` in the gateway's own header list: replaces a value of the
+/// same name (`HeaderMap::insert`), else adds it.
+fn set_own(headers: &mut Vec<(HeaderName, HeaderValue)>, name: HeaderName, value: HeaderValue) {
+    match headers.iter().position(|(have, _)| *have == name) {
+        Some(i) => {
+            headers[i].1 = value;
+            // `insert` leaves one value; so does this.
+            let mut j = i + 1;
+            while j < headers.len() {
+                if headers[j].0 == name {
+                    headers.remove(j);
+                } else {
+                    j += 1;
+                }
+            }
+        }
+        None => headers.push((name, value)),
+    }
+}
+
 /// Send a prepared request, trying servers per `proxy_next_upstream`.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     gw: &Gateway,
     p: &ProxyPass,
     settings: &LocationSettings,
-    mut prep: Prepared<'_>,
+    // Borrowed, not moved in: an async fn's by-value argument sits in its
+    // state twice (the argument and the binding), and is copied in.
+    prep: &mut Prepared<'_>,
     mut body: Option<Body>,
     extensions: &mut http::Extensions,
     info: &mut Option<UpstreamInfo>,
@@ -1475,30 +1518,26 @@ async fn send(
             &mut trust,
         );
         conn_target.fresh = fresh;
-        let mut builder = Request::builder()
-            .method(prep.method.clone())
-            .uri(uri.clone());
-        if let Some(h) = builder.headers_mut() {
-            // The last possible try takes the headers; earlier ones copy.
-            *h = if attempt + 1 < max_tries {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
-            };
-            let host_value = match host_override {
-                Some(o) => HeaderValue::try_from(o.as_str()).ok(),
-                None => host_value,
-            };
-            if let Some(v) = host_value {
-                h.insert(header::HOST, v);
-            }
+        // The last possible try takes the headers; earlier ones copy.
+        let mut own = if attempt + 1 < max_tries {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+        let host_value = match host_override {
+            Some(o) => HeaderValue::try_from(o.as_str()).ok(),
+            None => host_value,
+        };
+        if let Some(v) = host_value {
+            own.push((header::HOST, v));
         }
         let sent_body = body.take();
         let had_body = sent_body.is_some();
-        let up_req = match builder.body(sent_body.unwrap_or_else(empty)) {
-            Ok(r) => r,
-            Err(_) => return Err(ProxyError::BadRequest),
-        };
+        // The request's own map stays empty (no allocation): the gateway's
+        // headers go as the list, the client's from its map.
+        let mut up_req = Request::new(sent_body.unwrap_or_else(empty));
+        *up_req.method_mut() = prep.method.clone();
+        *up_req.uri_mut() = uri.clone();
         let result = tokio::time::timeout(
             read_timeout,
             crate::proxy::pool::request(
@@ -1507,6 +1546,7 @@ async fn send(
                 Some(crate::proxy::client::Passthrough {
                     headers: &prep.client,
                     skip: &prep.skip,
+                    own: &own,
                 }),
             ),
         )
@@ -1692,6 +1732,30 @@ mod tests {
             let ip: IpAddr = text.parse().expect("an address");
             assert_eq!(ip_value(ip).to_str().ok(), Some(ip.to_string().as_str()));
         }
+    }
+
+    #[test]
+    fn set_own_replaces_like_insert() {
+        let n = |s: &'static str| HeaderName::from_static(s);
+        let v = HeaderValue::from_static;
+        let mut own = vec![
+            (n("x-forwarded-proto"), v("http")),
+            (n("x-real-ip"), v("1.2.3.4")),
+        ];
+        set_own(&mut own, n("x-forwarded-proto"), v("https"));
+        set_own(&mut own, n("x-new"), v("1"));
+        assert_eq!(
+            own,
+            [
+                (n("x-forwarded-proto"), v("https")),
+                (n("x-real-ip"), v("1.2.3.4")),
+                (n("x-new"), v("1")),
+            ]
+        );
+        own.push((n("x-new"), v("2")));
+        set_own(&mut own, n("x-new"), v("3"));
+        assert_eq!(own.iter().filter(|(k, _)| k == "x-new").count(), 1);
+        assert_eq!(own[2].1, v("3"));
     }
 
     #[test]

@@ -181,54 +181,59 @@ fn checkin(key: Key, mut conn: Conn, keepalive: usize) {
 /// connection, with the client's headers `pass` passes on. A pooled
 /// connection the upstream closed while it sat idle is skipped; one that
 /// closes as the request goes out is a [`ClientError::Stale`].
-pub async fn request(
-    t: &Target<'_>,
+// Not an `async fn`: its arguments would sit in its state twice (the
+// argument and its binding); the block captures them once.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub fn request<'a>(
+    t: &'a Target<'_>,
     req: Request<Body>,
-    pass: Option<Passthrough<'_>>,
-) -> Result<Response<PooledBody>, ClientError> {
-    let pooled = if t.fresh {
-        None
-    } else {
-        match checkout(&t.key) {
-            Some(c) => Some(c),
-            // None idle: let this worker run what is already ready once
-            // (responses in flight return their connections) before paying
-            // for a new one. Under a burst this cut the connections opened
-            // per request from 0.87 to 0.10 (bench/RESULTS.md); with idle
-            // ones, it never runs.
-            None => {
-                tokio::task::yield_now().await;
-                checkout(&t.key)
+    pass: Option<Passthrough<'a>>,
+) -> impl std::future::Future<Output = Result<Response<PooledBody>, ClientError>> + 'a {
+    async move {
+        let pooled = if t.fresh {
+            None
+        } else {
+            match checkout(&t.key) {
+                Some(c) => Some(c),
+                // None idle: let this worker run what is already ready once
+                // (responses in flight return their connections) before paying
+                // for a new one. Under a burst this cut the connections opened
+                // per request from 0.87 to 0.10 (bench/RESULTS.md); with idle
+                // ones, it never runs.
+                None => {
+                    tokio::task::yield_now().await;
+                    checkout(&t.key)
+                }
             }
-        }
-    };
-    let (mut conn, reused) = match pooled {
-        Some(c) => (c, true),
-        // Boxed: connecting (TLS included) is the rare path and its state
-        // is large; every request's future would carry it.
-        None => (Box::pin(connect(t)).await?, false),
-    };
-    let (parts, body) = req.into_parts();
-    match conn.exchange(&parts, pass, body).await {
-        Ok(head) => {
-            let mut body = PooledBody {
-                body: head.body,
-                conn: Some(conn),
-                failed: None,
-                ret: Some(Return {
-                    key: t.key.clone(),
-                    keepalive: t.keepalive,
-                }),
-            };
-            if body.body.is_upgrade() {
-                body.ret = None;
-            } else if body.body.is_done() {
-                body.give_back();
+        };
+        let (mut conn, reused) = match pooled {
+            Some(c) => (c, true),
+            // Boxed: connecting (TLS included) is the rare path and its state
+            // is large; every request's future would carry it.
+            None => (Box::pin(connect(t)).await?, false),
+        };
+        let (parts, body) = req.into_parts();
+        match conn.exchange(&parts, pass, body).await {
+            Ok(head) => {
+                let mut body = PooledBody {
+                    body: head.body,
+                    conn: Some(conn),
+                    failed: None,
+                    ret: Some(Return {
+                        key: t.key.clone(),
+                        keepalive: t.keepalive,
+                    }),
+                };
+                if body.body.is_upgrade() {
+                    body.ret = None;
+                } else if body.body.is_done() {
+                    body.give_back();
+                }
+                Ok(Response::from_parts(head.parts, body))
             }
-            Ok(Response::from_parts(head.parts, body))
+            Err(e) if reused && e.closed_early() => Err(ClientError::Stale(e)),
+            Err(e) => Err(ClientError::Http(e)),
         }
-        Err(e) if reused && e.closed_early() => Err(ClientError::Stale(e)),
-        Err(e) => Err(ClientError::Http(e)),
     }
 }
 

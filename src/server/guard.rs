@@ -103,6 +103,8 @@ const MAX_HEADERS: u32 = 100;
 const MAX_CHUNK_EXT: u32 = 4096;
 /// The header that marks the guard's synthetic request (see the module doc).
 const MARKER: &str = "x-tollgate-guard-reject";
+/// [`MARKER`] as a name (a lookup by text parses the name each time).
+const MARKER_NAME: header::HeaderName = header::HeaderName::from_static(MARKER);
 /// What hyper reads instead of a rejected head.
 const SYNTHETIC: &[u8] = b"GET / HTTP/1.1\r\nhost: guard.invalid\r\nconnection: close\r\nx-tollgate-guard-reject: 1\r\n\r\n";
 /// A partial head up to this size is put back into hyper's buffer and the
@@ -1392,7 +1394,7 @@ pub async fn serve(
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if req.headers().contains_key(MARKER) {
+    if req.headers().contains_key(&MARKER_NAME) {
         // Only the guard can both send the marker on HTTP/1 and set the
         // flag; an h2 request carrying the marker is just a bad request.
         let status = match guard.0.rejected.load(Ordering::Acquire) {
