@@ -238,6 +238,11 @@ impl Conn {
             return false;
         }
         let mut scratch = [0u8; 8];
+        if let Io::Plain(tcp) = &self.io {
+            // Looks at the readiness tokio already has: no system call and
+            // no waker registered unless the socket became readable.
+            return matches!(tcp.try_read(&mut scratch), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut rb = ReadBuf::new(&mut scratch);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         // Ready means an end, an error or bytes nobody asked for (a TLS

@@ -250,6 +250,26 @@ pub fn config_header_name(name: &str) -> Option<HeaderName> {
 /// An IP address as a header value: formatted on the stack, one
 /// allocation, and its clones (X-Forwarded-For, X-Real-IP) share it.
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    thread_local! {
+        /// The last address formatted on this thread: a keep-alive
+        /// connection's requests (and a busy client's) share one value.
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    if let Ok(Some(v)) = LAST.try_with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|(last, _)| *last == ip)
+            .map(|(_, v)| v.clone())
+    }) {
+        return v;
+    }
+    let v = format_ip(ip);
+    let _ = LAST.try_with(|l| *l.borrow_mut() = Some((ip, v.clone())));
+    v
+}
+
+fn format_ip(ip: IpAddr) -> HeaderValue {
     struct IpText {
         buf: [u8; 46],
         len: usize,
@@ -406,60 +426,69 @@ thread_local! {
 
 /// Serve one request: route it, run its location, and log it when the
 /// response body ends.
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    let start = Instant::now();
-    let time = std::time::SystemTime::now();
-    let gw = shared.gateway.load_full();
-    // Cheap clones (reference counts), formatted only if a line is written.
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let user_agent = req.headers().get(header::USER_AGENT).cloned();
-    let referer = req.headers().get(header::REFERER).cloned();
-    let trace = crate::observe::trace::TraceContext::from_header(
-        req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
-    );
-    let mut out = Outcome_ {
-        route: None,
-        server: None,
-        request_id: HeaderValue::from_static(""),
-        remote_addr: conn.peer.ip(),
-        log: gw.config.defaults.access_log.clone(),
-        upstream: None,
-        auth: None,
-        rate_limit: None,
-        cache: None,
-    };
-    // Boxed: the pipeline's state is kilobytes, and hyper keeps a slot of
-    // this future's size for every connection, idle or not.
-    let resp = Box::pin(serve_request(&gw, conn, req, &trace, &mut out)).await;
-    let record = crate::observe::access_log::Record {
-        start,
-        time,
-        request_id: out.request_id,
-        remote_addr: out.remote_addr,
-        method,
-        uri: Some(uri),
-        status: resp.status().as_u16(),
-        route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
-        server: out.server,
-        #[cfg(feature = "otlp")]
-        span: crate::observe::otlp::SpanIds::of(&trace),
-        trace_id: trace.trace_id,
-        upstream_addr: out.upstream.as_ref().and_then(|u| u.addr.clone()),
-        upstream_status: out.upstream.as_ref().and_then(|u| u.status),
-        upstream_duration: out.upstream.as_ref().map(|u| u.duration),
-        auth: out.auth,
-        rate_limit: out.rate_limit,
-        cache: out.cache,
-        user_agent,
-        referer,
-        log: out.log,
-    };
-    let (parts, body) = resp.into_parts();
-    Response::from_parts(
-        parts,
-        crate::observe::access_log::LoggedBody::new(body, record).boxed(),
-    )
+// Not an `async fn`: its arguments would sit in its state twice (the
+// argument and its binding); the block captures them once.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> impl std::future::Future<Output = Response<Body>> {
+    async move {
+        let start = Instant::now();
+        let time = std::time::SystemTime::now();
+        let gw = shared.gateway.load_full();
+        // Cheap clones (reference counts), formatted only if a line is written.
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let referer = req.headers().get(header::REFERER).cloned();
+        let trace = crate::observe::trace::TraceContext::from_header(
+            req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+        );
+        let mut out = Outcome_ {
+            route: None,
+            server: None,
+            request_id: HeaderValue::from_static(""),
+            remote_addr: conn.peer.ip(),
+            log: gw.config.defaults.access_log.clone(),
+            upstream: None,
+            auth: None,
+            rate_limit: None,
+            cache: None,
+        };
+        // Boxed: the pipeline's state is kilobytes, and hyper keeps a slot of
+        // this future's size for every connection, idle or not.
+        let resp = Box::pin(serve_request(&gw, conn, req, &trace, &mut out)).await;
+        let record = crate::observe::access_log::Record {
+            start,
+            time,
+            request_id: out.request_id,
+            remote_addr: out.remote_addr,
+            method,
+            uri: Some(uri),
+            status: resp.status().as_u16(),
+            route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
+            server: out.server,
+            #[cfg(feature = "otlp")]
+            span: crate::observe::otlp::SpanIds::of(&trace),
+            trace_id: trace.trace_id,
+            upstream_addr: out.upstream.as_ref().and_then(|u| u.addr.clone()),
+            upstream_status: out.upstream.as_ref().and_then(|u| u.status),
+            upstream_duration: out.upstream.as_ref().map(|u| u.duration),
+            auth: out.auth,
+            rate_limit: out.rate_limit,
+            cache: out.cache,
+            user_agent,
+            referer,
+            log: out.log,
+        };
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(
+            parts,
+            crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+        )
+    }
 }
 
 /// A response given without a parsed request (the guard's refusals):
@@ -1730,7 +1759,11 @@ mod tests {
         ];
         for text in ips {
             let ip: IpAddr = text.parse().expect("an address");
-            assert_eq!(ip_value(ip).to_str().ok(), Some(ip.to_string().as_str()));
+            assert_eq!(format_ip(ip).to_str().ok(), Some(ip.to_string().as_str()));
+            // Twice: the second comes from the one-entry cache.
+            for _ in 0..2 {
+                assert_eq!(ip_value(ip).to_str().ok(), Some(ip.to_string().as_str()));
+            }
         }
     }
 

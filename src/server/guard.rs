@@ -1388,30 +1388,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 /// Serve one request of a guarded connection: answer the guard's
 /// synthetic request with its status, else [`handle`] the request and tell
 /// the guard whether an upgrade happened.
-pub async fn serve(
+// Not an `async fn`: its arguments would sit in its state twice (the
+// argument and its binding); the block captures them once. This future is
+// what hyper keeps a slot for on every connection.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub fn serve(
     guard: GuardHandle,
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
-) -> Response<Body> {
-    if req.headers().contains_key(&MARKER_NAME) {
-        // Only the guard can both send the marker on HTTP/1 and set the
-        // flag; an h2 request carrying the marker is just a bad request.
-        let status = match guard.0.rejected.load(Ordering::Acquire) {
-            0 => 400,
-            s => s,
-        };
-        return rejection(&shared, conn, status);
+) -> impl std::future::Future<Output = Response<Body>> {
+    async move {
+        if req.headers().contains_key(&MARKER_NAME) {
+            // Only the guard can both send the marker on HTTP/1 and set the
+            // flag; an h2 request carrying the marker is just a bad request.
+            let status = match guard.0.rejected.load(Ordering::Acquire) {
+                0 => 400,
+                s => s,
+            };
+            return rejection(&shared, conn, status);
+        }
+        let may_upgrade = req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some();
+        let resp = handle(shared, conn, req).await;
+        if may_upgrade {
+            guard.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
+        }
+        resp
     }
-    let may_upgrade = req
-        .extensions()
-        .get::<hyper::upgrade::OnUpgrade>()
-        .is_some();
-    let resp = handle(shared, conn, req).await;
-    if may_upgrade {
-        guard.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
-    }
-    resp
 }
 
 fn rejection(shared: &Shared, conn: ConnInfo, status: u16) -> Response<Body> {
