@@ -287,6 +287,37 @@ fn sigterm_with_a_silent_new_connection_exits_0_at_once() {
 }
 
 #[test]
+fn sigterm_with_an_idle_keep_alive_connection_exits_0_at_once() {
+    use std::io::{Read, Write};
+    let mut gw = Gateway::start(&returns("one"));
+    // One request answered, the connection kept open and idle: the drain
+    // must still reach it (its task has been polled many times since it
+    // looked at the drain signal).
+    let mut kept = TcpStream::connect(gw.addr()).expect("connect");
+    kept.write_all(b"GET /v HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    kept.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"one") {
+        let n = kept.read(&mut buf).expect("response");
+        assert!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let t = std::time::Instant::now();
+    let status = gw.terminate();
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for an idle keep-alive connection",
+        t.elapsed()
+    );
+    // The gateway closed it.
+    assert_eq!(kept.read(&mut buf).unwrap_or(0), 0);
+}
+
+#[test]
 fn shutdown_timeout_cuts_slow_requests_and_exits_1() {
     let up = TestUpstream::with("slow", |_| Reply::echo().delay(Duration::from_secs(5)));
     let mut gw = Gateway::start(&format!(

@@ -1013,6 +1013,10 @@ pub struct Guard<S> {
     delivered: u64,
     shared: Arc<ConnShared>,
     timer: Timer,
+    /// When the running timer expires. The `sleep` may be set earlier (a
+    /// later deadline does not move it: it is moved on when it fires), so
+    /// arming a timer per request touches no timer wheel.
+    deadline: Instant,
     sleep: Pin<Box<Sleep>>,
     limits: GuardLimits,
 }
@@ -1039,6 +1043,7 @@ impl<S> Guard<S> {
             delivered: 0,
             shared: shared.clone(),
             timer: Timer::Header,
+            deadline: accepted + limits.header_timeout,
             sleep: Box::pin(tokio::time::sleep_until(accepted + limits.header_timeout)),
             limits,
         };
@@ -1056,7 +1061,10 @@ impl<S> Guard<S> {
             Timer::Body => self.limits.body_backstop,
         };
         self.timer = t;
-        self.sleep.as_mut().reset(Instant::now() + d);
+        self.deadline = Instant::now() + d;
+        if self.sleep.deadline() > self.deadline {
+            self.sleep.as_mut().reset(self.deadline);
+        }
     }
 
     /// After scanning: a head in progress runs on the header timer.
@@ -1084,7 +1092,14 @@ impl<S> Guard<S> {
             };
             self.arm(t);
         }
-        if self.sleep.as_mut().poll(cx).is_ready() {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if self.deadline > self.sleep.deadline() {
+                // Set for an earlier deadline: move it on (and poll again,
+                // so that it wakes this task).
+                let d = self.deadline;
+                self.sleep.as_mut().reset(d);
+                continue;
+            }
             if self.timer == Timer::Body {
                 self.mode = Mode::Fail;
             } else {

@@ -700,9 +700,30 @@ where
     E: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
+    // The drain signal is looked at for real only when the watch moved (an
+    // atomic load) or the task's waker changed: polling it registers a
+    // waker under a lock, and the connection is polled several times per
+    // request.
+    let peek = stop.clone();
+    let mut signal = std::pin::pin!(stopping(&mut stop));
+    let mut registered: Option<std::task::Waker> = None;
+    let stop_signal = std::future::poll_fn(|cx| {
+        if let Some(w) = &registered
+            && w.will_wake(cx.waker())
+            && !peek.has_changed().unwrap_or(true)
+        {
+            return std::task::Poll::Pending;
+        }
+        let r = signal.as_mut().poll(cx);
+        if r.is_pending() {
+            registered = Some(cx.waker().clone());
+        }
+        r
+    });
     let r = tokio::select! {
+        biased;
         r = conn.as_mut() => r,
-        _ = stopping(&mut stop) => {
+        _ = stop_signal => {
             shutdown(conn.as_mut());
             conn.await
         }
