@@ -780,6 +780,49 @@ fn slow_upstream_beyond_read_timeout_is_504() {
 }
 
 #[test]
+fn read_timeout_is_whole_for_each_request_on_a_pooled_connection() {
+    // The read timer is kept on the upstream connection and moved on
+    // lazily: after it went off while the connection sat idle, the next
+    // requests neither fail early nor lose their timeout.
+    let up = TestUpstream::with("lazy", |r| {
+        if r.target.starts_with("/slow") {
+            Reply::echo().delay(Duration::from_millis(1500))
+        } else {
+            Reply::echo()
+        }
+    });
+    let gw = gateway(
+        &up,
+        "location / { proxy_read_timeout 500ms; proxy_pass http://UP; }",
+    );
+    let client = Client::new();
+    for _ in 0..3 {
+        assert_eq!(client.request("GET", &gw.url("/fast"), &[], "").status, 200);
+    }
+    // Longer than the timeout: the timer set by the requests above fires
+    // while the connection is idle.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(client.request("GET", &gw.url("/fast"), &[], "").status, 200);
+    let t = std::time::Instant::now();
+    let r = client.request("GET", &gw.url("/slow"), &[], "");
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1400),
+        "504 after {took:?}, not after the 500ms timeout"
+    );
+    // And again right after (the timer now set for a later deadline).
+    assert_eq!(client.request("GET", &gw.url("/fast"), &[], "").status, 200);
+    let t = std::time::Instant::now();
+    assert_eq!(client.request("GET", &gw.url("/slow"), &[], "").status, 504);
+    assert!(
+        t.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn all_servers_down_is_503() {
     let (p1, p2) = (free_port(), free_port());
     let gw = Gateway::start(&format!(

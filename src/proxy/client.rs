@@ -81,6 +81,9 @@ pub enum ProtoError {
     Body(#[source] BoxError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// No response head in the time given to [`Conn::exchange`].
+    #[error("timed out")]
+    Timeout,
 }
 
 impl ProtoError {
@@ -174,6 +177,10 @@ pub struct Conn {
     io: Io,
     dec: Decoder,
     wbuf: Vec<u8>,
+    /// The read timer, kept from request to request: it is set once and
+    /// moved on only when it fires before the deadline of the request in
+    /// flight (a timer per request is a timer wheel insert and removal).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The response side's bytes and their decoding, apart from the socket
@@ -227,6 +234,7 @@ impl Conn {
             io,
             dec: Decoder::default(),
             wbuf: Vec::new(),
+            timer: None,
         }
     }
 
@@ -266,6 +274,48 @@ impl Conn {
     /// `body`, then read the response head. On an error the connection is
     /// spent.
     pub async fn exchange(
+        &mut self,
+        parts: &http::request::Parts,
+        pass: Option<Passthrough<'_>>,
+        body: Body,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Head, ProtoError> {
+        let Some(d) = timeout else {
+            return self.exchange_untimed(parts, pass, body).await;
+        };
+        let deadline = tokio::time::Instant::now() + d;
+        let mut timer = match self.timer.take() {
+            Some(mut t) => {
+                if t.deadline() > deadline {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let r = {
+            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = inner.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    if deadline > timer.deadline() {
+                        // Set for an earlier request: move it on.
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    return Poll::Ready(Err(ProtoError::Timeout));
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        self.timer = Some(timer);
+        r
+    }
+
+    async fn exchange_untimed(
         &mut self,
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,

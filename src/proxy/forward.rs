@@ -75,6 +75,7 @@ pub fn pool_target<'a>(
         keepalive,
         tls_config: trust.as_ref().map(|t| &t.upstream),
         fresh: false,
+        read_timeout: None,
     }
 }
 
@@ -1547,6 +1548,7 @@ async fn send(
             &mut trust,
         );
         conn_target.fresh = fresh;
+        conn_target.read_timeout = Some(read_timeout);
         // The last possible try takes the headers; earlier ones copy.
         let mut own = if attempt + 1 < max_tries {
             headers.clone()
@@ -1567,17 +1569,14 @@ async fn send(
         let mut up_req = Request::new(sent_body.unwrap_or_else(empty));
         *up_req.method_mut() = prep.method.clone();
         *up_req.uri_mut() = uri.clone();
-        let result = tokio::time::timeout(
-            read_timeout,
-            crate::proxy::pool::request(
-                &conn_target,
-                up_req,
-                Some(crate::proxy::client::Passthrough {
-                    headers: &prep.client,
-                    skip: &prep.skip,
-                    own: &own,
-                }),
-            ),
+        let result = crate::proxy::pool::request(
+            &conn_target,
+            up_req,
+            Some(crate::proxy::client::Passthrough {
+                headers: &prep.client,
+                skip: &prep.skip,
+                own: &own,
+            }),
         )
         .await;
         let authority = &conn_target.key.endpoint;
@@ -1586,7 +1585,7 @@ async fn send(
         *info = Some(UpstreamInfo {
             addr: Some(authority.clone()),
             status: match &result {
-                Ok(Ok(r)) => Some(r.status().as_u16()),
+                Ok(r) => Some(r.status().as_u16()),
                 _ => None,
             },
             duration,
@@ -1605,9 +1604,16 @@ async fn send(
         };
         let retry_allowed = !had_body && upgrade.is_none() && attempt + 1 < max_tries;
         match result {
-            Ok(Ok(resp))
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() =>
-            {
+            Err(e) if e.is_timeout() => {
+                report(Outcome::Failure);
+                tracing::warn!(upstream = %authority, "upstream timed out");
+                last_err = ProxyError::Timeout;
+                if next.timeout && retry_allowed && can_resend {
+                    continue;
+                }
+                break;
+            }
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() => {
                 report(Outcome::Success);
                 let client_side = extensions.remove::<hyper::upgrade::OnUpgrade>();
                 let (mut rparts, upstream_body) = resp.into_parts();
@@ -1626,7 +1632,7 @@ async fn send(
                 }
                 return Ok(Response::from_parts(rparts, empty()));
             }
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_status = (status == 502 && next.http_502)
                     || (status == 503 && next.http_503)
@@ -1641,13 +1647,13 @@ async fn send(
                 }
                 return Ok(upstream_response(resp, settings));
             }
-            Ok(Err(e)) if e.is_stale() && !had_body && idempotent(&prep.method) => {
+            Err(e) if e.is_stale() && !had_body && idempotent(&prep.method) => {
                 // Not the upstream's failure: its keep-alive ended as the
                 // request went out. The caller sends it again, fresh.
                 tracing::debug!(upstream = %authority, "pooled connection closed under a request; sending again");
                 return Err(ProxyError::Stale);
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // The client's body failing is the client's fault, not the
                 // upstream's: answer for it and leave the peer's health alone.
                 if let Some(be) = crate::proxy::body::body_error_in(&e) {
@@ -1663,15 +1669,6 @@ async fn send(
                 last_err = ProxyError::BadGateway;
                 // A connect error means nothing was sent: always safe to retry.
                 if next.error && retry_allowed && (connect || can_resend) {
-                    continue;
-                }
-                break;
-            }
-            Err(_) => {
-                report(Outcome::Failure);
-                tracing::warn!(upstream = %authority, "upstream timed out");
-                last_err = ProxyError::Timeout;
-                if next.timeout && retry_allowed && can_resend {
                     continue;
                 }
                 break;

@@ -65,6 +65,8 @@ pub async fn probe(
             keepalive: 0,
             tls_config: tls.map(|t| &t.upstream),
             fresh: true,
+            // The whole probe runs under `timeout` (below).
+            read_timeout: None,
         };
         let req = http::Request::get(uri)
             .header(http::header::HOST, host)

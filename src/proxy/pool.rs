@@ -73,6 +73,11 @@ pub struct Target<'a> {
     /// Open a new connection even if one is idle (the retry after a
     /// pooled connection turned out stale).
     pub fresh: bool,
+    /// How long the request may take to go out and its response head to
+    /// come back (`proxy_read_timeout`): [`ClientError::Timeout`] after.
+    /// Kept on the connection ([`Conn::exchange`]), not a new timer per
+    /// request.
+    pub read_timeout: Option<Duration>,
 }
 
 /// Why an upstream request failed.
@@ -84,6 +89,8 @@ pub enum ClientError {
     Tls(std::io::Error),
     /// The HTTP exchange failed after the connection was up.
     Http(ProtoError),
+    /// No response head within [`Target::read_timeout`].
+    Timeout,
     /// A pooled connection was closed by the upstream as the request went
     /// out, before any response byte — most likely its keep-alive timeout
     /// racing ours. Safe to send again on a new connection when the
@@ -102,6 +109,11 @@ impl ClientError {
     pub fn is_stale(&self) -> bool {
         matches!(self, ClientError::Stale(_))
     }
+
+    /// See [`ClientError::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout)
+    }
 }
 
 impl std::fmt::Display for ClientError {
@@ -110,6 +122,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Connect(_) => f.write_str("connect failed"),
             ClientError::Tls(_) => f.write_str("TLS handshake failed"),
             ClientError::Http(_) => f.write_str("upstream exchange failed"),
+            ClientError::Timeout => f.write_str("upstream timed out"),
             ClientError::Stale(_) => f.write_str("pooled upstream connection closed"),
         }
     }
@@ -120,6 +133,7 @@ impl std::error::Error for ClientError {
         match self {
             ClientError::Connect(e) | ClientError::Tls(e) => Some(e),
             ClientError::Http(e) | ClientError::Stale(e) => Some(e),
+            ClientError::Timeout => None,
         }
     }
 }
@@ -213,7 +227,7 @@ pub fn request<'a>(
             None => (Box::pin(connect(t)).await?, false),
         };
         let (parts, body) = req.into_parts();
-        match conn.exchange(&parts, pass, body).await {
+        match conn.exchange(&parts, pass, body, t.read_timeout).await {
             Ok(head) => {
                 let mut body = PooledBody {
                     body: head.body,
@@ -231,6 +245,7 @@ pub fn request<'a>(
                 }
                 Ok(Response::from_parts(head.parts, body))
             }
+            Err(ProtoError::Timeout) => Err(ClientError::Timeout),
             Err(e) if reused && e.closed_early() => Err(ClientError::Stale(e)),
             Err(e) => Err(ClientError::Http(e)),
         }
