@@ -44,6 +44,8 @@ struct Log {
 /// - `/close-after`: a keep-alive 200, then the upstream closes the
 ///   connection anyway (as an idle timeout would);
 /// - `/reject-early`: a 413 right after the head, the body never read;
+/// - `/trickle`: a 5-byte body, one byte every 400 ms;
+/// - `/stall`: the head and half the body, then silence for 5 s;
 /// - anything else: 200 echoing the request body.
 struct Scripted {
     addr: SocketAddr,
@@ -192,6 +194,21 @@ fn serve(id: usize, s: TcpStream, log: &(Mutex<Log>, Condvar)) {
             }
             "/close-after" => {
                 let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                return;
+            }
+            "/trickle" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+                for b in b"abcde" {
+                    std::thread::sleep(Duration::from_millis(400));
+                    if w.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            "/stall" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf!");
+                std::thread::sleep(Duration::from_secs(5));
                 return;
             }
             _ => {
@@ -383,4 +400,48 @@ fn an_upstream_answering_before_reading_the_body_is_heard() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     drop(s);
     let _ = sender.join();
+}
+
+#[test]
+fn proxy_read_timeout_runs_between_two_reads_of_a_body() {
+    let up = Scripted::start();
+    let gw = Gateway::start(&format!(
+        "worker_threads 1;\n\
+         upstream up {{ server {}; keepalive 8; }}\n\
+         server {{\n    listen @PORT@;\n    proxy_read_timeout 1s;\n    location / {{ proxy_pass http://up; }}\n}}\n",
+        up.addr
+    ));
+    // Two seconds in all, but never a second without a byte: served whole.
+    let t = Instant::now();
+    let r = Client::new().request("GET", &gw.url("/trickle"), &[], "");
+    assert_eq!((r.status, r.text().as_str()), (200, "abcde"));
+    assert!(
+        t.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+    // Half a body, then silence: the client's connection is cut about a
+    // second after the last byte, not when the upstream gives up (5 s).
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("no close after {:?}: {e}", t.elapsed()),
+        }
+    }
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("half!"), "{text}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(3500),
+        "cut after {took:?}"
+    );
 }

@@ -21,7 +21,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -284,35 +284,26 @@ impl Conn {
             return self.exchange_untimed(parts, pass, body).await;
         };
         let deadline = tokio::time::Instant::now() + d;
-        let mut timer = match self.timer.take() {
-            Some(mut t) => {
-                if t.deadline() > deadline {
-                    t.as_mut().reset(deadline);
-                }
-                t
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
-        };
+        // The timer lives on the connection, which the exchange borrows:
+        // taken out for the exchange and put back after.
+        let mut timer = self.timer.take();
         let r = {
             let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
-                while timer.as_mut().poll(cx).is_ready() {
-                    if deadline > timer.deadline() {
-                        // Set for an earlier request: move it on.
-                        timer.as_mut().reset(deadline);
-                        continue;
-                    }
-                    return Poll::Ready(Err(ProtoError::Timeout));
+                match poll_timer(&mut timer, deadline, cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(ProtoError::Timeout)),
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending
             })
             .await
         };
-        self.timer = Some(timer);
-        r
+        self.timer = timer;
+        let mut head = r?;
+        head.body.read_timeout = Some(d);
+        Ok(head)
     }
 
     async fn exchange_untimed(
@@ -507,10 +498,33 @@ impl Conn {
                 Progress::End => return Poll::Ready(None),
                 Progress::More => {}
             }
-            if ready!(self.poll_fill(cx, body.want()))? == 0 {
-                return Poll::Ready(body.at_close().map(Err));
+            match self.poll_fill(cx, body.want()) {
+                Poll::Ready(n) => {
+                    if n? == 0 {
+                        return Poll::Ready(body.at_close().map(Err));
+                    }
+                    body.deadline = None;
+                }
+                Poll::Pending => {
+                    let Some(d) = body.read_timeout else {
+                        return Poll::Pending;
+                    };
+                    // NGINX's reading of `proxy_read_timeout`: armed when
+                    // a read finds nothing, off when bytes come.
+                    let deadline = *body
+                        .deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + d);
+                    return match self.poll_timer(deadline, cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(ProtoError::Timeout))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
             }
         }
+    }
+
+    fn poll_timer(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        poll_timer(&mut self.timer, deadline, cx)
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, ProtoError>> {
@@ -519,6 +533,28 @@ impl Conn {
         let fut = std::pin::pin!(fut);
         fut.poll(cx).map_err(ProtoError::Io)
     }
+}
+
+/// A connection's timer, for `deadline`: set once per connection and moved
+/// on only when it goes off before the deadline asked for (a timer per
+/// request or per read would be a timer wheel insert and removal each).
+fn poll_timer(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    while timer.as_mut().poll(cx).is_ready() {
+        if deadline > timer.deadline() {
+            timer.as_mut().reset(deadline);
+            continue;
+        }
+        return Poll::Ready(());
+    }
+    Poll::Pending
 }
 
 impl Decoder {
@@ -576,6 +612,8 @@ impl Decoder {
                     framing: if upgrade { Framing::Done } else { framing },
                     keep_alive: keep_alive && !upgrade,
                     upgrade,
+                    read_timeout: None,
+                    deadline: None,
                 },
             }));
         }
@@ -919,6 +957,11 @@ pub struct ResponseBody {
     framing: Framing,
     keep_alive: bool,
     upgrade: bool,
+    /// `proxy_read_timeout` between two reads of the body.
+    read_timeout: Option<std::time::Duration>,
+    /// When the wait for the next body bytes times out (set when a read
+    /// finds nothing, cleared when bytes come).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl ResponseBody {
