@@ -44,6 +44,7 @@ struct Log {
 /// - `/close-after`: a keep-alive 200, then the upstream closes the
 ///   connection anyway (as an idle timeout would);
 /// - `/reject-early`: a 413 right after the head, the body never read;
+/// - `/black-hole`: reads the head, then neither the body nor answers;
 /// - `/trickle`: a 5-byte body, one byte every 400 ms;
 /// - `/stall`: the head and half the body, then silence for 5 s;
 /// - anything else: 200 echoing the request body.
@@ -122,6 +123,10 @@ fn serve(id: usize, s: TcpStream, log: &(Mutex<Log>, Condvar)) {
         let method = first.next().unwrap_or("").to_string();
         let path = first.next().unwrap_or("").to_string();
         let lower = head.to_ascii_lowercase();
+        if path == "/black-hole" {
+            std::thread::sleep(Duration::from_secs(30));
+            return;
+        }
         if path == "/reject-early" {
             // Refuse at the head, then neither read the body nor close
             // (until the test is long over).
@@ -444,4 +449,85 @@ fn proxy_read_timeout_runs_between_two_reads_of_a_body() {
         took >= Duration::from_millis(900) && took < Duration::from_millis(3500),
         "cut after {took:?}"
     );
+}
+
+fn gateway_with(up: &Scripted, timeouts: &str) -> Gateway {
+    Gateway::start(&format!(
+        "worker_threads 1;\n\
+         upstream up {{ server {}; keepalive 8; }}\n\
+         server {{\n    listen @PORT@;\n    {timeouts}\n    client_max_body_size 64m;\n    location / {{ proxy_pass http://up; }}\n}}\n",
+        up.addr
+    ))
+}
+
+#[test]
+fn a_slow_client_body_is_not_the_upstreams_time() {
+    // proxy_read_timeout runs once the request is out: a client taking
+    // two seconds to send its body is not cut after one.
+    let up = Scripted::start();
+    let gw = gateway_with(&up, "proxy_read_timeout 1s; proxy_send_timeout 1s;");
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        .expect("write");
+    for b in b"abcde" {
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(&[*b]).expect("write");
+    }
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut rest = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("head");
+        if line == "\r\n" {
+            break;
+        }
+        rest.push_str(&line);
+    }
+    let mut body = [0u8; 5];
+    r.read_exact(&mut body).expect("body");
+    assert_eq!(&body, b"abcde", "{rest}");
+}
+
+#[test]
+fn proxy_send_timeout_bounds_a_write_the_upstream_does_not_take() {
+    let up = Scripted::start();
+    let gw = gateway_with(&up, "proxy_read_timeout 30s; proxy_send_timeout 1s;");
+    // 16 MiB against an upstream that reads none of it: the gateway's
+    // writes stall once the kernel buffers are full.
+    let len = 16 << 20;
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    let mut writer = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let head = format!("POST /black-hole HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
+        let _ = writer.write_all(head.as_bytes());
+        let chunk = vec![b'z'; 64 * 1024];
+        for _ in 0..len / chunk.len() {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 504"), "after {took:?}: {text}");
+    assert!(
+        took < Duration::from_secs(8),
+        "504 after {took:?}, not proxy_send_timeout"
+    );
+    drop(s);
+    let _ = sender.join();
 }

@@ -21,6 +21,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -272,27 +273,41 @@ impl Conn {
 
     /// Write `parts` (origin-form target, `Host` among the headers) and
     /// `body`, then read the response head. On an error the connection is
-    /// spent.
+    /// spent. `send_timeout` bounds a write the upstream does not take
+    /// (between two writes), `read_timeout` the wait for the head once the
+    /// request is out and then, on the body, between two reads
+    /// (`proxy_send_timeout`, `proxy_read_timeout`): a slow client body is
+    /// neither. Both run on the connection's one timer.
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,
         body: Body,
-        timeout: Option<std::time::Duration>,
+        read_timeout: Option<std::time::Duration>,
+        send_timeout: Option<std::time::Duration>,
     ) -> Result<Head, ProtoError> {
-        let Some(d) = timeout else {
-            return self.exchange_untimed(parts, pass, body).await;
-        };
-        let deadline = tokio::time::Instant::now() + d;
+        let phase = Phase::new(send_timeout);
+        if read_timeout.is_none() && send_timeout.is_none() {
+            return self.exchange_untimed(parts, pass, body, &phase).await;
+        }
         // The timer lives on the connection, which the exchange borrows:
         // taken out for the exchange and put back after.
         let mut timer = self.timer.take();
+        let mut read_deadline = None;
         let r = {
-            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body));
+            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
+                let deadline = match (phase.stall_deadline(), read_timeout) {
+                    (Some(d), _) => d,
+                    (None, Some(t)) if phase.written.load(Ordering::Relaxed) => {
+                        *read_deadline.get_or_insert_with(|| tokio::time::Instant::now() + t)
+                    }
+                    // Waiting on the client's body: not the upstream's time.
+                    _ => return Poll::Pending,
+                };
                 match poll_timer(&mut timer, deadline, cx) {
                     Poll::Ready(()) => Poll::Ready(Err(ProtoError::Timeout)),
                     Poll::Pending => Poll::Pending,
@@ -302,7 +317,7 @@ impl Conn {
         };
         self.timer = timer;
         let mut head = r?;
-        head.body.read_timeout = Some(d);
+        head.body.read_timeout = read_timeout;
         Ok(head)
     }
 
@@ -311,9 +326,13 @@ impl Conn {
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,
         body: Body,
+        phase: &Phase,
     ) -> Result<Head, ProtoError> {
         let head_request = parts.method == Method::HEAD;
-        if let Err(e) = self.write_request(parts, pass, body).await {
+        let written = self.write_request(parts, pass, body, phase).await;
+        phase.stall.store(0, Ordering::Relaxed);
+        phase.written.store(true, Ordering::Relaxed);
+        if let Err(e) = written {
             // An upstream may answer (a 413, say) before reading the whole
             // body, and close or just stop reading: a response that made it
             // is the better outcome.
@@ -334,15 +353,16 @@ impl Conn {
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,
         mut body: Body,
+        phase: &Phase,
     ) -> Result<(), ProtoError> {
         let mut w = std::mem::take(&mut self.wbuf);
         w.clear();
         let has_body = !body.is_end_stream();
         let length = encode_head(&mut w, parts, pass, has_body, body.size_hint().exact());
         let r = if has_body {
-            self.write_body(&mut w, &mut body, length).await
+            self.write_body(&mut w, &mut body, length, phase).await
         } else {
-            write_all(&mut self.io, &w).await.map_err(ProtoError::Io)
+            self.send(&w, phase).await
         };
         self.wbuf = w;
         r?;
@@ -359,6 +379,7 @@ impl Conn {
         w: &mut Vec<u8>,
         body: &mut Body,
         length: Option<u64>,
+        phase: &Phase,
     ) -> Result<(), ProtoError> {
         let mut sent: u64 = 0;
         loop {
@@ -371,7 +392,7 @@ impl Conn {
                     Poll::Ready(f) => f,
                     Poll::Pending => {
                         if !w.is_empty() {
-                            self.send(w).await?;
+                            self.send(w, phase).await?;
                             w.clear();
                         }
                         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
@@ -404,15 +425,15 @@ impl Conn {
             if data.len() < COALESCE_BELOW {
                 w.extend_from_slice(&data);
             } else {
-                self.send(w).await?;
+                self.send(w, phase).await?;
                 w.clear();
-                self.send(&data).await?;
+                self.send(&data, phase).await?;
             }
             if length.is_none() {
                 w.extend_from_slice(b"\r\n");
             }
             if w.len() >= COALESCE_BELOW {
-                self.send(w).await?;
+                self.send(w, phase).await?;
                 w.clear();
             }
         }
@@ -427,7 +448,7 @@ impl Conn {
             w.extend_from_slice(b"0\r\n\r\n");
         }
         if !w.is_empty() {
-            self.send(w).await?;
+            self.send(w, phase).await?;
             w.clear();
         }
         Ok(())
@@ -435,21 +456,27 @@ impl Conn {
 
     /// Write all of `b`; while the upstream is not taking more, watch for
     /// it answering instead ([`ProtoError::AnsweredEarly`]).
-    async fn send(&mut self, mut b: &[u8]) -> Result<(), ProtoError> {
+    async fn send(&mut self, mut b: &[u8], phase: &Phase) -> Result<(), ProtoError> {
         std::future::poll_fn(|cx| {
             while !b.is_empty() {
                 match Pin::new(&mut self.io).poll_write(cx, b) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(ProtoError::Io(io::ErrorKind::WriteZero.into())));
                     }
-                    Poll::Ready(Ok(n)) => b = &b[n..],
+                    Poll::Ready(Ok(n)) => {
+                        b = &b[n..];
+                        phase.stall.store(0, Ordering::Relaxed);
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(ProtoError::Io(e))),
                     Poll::Pending => {
                         return match self.poll_fill(cx, READ_CHUNK) {
                             Poll::Ready(Ok(0)) => Poll::Ready(Err(ProtoError::Closed)),
                             Poll::Ready(Ok(_)) => Poll::Ready(Err(ProtoError::AnsweredEarly)),
                             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                            Poll::Pending => Poll::Pending,
+                            Poll::Pending => {
+                                phase.stalled();
+                                Poll::Pending
+                            }
                         };
                     }
                 }
@@ -1131,8 +1158,47 @@ impl AsyncWrite for Conn {
     }
 }
 
-async fn write_all(io: &mut Io, b: &[u8]) -> io::Result<()> {
-    io.write_all(b).await
+/// Where an exchange stands, for its timer (the exchange borrows the
+/// connection, so this lives beside it). Atomics, not cells: the
+/// exchange's future must stay `Send`.
+struct Phase {
+    base: tokio::time::Instant,
+    send_timeout: Option<std::time::Duration>,
+    /// When the stalled write times out, in nanoseconds after `base`
+    /// (0: no write is stalled).
+    stall: AtomicU64,
+    /// The request is out: the wait for the response has begun.
+    written: AtomicBool,
+}
+
+impl Phase {
+    fn new(send_timeout: Option<std::time::Duration>) -> Phase {
+        Phase {
+            base: tokio::time::Instant::now(),
+            send_timeout,
+            stall: AtomicU64::new(0),
+            written: AtomicBool::new(false),
+        }
+    }
+
+    /// A write found the upstream not taking more: its timeout starts now,
+    /// unless it already runs.
+    fn stalled(&self) {
+        if let Some(t) = self.send_timeout
+            && self.stall.load(Ordering::Relaxed) == 0
+        {
+            let at = (tokio::time::Instant::now() + t).duration_since(self.base);
+            let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX).max(1);
+            self.stall.store(nanos, Ordering::Relaxed);
+        }
+    }
+
+    fn stall_deadline(&self) -> Option<tokio::time::Instant> {
+        match self.stall.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.base + std::time::Duration::from_nanos(n)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,7 @@ pub fn pool_target<'a>(
         tls_config: trust.as_ref().map(|t| &t.upstream),
         fresh: false,
         read_timeout: None,
+        send_timeout: None,
     }
 }
 
@@ -1549,6 +1550,7 @@ async fn send(
         );
         conn_target.fresh = fresh;
         conn_target.read_timeout = Some(read_timeout);
+        conn_target.send_timeout = Some(settings.proxy_send_timeout);
         // The last possible try takes the headers; earlier ones copy.
         let mut own = if attempt + 1 < max_tries {
             headers.clone()

@@ -67,6 +67,7 @@ pub async fn probe(
             fresh: true,
             // The whole probe runs under `timeout` (below).
             read_timeout: None,
+            send_timeout: None,
         };
         let req = http::Request::get(uri)
             .header(http::header::HOST, host)

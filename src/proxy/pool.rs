@@ -78,6 +78,9 @@ pub struct Target<'a> {
     /// Kept on the connection ([`Conn::exchange`]), not a new timer per
     /// request.
     pub read_timeout: Option<Duration>,
+    /// How long a write of the request may find the upstream not taking
+    /// more (`proxy_send_timeout`): [`ClientError::Timeout`] after.
+    pub send_timeout: Option<Duration>,
 }
 
 /// Why an upstream request failed.
@@ -89,7 +92,7 @@ pub enum ClientError {
     Tls(std::io::Error),
     /// The HTTP exchange failed after the connection was up.
     Http(ProtoError),
-    /// No response head within [`Target::read_timeout`].
+    /// [`Target::read_timeout`] or [`Target::send_timeout`] ran out.
     Timeout,
     /// A pooled connection was closed by the upstream as the request went
     /// out, before any response byte — most likely its keep-alive timeout
@@ -227,7 +230,10 @@ pub fn request<'a>(
             None => (Box::pin(connect(t)).await?, false),
         };
         let (parts, body) = req.into_parts();
-        match conn.exchange(&parts, pass, body, t.read_timeout).await {
+        match conn
+            .exchange(&parts, pass, body, t.read_timeout, t.send_timeout)
+            .await
+        {
             Ok(head) => {
                 let mut body = PooledBody {
                     body: head.body,
