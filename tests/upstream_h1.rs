@@ -369,37 +369,10 @@ fn request_bodies_go_up_framed() {
 #[test]
 fn an_upstream_answering_before_reading_the_body_is_heard() {
     let up = Scripted::start();
-    let gw = Gateway::start(&format!(
-        "worker_threads 1;\n\
-         upstream up {{ server {}; keepalive 8; }}\n\
-         server {{\n    listen @PORT@;\n    proxy_read_timeout 3s;\n    client_max_body_size 64m;\n    location / {{ proxy_pass http://up; }}\n}}\n",
-        up.addr
-    ));
+    let gw = gateway_with(&up, "proxy_read_timeout 3s;");
     // 16 MiB: far more than the kernel buffers between the gateway and
     // the upstream hold, so the gateway's writes stall.
-    let len = 16 << 20;
-    let mut s = TcpStream::connect(gw.addr()).expect("connect");
-    let mut writer = s.try_clone().expect("clone");
-    let sender = std::thread::spawn(move || {
-        let head =
-            format!("POST /reject-early HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
-        let _ = writer.write_all(head.as_bytes());
-        let chunk = vec![b'z'; 64 * 1024];
-        for _ in 0..len / chunk.len() {
-            if writer.write_all(&chunk).is_err() {
-                return;
-            }
-        }
-    });
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    let (got, _, s, sender) = upload_16_mib(&gw, "/reject-early");
     let text = String::from_utf8_lossy(&got);
     // Not a 504 after proxy_read_timeout with the gateway stuck writing.
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
@@ -410,12 +383,7 @@ fn an_upstream_answering_before_reading_the_body_is_heard() {
 #[test]
 fn proxy_read_timeout_runs_between_two_reads_of_a_body() {
     let up = Scripted::start();
-    let gw = Gateway::start(&format!(
-        "worker_threads 1;\n\
-         upstream up {{ server {}; keepalive 8; }}\n\
-         server {{\n    listen @PORT@;\n    proxy_read_timeout 1s;\n    location / {{ proxy_pass http://up; }}\n}}\n",
-        up.addr
-    ));
+    let gw = gateway_with(&up, "proxy_read_timeout 1s;");
     // Two seconds in all, but never a second without a byte: served whole.
     let t = Instant::now();
     let r = Client::new().request("GET", &gw.url("/trickle"), &[], "");
@@ -498,11 +466,29 @@ fn proxy_send_timeout_bounds_a_write_the_upstream_does_not_take() {
     let gw = gateway_with(&up, "proxy_read_timeout 30s; proxy_send_timeout 1s;");
     // 16 MiB against an upstream that reads none of it: the gateway's
     // writes stall once the kernel buffers are full.
+    let (got, took, s, sender) = upload_16_mib(&gw, "/black-hole");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 504"), "after {took:?}: {text}");
+    assert!(
+        took < Duration::from_secs(8),
+        "504 after {took:?}, not proxy_send_timeout"
+    );
+    drop(s);
+    let _ = sender.join();
+}
+
+/// POST 16 MiB to `path` from a thread and read the response head as it
+/// comes: the head's bytes, the time it took, the connection and the
+/// sending thread.
+fn upload_16_mib(
+    gw: &Gateway,
+    path: &str,
+) -> (Vec<u8>, Duration, TcpStream, std::thread::JoinHandle<()>) {
     let len = 16 << 20;
     let mut s = TcpStream::connect(gw.addr()).expect("connect");
     let mut writer = s.try_clone().expect("clone");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
     let sender = std::thread::spawn(move || {
-        let head = format!("POST /black-hole HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
         let _ = writer.write_all(head.as_bytes());
         let chunk = vec![b'z'; 64 * 1024];
         for _ in 0..len / chunk.len() {
@@ -521,13 +507,5 @@ fn proxy_send_timeout_bounds_a_write_the_upstream_does_not_take() {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    let took = t.elapsed();
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 504"), "after {took:?}: {text}");
-    assert!(
-        took < Duration::from_secs(8),
-        "504 after {took:?}, not proxy_send_timeout"
-    );
-    drop(s);
-    let _ = sender.join();
+    (got, t.elapsed(), s, sender)
 }

@@ -383,24 +383,9 @@ impl Scanner {
                 }
                 // The rest of a method (its first byte was stepped).
                 St::Method => {
-                    let room = self
-                        .limits
-                        .head
-                        .saturating_sub(self.head.len)
-                        .min(self.limits.request_line.saturating_sub(self.head.line_len));
-                    let rest = &data[i..data.len().min(i.saturating_add(room))];
-                    let k = rest
-                        .iter()
-                        .position(|&b| !is_tchar(b))
-                        .unwrap_or(rest.len());
+                    let k = self.token_run(&data[i..], true, Scanner::push_method);
                     if k > 0 {
-                        for &b in &rest[..k] {
-                            self.push_method(b);
-                        }
-                        self.head.len += k;
-                        self.head.line_len += k;
                         i += k;
-                        self.offset += k as u64;
                         continue;
                     }
                     if let Some(r) = self.step_byte(data[i], &mut i) {
@@ -471,19 +456,9 @@ impl Scanner {
                 }
                 // The rest of a field name (its first byte was stepped).
                 St::Name => {
-                    let room = self.limits.head.saturating_sub(self.head.len);
-                    let rest = &data[i..data.len().min(i.saturating_add(room))];
-                    let k = rest
-                        .iter()
-                        .position(|&b| !is_tchar(b))
-                        .unwrap_or(rest.len());
+                    let k = self.token_run(&data[i..], false, Scanner::push_name);
                     if k > 0 {
-                        for &b in &rest[..k] {
-                            self.push_name(b);
-                        }
-                        self.head.len += k;
                         i += k;
-                        self.offset += k as u64;
                         continue;
                     }
                     if let Some(r) = self.step_byte(data[i], &mut i) {
@@ -498,6 +473,30 @@ impl Scanner {
             }
         }
         (i, None)
+    }
+
+    /// The token bytes at the start of `data` that fit the head's limits
+    /// (and the request line's, `in_line`), each given to `push` and
+    /// counted; how many.
+    fn token_run(&mut self, data: &[u8], in_line: bool, push: fn(&mut Scanner, u8)) -> usize {
+        let mut room = self.limits.head.saturating_sub(self.head.len);
+        if in_line {
+            room = room.min(self.limits.request_line.saturating_sub(self.head.line_len));
+        }
+        let rest = &data[..data.len().min(room)];
+        let k = rest
+            .iter()
+            .position(|&b| !is_tchar(b))
+            .unwrap_or(rest.len());
+        for &b in &rest[..k] {
+            push(self, b);
+        }
+        self.head.len += k;
+        if in_line {
+            self.head.line_len += k;
+        }
+        self.offset += k as u64;
+        k
     }
 
     /// One byte through [`Scanner::step`]; `Some` when the feed stops.
