@@ -114,6 +114,9 @@ pub struct Gateway {
     /// The default `request_id_header`, parsed once (looking a header up
     /// by its text parses the name on every request).
     pub request_id_name: Option<http::HeaderName>,
+    /// Some access log writes the combined format, the one that shows the
+    /// client's `User-Agent` and `Referer` (taken per request only then).
+    pub logs_client_headers: bool,
 }
 
 /// The TLS an upstream's health checks use: the first `https` location's
@@ -297,8 +300,23 @@ pub fn compile(
         .collect();
     let request_id_name =
         http::HeaderName::try_from(config.defaults.request_id_header.as_str()).ok();
+    let combined = |l: &crate::config::model::AccessLog| {
+        matches!(
+            l,
+            crate::config::model::AccessLog::On {
+                format: crate::config::model::AccessLogFormat::Combined,
+                ..
+            }
+        )
+    };
+    let logs_client_headers = combined(&config.defaults.access_log)
+        || config.servers.iter().any(|s| {
+            combined(&s.settings.access_log)
+                || s.locations.iter().any(|l| combined(&l.settings.access_log))
+        });
     Ok(Gateway {
         request_id_name,
+        logs_client_headers,
         labels,
         jwt,
         limiters,

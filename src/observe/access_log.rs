@@ -130,7 +130,10 @@ fn emit(target: &LogTarget, line: String) {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub start: Instant,
-    pub time: SystemTime,
+    /// Wall-clock time of `start`; `None`: worked out when a line is
+    /// written or a span exported (a clock read saved on every other
+    /// request).
+    pub time: Option<SystemTime>,
     pub request_id: http::HeaderValue,
     pub remote_addr: std::net::IpAddr,
     pub method: http::Method,
@@ -222,8 +225,10 @@ impl Record {
                 h.insert(self.route.clone(), x);
             }
         });
+        let time = || self.time.unwrap_or_else(|| SystemTime::now() - elapsed);
         #[cfg(feature = "otlp")]
         if let Some(ids) = &self.span {
+            let start = time();
             crate::observe::otlp::export(crate::observe::otlp::Span {
                 trace_id: self.trace_id.to_string(),
                 ids: ids.clone(),
@@ -232,24 +237,24 @@ impl Record {
                 uri: self.uri.clone().unwrap_or_default(),
                 status: self.status,
                 upstream_addr: self.upstream_addr.as_ref().map(ToString::to_string),
-                start: self.time,
-                end: self.time + elapsed,
+                start,
+                end: start + elapsed,
             });
         }
         let AccessLog::On { target, format } = &self.log else {
             return;
         };
         let line = match format {
-            AccessLogFormat::Json => self.json(bytes, elapsed),
-            AccessLogFormat::Combined => self.combined(bytes),
+            AccessLogFormat::Json => self.json(time(), bytes, elapsed),
+            AccessLogFormat::Combined => self.combined(time(), bytes),
         };
         emit(target, line);
     }
 
-    fn json(&self, bytes: u64, elapsed: Duration) -> String {
+    fn json(&self, time: SystemTime, bytes: u64, elapsed: Duration) -> String {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         serde_json::json!({
-            "time": httpdate_rfc3339(self.time),
+            "time": httpdate_rfc3339(time),
             "request_id": crate::proxy::forward::header_text(&self.request_id),
             "remote_addr": self.remote_addr.to_string(),
             "method": self.method.as_str(),
@@ -269,7 +274,7 @@ impl Record {
         .to_string()
     }
 
-    fn combined(&self, bytes: u64) -> String {
+    fn combined(&self, time: SystemTime, bytes: u64) -> String {
         let text = |v: &Option<http::HeaderValue>| {
             v.as_ref()
                 .and_then(|v| v.to_str().ok())
@@ -288,7 +293,7 @@ impl Record {
         format!(
             "{} - - [{}] \"{}\" {} {} \"{}\" \"{}\"",
             self.remote_addr,
-            httpdate::fmt_http_date(self.time),
+            httpdate::fmt_http_date(time),
             request,
             self.status,
             bytes,

@@ -116,7 +116,14 @@ async fn one_call(
     };
     let mut trust = None;
     let conn_target = crate::proxy::forward::pool_target(
-        gw, settings, call.tls, endpoint, &host, keepalive, &mut trust,
+        gw,
+        settings,
+        call.tls,
+        endpoint,
+        &host,
+        keepalive,
+        &mut trust,
+        std::time::Instant::now(),
     );
     let result = async {
         let resp = crate::proxy::pool::request(&conn_target, req, None)

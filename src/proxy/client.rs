@@ -1162,7 +1162,9 @@ impl AsyncWrite for Conn {
 /// connection, so this lives beside it). Atomics, not cells: the
 /// exchange's future must stay `Send`.
 struct Phase {
-    base: tokio::time::Instant,
+    /// Set by the first stalled write (no clock read for exchanges whose
+    /// writes never stall).
+    base: std::sync::OnceLock<tokio::time::Instant>,
     send_timeout: Option<std::time::Duration>,
     /// When the stalled write times out, in nanoseconds after `base`
     /// (0: no write is stalled).
@@ -1174,7 +1176,7 @@ struct Phase {
 impl Phase {
     fn new(send_timeout: Option<std::time::Duration>) -> Phase {
         Phase {
-            base: tokio::time::Instant::now(),
+            base: std::sync::OnceLock::new(),
             send_timeout,
             stall: AtomicU64::new(0),
             written: AtomicBool::new(false),
@@ -1187,7 +1189,9 @@ impl Phase {
         if let Some(t) = self.send_timeout
             && self.stall.load(Ordering::Relaxed) == 0
         {
-            let at = (tokio::time::Instant::now() + t).duration_since(self.base);
+            let now = tokio::time::Instant::now();
+            let base = *self.base.get_or_init(|| now);
+            let at = (now + t).duration_since(base);
             let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX).max(1);
             self.stall.store(nanos, Ordering::Relaxed);
         }
@@ -1196,7 +1200,10 @@ impl Phase {
     fn stall_deadline(&self) -> Option<tokio::time::Instant> {
         match self.stall.load(Ordering::Relaxed) {
             0 => None,
-            n => Some(self.base + std::time::Duration::from_nanos(n)),
+            n => self
+                .base
+                .get()
+                .map(|b| *b + std::time::Duration::from_nanos(n)),
         }
     }
 }

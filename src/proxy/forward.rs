@@ -45,7 +45,9 @@ impl Shared {
 
 /// The pool key and TLS config for one upstream connection: `endpoint`
 /// is where to connect, `written` the server's `host:port` as written
-/// (its host is the TLS server name when it is a DNS name).
+/// (its host is the TLS server name when it is a DNS name); `now`, the
+/// caller's clock reading for the request.
+#[allow(clippy::too_many_arguments)]
 pub fn pool_target<'a>(
     gw: &Gateway,
     settings: &LocationSettings,
@@ -54,6 +56,7 @@ pub fn pool_target<'a>(
     written: &str,
     keepalive: usize,
     trust: &'a mut Option<Arc<crate::tls::UpstreamTrust>>,
+    now: Instant,
 ) -> crate::proxy::pool::Target<'a> {
     let tls_key = if tls {
         let t = trust.insert(gw.tls.trust_for(settings));
@@ -77,6 +80,7 @@ pub fn pool_target<'a>(
         fresh: false,
         read_timeout: None,
         send_timeout: None,
+        now,
     }
 }
 
@@ -438,13 +442,18 @@ pub fn handle(
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
         let start = Instant::now();
-        let time = std::time::SystemTime::now();
         let gw = shared.gateway.load_full();
         // Cheap clones (reference counts), formatted only if a line is written.
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let user_agent = req.headers().get(header::USER_AGENT).cloned();
-        let referer = req.headers().get(header::REFERER).cloned();
+        let (user_agent, referer) = if gw.logs_client_headers {
+            (
+                req.headers().get(header::USER_AGENT).cloned(),
+                req.headers().get(header::REFERER).cloned(),
+            )
+        } else {
+            (None, None)
+        };
         let trace = crate::observe::trace::TraceContext::from_header(
             req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
         );
@@ -464,7 +473,7 @@ pub fn handle(
         let resp = Box::pin(serve_request(&gw, conn, req, &trace, &mut out)).await;
         let record = crate::observe::access_log::Record {
             start,
-            time,
+            time: None,
             request_id: out.request_id,
             remote_addr: out.remote_addr,
             method,
@@ -506,7 +515,7 @@ pub fn logged_refusal(
     let server = gw.router.select_server(conn.local, None);
     let record = crate::observe::access_log::Record {
         start: Instant::now(),
-        time: std::time::SystemTime::now(),
+        time: None,
         request_id,
         remote_addr: conn.peer.ip(),
         method: Method::from_bytes(b"-").unwrap_or(Method::GET),
@@ -1547,6 +1556,7 @@ async fn send(
             host_header,
             keepalive,
             &mut trust,
+            sent_at,
         );
         conn_target.fresh = fresh;
         conn_target.read_timeout = Some(read_timeout);

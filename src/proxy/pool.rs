@@ -81,6 +81,9 @@ pub struct Target<'a> {
     /// How long a write of the request may find the upstream not taking
     /// more (`proxy_send_timeout`): [`ClientError::Timeout`] after.
     pub send_timeout: Option<Duration>,
+    /// A clock reading taken as the request started (the caller has one):
+    /// idle ages are measured against it, no clock read of their own.
+    pub now: Instant,
 }
 
 /// Why an upstream request failed.
@@ -151,14 +154,13 @@ thread_local! {
     static IDLE: RefCell<crate::FastMap<Key, Vec<Idle>>> = RefCell::new(crate::FastMap::default());
 }
 
-fn checkout(key: &Key) -> Option<Conn> {
+fn checkout(key: &Key, now: Instant) -> Option<Conn> {
     IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
         let stack = idle.get_mut(key)?;
-        let now = Instant::now();
         while let Some(mut c) = stack.pop() {
             // Closed by the upstream (or sent something unasked) while idle.
-            if now.duration_since(c.since) > IDLE_TIMEOUT || !c.conn.is_reusable() {
+            if now.saturating_duration_since(c.since) > IDLE_TIMEOUT || !c.conn.is_reusable() {
                 continue;
             }
             return Some(c.conn);
@@ -169,19 +171,18 @@ fn checkout(key: &Key) -> Option<Conn> {
     .flatten()
 }
 
-fn checkin(key: Key, mut conn: Conn, keepalive: usize) {
+fn checkin(key: Key, mut conn: Conn, keepalive: usize, now: Instant) {
     if keepalive == 0 {
         return;
     }
     conn.settle();
     let _ = IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
-        let now = Instant::now();
         let stack = idle.entry(key).or_default();
         // The oldest sit at the bottom: drop the expired.
         let stale = stack
             .iter()
-            .take_while(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
+            .take_while(|c| now.saturating_duration_since(c.since) > IDLE_TIMEOUT)
             .count();
         if stale > 0 {
             stack.drain(..stale);
@@ -210,7 +211,7 @@ pub fn request<'a>(
         let pooled = if t.fresh {
             None
         } else {
-            match checkout(&t.key) {
+            match checkout(&t.key, t.now) {
                 Some(c) => Some(c),
                 // None idle: let this worker run what is already ready once
                 // (responses in flight return their connections) before paying
@@ -219,7 +220,7 @@ pub fn request<'a>(
                 // ones, it never runs.
                 None => {
                     tokio::task::yield_now().await;
-                    checkout(&t.key)
+                    checkout(&t.key, t.now)
                 }
             }
         };
@@ -242,6 +243,7 @@ pub fn request<'a>(
                     ret: Some(Return {
                         key: t.key.clone(),
                         keepalive: t.keepalive,
+                        since: t.now,
                     }),
                 };
                 if body.body.is_upgrade() {
@@ -298,6 +300,9 @@ async fn connect(t: &Target<'_>) -> Result<Conn, ClientError> {
 struct Return {
     key: Key,
     keepalive: usize,
+    /// When the request started: the connection's idle time is counted
+    /// from it (a little early, never late).
+    since: Instant,
 }
 
 /// An upstream response body, read from its connection as it is polled;
@@ -318,7 +323,7 @@ impl PooledBody {
         if let (Some(r), Some(conn)) = (self.ret.take(), self.conn.take())
             && self.body.reusable()
         {
-            checkin(r.key, conn, r.keepalive);
+            checkin(r.key, conn, r.keepalive, r.since);
         }
     }
 
