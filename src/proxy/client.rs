@@ -614,7 +614,7 @@ impl Decoder {
             };
             // The head is copied once; every header value shares the copy.
             let base = self.buf.as_ptr() as usize;
-            let shared = Bytes::copy_from_slice(&self.buf[..len]);
+            let shared = head_copy(&self.buf[..len]);
             let mut map = HeaderMap::with_capacity(r.headers.len());
             for h in r.headers.iter() {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -1049,6 +1049,34 @@ impl ResponseBody {
     }
 }
 
+/// A copy of a response head that its header values share: one
+/// allocation for the usual head (a `Vec`-backed copy takes a second one,
+/// for the shared count, the first time it is sliced).
+fn head_copy(head: &[u8]) -> Bytes {
+    struct Inline<const N: usize> {
+        buf: [u8; N],
+        len: usize,
+    }
+    impl<const N: usize> AsRef<[u8]> for Inline<N> {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+    fn inline<const N: usize>(head: &[u8]) -> Bytes {
+        let mut i = Inline {
+            buf: [0u8; N],
+            len: head.len(),
+        };
+        i.buf[..head.len()].copy_from_slice(head);
+        Bytes::from_owner(i)
+    }
+    match head.len() {
+        0..=256 => inline::<256>(head),
+        257..=1024 => inline::<1024>(head),
+        _ => Bytes::copy_from_slice(head),
+    }
+}
+
 /// A whole decoded response: status, headers (name, value), body.
 #[doc(hidden)]
 pub type Decoded = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
@@ -1211,6 +1239,18 @@ impl Phase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_copies_hold_the_head_at_every_size() {
+        for n in [0, 1, 100, 256, 257, 1000, 1024, 1025, 5000] {
+            let head: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let b = head_copy(&head);
+            assert_eq!(&b[..], &head[..], "{n}");
+            if n > 10 {
+                assert_eq!(&b.slice(3..10)[..], &head[3..10], "{n}");
+            }
+        }
+    }
 
     #[test]
     fn chunk_sizes_parse_and_refuse() {
