@@ -73,10 +73,10 @@ pub struct Target<'a> {
     /// Open a new connection even if one is idle (the retry after a
     /// pooled connection turned out stale).
     pub fresh: bool,
-    /// How long the request may take to go out and its response head to
-    /// come back (`proxy_read_timeout`): [`ClientError::Timeout`] after.
-    /// Kept on the connection ([`Conn::exchange`]), not a new timer per
-    /// request.
+    /// How long the response head may take once the request is out, and
+    /// then each read of the body (`proxy_read_timeout`):
+    /// [`ClientError::Timeout`] (or a body error) after. Kept on the
+    /// connection ([`Conn::exchange`]), not a new timer per request.
     pub read_timeout: Option<Duration>,
     /// How long a write of the request may find the upstream not taking
     /// more (`proxy_send_timeout`): [`ClientError::Timeout`] after.
