@@ -189,20 +189,21 @@ pub struct Conn {
 /// split-invariance test do).
 #[derive(Default)]
 pub struct Decoder {
-    buf: BytesMut,
+    pub(crate) buf: BytesMut,
 }
 
 /// What the body decoder made of the buffered bytes.
-enum Progress {
+pub(crate) enum Progress {
     Data(Bytes),
     End,
     /// More bytes are needed.
     More,
 }
 
-/// How a response body is delimited.
+/// How a message body is delimited (responses here; requests in the
+/// server's HTTP/1 connection, which never uses `Close`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// Read to its end (or there never was one).
     Done,
     Length(u64),
@@ -212,7 +213,7 @@ enum Framing {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     Data(u64),
@@ -520,7 +521,7 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, ProtoError>>> {
         loop {
-            match self.dec.body_step(body)? {
+            match self.dec.body_step(&mut body.framing)? {
                 Progress::Data(d) => return Poll::Ready(Some(Ok(d))),
                 Progress::End => return Poll::Ready(None),
                 Progress::More => {}
@@ -646,13 +647,13 @@ impl Decoder {
         }
     }
 
-    /// One step of the body framed by `body` on what is buffered.
-    fn body_step(&mut self, body: &mut ResponseBody) -> Result<Progress, ProtoError> {
+    /// One step of the body framed by `framing` on what is buffered.
+    pub(crate) fn body_step(&mut self, framing: &mut Framing) -> Result<Progress, ProtoError> {
         loop {
-            match body.framing {
+            match *framing {
                 Framing::Done => return Ok(Progress::End),
                 Framing::Length(0) => {
-                    body.framing = Framing::Done;
+                    *framing = Framing::Done;
                     return Ok(Progress::End);
                 }
                 Framing::Length(rem) => {
@@ -660,7 +661,7 @@ impl Decoder {
                         return Ok(Progress::More);
                     }
                     let n = (rem.min(self.buf.len() as u64)) as usize;
-                    body.framing = Framing::Length(rem - n as u64);
+                    *framing = Framing::Length(rem - n as u64);
                     return Ok(Progress::Data(self.take(n)));
                 }
                 Framing::Close => {
@@ -672,12 +673,12 @@ impl Decoder {
                 }
                 Framing::Chunked(state) => match self.step_chunked(state)? {
                     Step::Data(d, next) => {
-                        body.framing = Framing::Chunked(next);
+                        *framing = Framing::Chunked(next);
                         return Ok(Progress::Data(d));
                     }
-                    Step::Next(next) => body.framing = Framing::Chunked(next),
+                    Step::Next(next) => *framing = Framing::Chunked(next),
                     Step::End => {
-                        body.framing = Framing::Done;
+                        *framing = Framing::Done;
                         return Ok(Progress::End);
                     }
                     Step::More => return Ok(Progress::More),
@@ -1126,7 +1127,10 @@ pub fn decode(input: &[u8], pieces: &[usize], head_request: bool) -> Result<Deco
     let mut body = head.body;
     let mut out = Vec::new();
     loop {
-        match dec.body_step(&mut body).map_err(|e| e.to_string())? {
+        match dec
+            .body_step(&mut body.framing)
+            .map_err(|e| e.to_string())?
+        {
             Progress::Data(d) if d.is_empty() => return Err("an empty body piece".into()),
             Progress::Data(d) => out.extend_from_slice(&d),
             Progress::End => break,
