@@ -41,6 +41,48 @@ fn classify(e: BoxError) -> BodyError {
     }
 }
 
+/// A client request's body as it arrives: from tollgate's own HTTP/1
+/// connection ([`crate::server::h1`]) or from hyper's (HTTP/2, h2c).
+pub enum RequestBody {
+    Empty,
+    H1(crate::server::h1::H1Body),
+    Hyper(hyper::body::Incoming),
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::H1(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|r| r.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::H1(b) => b.size_hint(),
+            RequestBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A body whose first frame was already read, with a timeout per read.
 pub struct ClientBody {
     first: Option<Frame<Bytes>>,
@@ -52,14 +94,14 @@ pub struct ClientBody {
 impl ClientBody {
     /// Wrap the incoming body and read its first frame (within `timeout`).
     pub async fn start(
-        incoming: hyper::body::Incoming,
+        incoming: RequestBody,
         limit: u64,
         timeout: Duration,
     ) -> Result<ClientBody, BodyError> {
         let mut rest: Body = if limit > 0 {
             http_body_util::Limited::new(incoming, limit as usize).boxed()
         } else {
-            incoming.map_err(|e| Box::new(e) as BoxError).boxed()
+            incoming.boxed()
         };
         let first = match tokio::time::timeout(timeout, rest.frame()).await {
             Err(_) => return Err(BodyError::Timeout),

@@ -9,13 +9,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::proxy::body::RequestBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 
 use crate::compile::normalize::normalize_path;
 use crate::compile::router::Lookup;
@@ -438,7 +438,7 @@ thread_local! {
 pub fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
         let start = Instant::now();
@@ -554,7 +554,7 @@ pub fn logged_refusal(
 fn serve_request<'a>(
     gw: &'a Arc<Gateway>,
     conn: ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     trace: &'a crate::observe::trace::TraceContext,
     out: &'a mut Outcome_,
 ) -> impl std::future::Future<Output = Response<Body>> + 'a {
@@ -1230,7 +1230,7 @@ async fn proxy(
     p: &ProxyPass,
     parts: &http::request::Parts,
     extensions: &mut http::Extensions,
-    body: Incoming,
+    body: RequestBody,
     info: &mut Option<UpstreamInfo>,
 ) -> Result<Response<Body>, ProxyError> {
     let settings = &ctx.loc.settings;
@@ -1627,7 +1627,12 @@ async fn send(
             }
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() => {
                 report(Outcome::Success);
-                let client_side = extensions.remove::<hyper::upgrade::OnUpgrade>();
+                let client_side = match extensions.remove::<crate::server::h1::OnUpgrade>() {
+                    Some(own) => Some(ClientUpgrade::Own(own)),
+                    None => extensions
+                        .remove::<hyper::upgrade::OnUpgrade>()
+                        .map(ClientUpgrade::Hyper),
+                };
                 let (mut rparts, upstream_body) = resp.into_parts();
                 if let (Some(client_side), Some(upstream_side)) =
                     (client_side, upstream_body.into_upgraded())
@@ -1706,18 +1711,47 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+/// The client's side of an upgrade: tollgate's own HTTP/1 connection's,
+/// or hyper's (h2c-sniffed connections).
+enum ClientUpgrade {
+    Own(crate::server::h1::OnUpgrade),
+    Hyper(hyper::upgrade::OnUpgrade),
+}
+
 /// Copy bytes both ways between the upgraded client and upstream
 /// connections until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, mut u: crate::proxy::client::Conn) {
-    let c = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "client upgrade failed");
-            return;
-        }
+async fn tunnel(client: ClientUpgrade, mut u: crate::proxy::client::Conn) {
+    let r = match client {
+        ClientUpgrade::Own(on) => match on.upgraded().await {
+            Ok(mut c) => {
+                // Bytes the client sent right behind its head go first.
+                let early = if c.read.is_empty() {
+                    Ok(())
+                } else {
+                    tokio::io::AsyncWriteExt::write_all(&mut u, &c.read).await
+                };
+                match early {
+                    Ok(()) => tokio::io::copy_bidirectional(&mut c.io, &mut u).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade failed");
+                return;
+            }
+        },
+        ClientUpgrade::Hyper(on) => match on.await {
+            Ok(c) => {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                tokio::io::copy_bidirectional(&mut c, &mut u).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade failed");
+                return;
+            }
+        },
     };
-    let mut c = hyper_util::rt::TokioIo::new(c);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+    if let Err(e) = r {
         tracing::debug!(error = %e, "tunnel closed with an error");
     }
 }

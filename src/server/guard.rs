@@ -1,5 +1,12 @@
 //! The connection guard: a strict HTTP/1 framing check on the raw bytes,
-//! below hyper.
+//! below the HTTP/1 parser.
+//!
+//! (Below, "hyper" is the HTTP/1 server above the guard: tollgate's own
+//! connection, [`super::h1`], for nearly every connection, and hyper's for
+//! the plain ones whose first bytes could still be the h2c preface. Both
+//! parse with `httparse` and share the leniencies described here; both
+//! read the guard through `AsyncRead`, so everything below holds for
+//! either.)
 //!
 //! Place in the pipeline: the accept loop wraps every TCP stream in a
 //! [`Guard`] before handing it to hyper, and serves requests through
@@ -81,9 +88,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::proxy::body::RequestBody;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -1410,7 +1417,7 @@ pub fn serve(
     guard: GuardHandle,
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
         if req.headers().contains_key(&MARKER_NAME) {
@@ -1422,10 +1429,11 @@ pub fn serve(
             };
             return rejection(&shared, conn, status);
         }
-        let may_upgrade = req
-            .extensions()
-            .get::<hyper::upgrade::OnUpgrade>()
-            .is_some();
+        let may_upgrade = req.extensions().get::<super::h1::OnUpgrade>().is_some()
+            || req
+                .extensions()
+                .get::<hyper::upgrade::OnUpgrade>()
+                .is_some();
         let resp = handle(shared, conn, req).await;
         if may_upgrade {
             guard.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);

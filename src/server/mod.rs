@@ -1,9 +1,10 @@
 //! Listeners, the accept loop, graceful drain, and the one reload path.
 //!
 //! Every `listen` address gets one accept loop per worker. Each connection
-//! is served by hyper's HTTP/1 connection when its first bytes (or TLS's
-//! ALPN) say HTTP/1, by HTTP/2 for ALPN `h2`, and by hyper-util's auto
-//! builder when they could still be the h2c preface (`Proto::sniff`); every
+//! is served by tollgate's own HTTP/1 connection ([`h1`], above the
+//! [`guard`]) when its first bytes (or TLS's ALPN) say HTTP/1, by hyper's
+//! HTTP/2 for ALPN `h2`, and by hyper-util's auto builder when they could
+//! still be the h2c preface (`Proto::sniff`); every
 //! request loads the current [`Gateway`] snapshot once. Reloads (SIGHUP
 //! and config file changes) arrive on one channel, are checked with the
 //! same functions `check` uses, and swap the snapshot atomically;
@@ -35,6 +36,7 @@ use crate::proxy::forward::{ConnInfo, Shared};
 
 pub mod admin;
 pub mod guard;
+pub mod h1;
 pub mod tls;
 
 /// Why serving could not start.
@@ -617,7 +619,11 @@ async fn accept_loop(
                         // (one allocation of the size it needs, not of the
                         // largest variant).
                         let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
-                        conn.serve(TokioIo::new(stream), proto, Some(gh)).await
+                        if proto == Proto::Http1 {
+                            conn.serve_h1(Box::new(stream), gh).await
+                        } else {
+                            conn.serve(TokioIo::new(stream), proto, Some(gh)).await
+                        }
                     }
                 }
                 // The handshake runs here, in the connection's own task.
@@ -628,7 +634,7 @@ async fn accept_loop(
                         }
                         Ok((stream, _)) => {
                             let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                            Box::pin(conn.serve(TokioIo::new(stream), Proto::Http1, Some(gh))).await
+                            Box::pin(conn.serve_h1(Box::new(stream), gh)).await
                         }
                         Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
                     }
@@ -754,6 +760,20 @@ struct Conn {
 }
 
 impl Conn {
+    /// Serve HTTP/1 on a guarded stream with tollgate's own connection
+    /// ([`h1`]) until it closes.
+    async fn serve_h1(self, io: Box<dyn h1::Stream>, guard: guard::GuardHandle) {
+        let Conn {
+            shared,
+            info,
+            limits: _,
+            watcher,
+        } = self;
+        let handler = move |req| guard::serve(guard.clone(), shared.clone(), info, req);
+        // Boxed here: the connection's state at its own size.
+        Box::pin(h1::serve(io, handler, watcher)).await
+    }
+
     /// Serve HTTP until the connection closes.
     async fn serve<I>(self, io: I, proto: Proto, guard: Option<guard::GuardHandle>)
     where
@@ -768,8 +788,9 @@ impl Conn {
         let backstop = guard
             .is_none()
             .then(|| guard::hyper_header_timeout(&limits));
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let (shared, guard) = (shared.clone(), guard.clone());
+            let req = req.map(crate::proxy::body::RequestBody::Hyper);
             async move {
                 let resp = match guard {
                     Some(gh) => guard::serve(gh, shared, info, req).await,

@@ -1,0 +1,993 @@
+//! tollgate's own HTTP/1 server connection: read a request head, hand the
+//! request to the pipeline, write its response, and again.
+//!
+//! Place in the pipeline: above the connection [`guard`](super::guard),
+//! which hands over only whole, well-formed heads with unambiguous framing
+//! and keeps the client's timeouts, and below the request handler. Every
+//! HTTP/1 connection, plain or TLS, is served here; hyper serves HTTP/2 and
+//! the few plain connections whose first bytes could still be the h2c
+//! preface.
+//!
+//! Why not hyper's: its server connection keeps two 8 KiB buffers for the
+//! life of every connection and hands each request and response through a
+//! dispatcher. Here an idle keep-alive connection holds no buffer (the read
+//! buffer is let go whenever a read finds nothing), a head's target and
+//! header values share its bytes where they were read (no copy), and a
+//! response head goes out in one write with as much of its body as is
+//! ready.
+//!
+//! What it does (RFC 9112):
+//! - Request bodies by `Transfer-Encoding: chunked` or `Content-Length`
+//!   (the guard refuses both at once and anything else), read as the
+//!   handler polls them; `Expect: 100-continue` is answered when the body
+//!   is first read, never when the response comes first.
+//! - Responses keep a `Content-Length` they carry (a body that ends short
+//!   or runs long closes the connection); otherwise an empty body gets
+//!   `Content-Length: 0`, a body of known size its length, any other body
+//!   `Transfer-Encoding: chunked` (HTTP/1.1) or the end of the connection
+//!   (HTTP/1.0). Responses to `HEAD` and 1xx, 204 and 304 responses carry
+//!   no body. A `Date` is added when the response has none.
+//! - Keep-alive as HTTP/1.1 (unless `Connection: close`) and HTTP/1.0 (only
+//!   with `Connection: keep-alive`, which the response then repeats); a
+//!   response that ends the connection says `Connection: close`.
+//! - Pipelined requests are answered in order (the next head may already
+//!   be buffered).
+//! - A body the handler did not read is skipped when what is left of it
+//!   is already here (up to 1 MiB); otherwise, or when the client still
+//!   waits for `100 Continue`, the connection is closed after the
+//!   response.
+//! - A request with `Upgrade` (HTTP/1.1) answered `101` hands the
+//!   connection, with any bytes read past the head, to [`OnUpgrade`].
+//! - On the drain, an idle connection closes at once; one with a request in
+//!   flight answers it with `Connection: close` and closes.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, watch};
+
+use crate::proxy::body::RequestBody;
+use crate::proxy::client::{Chunk, Decoder, Framing, Progress};
+use crate::proxy::forward::{Body, BoxError};
+
+/// A client connection's byte stream: a guarded TCP or TLS stream.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// The most header fields in a request head (the guard's limit too).
+const MAX_HEADERS: usize = 100;
+/// A head longer than this is refused (the guard's limit is lower).
+const MAX_HEAD: usize = 256 * 1024;
+/// What a read for a head asks for at least: most heads fit, and a buffer
+/// this small comes from the allocator's per-thread cache (a head that
+/// does not fit grows it).
+const HEAD_CHUNK: usize = 1024;
+/// What a body read asks for at least.
+const READ_CHUNK: usize = 4 * 1024;
+/// What a body read asks for at most.
+const MAX_READ: usize = 64 * 1024;
+/// Body pieces up to this size are copied behind the head or chunk line
+/// (one write); larger ones are written from their own buffer.
+const COALESCE_BELOW: usize = 8 * 1024;
+/// The most of an unread request body skipped to keep the connection.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+/// A write buffer larger than this is not kept between responses.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+
+/// The connection as its request loop and the request body in flight share
+/// it (the body is read while the handler runs; the loop writes the
+/// response and reads the next head).
+struct Inner {
+    /// `None` once the connection was handed to an upgrade.
+    io: Option<Box<dyn Stream>>,
+    dec: Decoder,
+    /// What is left of the request body in flight (`Done`: nothing).
+    body: Framing,
+    /// `100 Continue` is owed before the body is read: how much of it is
+    /// written.
+    expect: Option<usize>,
+    /// Reading the body failed: the connection is not used again.
+    broken: bool,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+fn lock(s: &Shared) -> MutexGuard<'_, Inner> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the connection was upgraded")
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl Inner {
+    /// Read more into the buffer (at least `want` bytes of room); `Ok(0)`
+    /// at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(closed()));
+        };
+        self.dec.buf.reserve(want);
+        let fut = io.read_buf(&mut self.dec.buf);
+        std::pin::pin!(fut).poll(cx)
+    }
+
+    /// The next request head; `None` when the client closed between
+    /// requests.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Head>>> {
+        loop {
+            if !self.dec.buf.is_empty() {
+                if let Some(h) = parse_head(&mut self.dec.buf)? {
+                    return Poll::Ready(Ok(Some(h)));
+                }
+                if self.dec.buf.len() > MAX_HEAD {
+                    return Poll::Ready(Err(invalid("request head too large")));
+                }
+            }
+            let received = !self.dec.buf.is_empty();
+            match self.poll_fill(cx, HEAD_CHUNK) {
+                Poll::Ready(Ok(0)) if received => {
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Waiting: an idle connection holds no read buffer.
+                    if self.dec.buf.is_empty() {
+                        self.dec.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Write what is owed of `100 Continue`.
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(done) = self.expect {
+            let Some(io) = self.io.as_mut() else {
+                return Poll::Ready(Err(closed()));
+            };
+            if done == CONTINUE.len() {
+                ready!(Pin::new(io).poll_flush(cx))?;
+                self.expect = None;
+                break;
+            }
+            let n = ready!(Pin::new(io).poll_write(cx, &CONTINUE[done..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.expect = Some(done + n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next piece of the request body; `None` at its end.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        if let Err(e) = ready!(self.poll_continue(cx)) {
+            self.broken = true;
+            return Poll::Ready(Some(Err(e)));
+        }
+        loop {
+            let mut framing = self.body;
+            let step = self.dec.body_step(&mut framing);
+            self.body = framing;
+            match step {
+                Ok(Progress::Data(d)) => return Poll::Ready(Some(Ok(d))),
+                Ok(Progress::End) => return Poll::Ready(None),
+                Ok(Progress::More) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(invalid(e))));
+                }
+            }
+            let want = match self.body {
+                Framing::Length(n) => (n.min(MAX_READ as u64) as usize).max(READ_CHUNK),
+                _ => READ_CHUNK,
+            };
+            match ready!(self.poll_fill(cx, want)) {
+                Ok(0) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection before the request body ended",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn body_done(&self) -> bool {
+        matches!(self.body, Framing::Done | Framing::Length(0))
+    }
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// A parsed request head and what it says about its connection.
+struct Head {
+    parts: http::request::Parts,
+    framing: Framing,
+    keep_alive: bool,
+    upgrade: bool,
+    expect_continue: bool,
+}
+
+/// A complete head at the front of `buf`, taken off it; `None` when more
+/// bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
+    // The target and every header value share the head's bytes, taken off
+    // the read buffer without a copy (the buffer is let go when the
+    // connection next waits, so they do not keep a large one alive).
+    let all = buf.split().freeze();
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    let parsed = r.parse(&all);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) | Err(_) => {
+            *buf = all
+                .try_into_mut()
+                .unwrap_or_else(|b| BytesMut::from(&b[..]));
+            return match parsed {
+                Err(e) => Err(invalid(e)),
+                _ => Ok(None),
+            };
+        }
+    };
+    if len < all.len() {
+        // What follows the head (body bytes, a pipelined request) stays
+        // in the read buffer.
+        buf.extend_from_slice(&all[len..]);
+    }
+    let base = all.as_ptr() as usize;
+    let slice = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        all.slice(start..start + s.len())
+    };
+    let method = Method::from_bytes(r.method.unwrap_or_default().as_bytes()).map_err(invalid)?;
+    let uri =
+        Uri::from_maybe_shared(slice(r.path.unwrap_or_default().as_bytes())).map_err(invalid)?;
+    let version = match r.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut map = spare::take(r.headers.len());
+    let mut framing = Framing::Done;
+    let (mut close, mut keep_alive_token, mut upgrade, mut expect) = (false, false, false, false);
+    for h in r.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(invalid)?;
+        let value = HeaderValue::from_maybe_shared(slice(h.value)).map_err(invalid)?;
+        if name == header::TRANSFER_ENCODING {
+            framing = Framing::Chunked(Chunk::Size);
+        } else if name == header::CONTENT_LENGTH {
+            if framing == Framing::Done {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| invalid("content-length"))?;
+                framing = Framing::Length(n);
+            }
+        } else if name == header::CONNECTION {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::UPGRADE {
+            upgrade = true;
+        } else if name == header::EXPECT {
+            expect = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        map.append(name, value);
+    }
+    if framing == Framing::Length(0) {
+        framing = Framing::Done;
+    }
+    let http11 = version == Version::HTTP_11;
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = map;
+    Ok(Some(Head {
+        parts,
+        framing,
+        keep_alive: if http11 { !close } else { keep_alive_token },
+        upgrade: upgrade && http11,
+        expect_continue: expect && http11 && framing != Framing::Done,
+    }))
+}
+
+/// A request body read from its connection as the handler polls it.
+pub struct H1Body {
+    conn: Shared,
+}
+
+impl HttpBody for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        lock(&self.conn)
+            .poll_body(cx)
+            .map(|r| r.map(|r| r.map(Frame::data).map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.conn).body_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match lock(&self.conn).body {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The connection of a request that may upgrade, once its `101` response
+/// is written (an error when the response was anything else).
+/// (Cloneable, as request extensions must be; the first to wait takes it.)
+#[derive(Clone)]
+pub struct OnUpgrade {
+    rx: Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>,
+}
+
+impl OnUpgrade {
+    pub async fn upgraded(self) -> io::Result<Upgraded> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match rx {
+            Some(rx) => rx
+                .await
+                .map_err(|_| io::Error::other("the request was not upgraded")),
+            None => Err(io::Error::other("the upgrade was already taken")),
+        }
+    }
+}
+
+/// An upgraded connection: the stream and what was read past the head.
+pub struct Upgraded {
+    pub io: Box<dyn Stream>,
+    pub read: Bytes,
+}
+
+/// Resolves once the drain has started (never if the drain is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    super::stopping(stop).await
+}
+
+/// Serve HTTP/1 on `io` until the client closes, a response ends the
+/// connection, or the drain closes it between requests.
+pub async fn serve<F, Fut>(io: Box<dyn Stream>, mut handler: F, mut stop: watch::Receiver<bool>)
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let conn: Shared = Arc::new(Mutex::new(Inner {
+        io: Some(io),
+        dec: Decoder::default(),
+        body: Framing::Done,
+        expect: None,
+        broken: false,
+    }));
+    let mut wbuf: Vec<u8> = Vec::new();
+    // The drain signal is looked at for real only when its watch moved or
+    // the task's waker changed (as `drive` does): registering a waker
+    // takes a lock, and the connection waits for a head on every request.
+    let peek = stop.clone();
+    let mut signal = std::pin::pin!(stopping(&mut stop));
+    let mut registered: Option<std::task::Waker> = None;
+    loop {
+        let head = std::future::poll_fn(|cx| {
+            if let Poll::Ready(h) = lock(&conn).poll_head(cx) {
+                return Poll::Ready(Some(h));
+            }
+            if let Some(w) = &registered
+                && w.will_wake(cx.waker())
+                && !peek.has_changed().unwrap_or(true)
+            {
+                return Poll::Pending;
+            }
+            match signal.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => {
+                    registered = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        let head = match head {
+            None => break,
+            Some(Ok(Some(h))) => h,
+            Some(Ok(None)) => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended while reading a request head");
+                break;
+            }
+        };
+        let Head {
+            parts,
+            framing,
+            keep_alive,
+            upgrade,
+            expect_continue,
+        } = head;
+        let version = parts.version;
+        let head_request = parts.method == Method::HEAD;
+        let body = if framing == Framing::Done {
+            RequestBody::Empty
+        } else {
+            let mut i = lock(&conn);
+            i.body = framing;
+            i.expect = expect_continue.then_some(0);
+            drop(i);
+            RequestBody::H1(H1Body { conn: conn.clone() })
+        };
+        let mut req = Request::from_parts(parts, body);
+        let upgrade_tx = if upgrade {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut().insert(OnUpgrade {
+                rx: Arc::new(Mutex::new(Some(rx))),
+            });
+            Some(tx)
+        } else {
+            None
+        };
+        let resp = handler(req).await;
+        let mut keep = keep_alive && !*peek.borrow();
+        if let Some(tx) = upgrade_tx
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            wbuf.clear();
+            let (parts, _) = resp.into_parts();
+            let seen = status_and_headers(&mut wbuf, &parts);
+            end_head(&mut wbuf, &seen, parts.status, version, false, None, false);
+            if let Err(e) = write_all(&conn, &[&wbuf]).await {
+                tracing::debug!(error = %e, "writing a 101 response failed");
+                break;
+            }
+            let mut i = lock(&conn);
+            if let Some(io) = i.io.take() {
+                let read = i.dec.buf.split().freeze();
+                let _ = tx.send(Upgraded { io, read });
+            }
+            return;
+        }
+        // Whether the connection outlives this response is known before
+        // its head is written (it says so): a body the handler left
+        // unread is skipped now if the rest of it is here.
+        let (broken, unread, owed) = {
+            let i = lock(&conn);
+            (i.broken, !i.body_done(), i.expect.is_some())
+        };
+        if broken || unread && (owed || Arc::strong_count(&conn) > 1 || !skip_body(&conn).await) {
+            keep = false;
+        }
+        if let Err(e) =
+            write_response(&conn, &mut wbuf, resp, version, head_request, &mut keep).await
+        {
+            tracing::debug!(error = %e, "writing a response failed");
+            break;
+        }
+        if !keep || lock(&conn).broken {
+            break;
+        }
+        if wbuf.capacity() > KEEP_WRITE_BUFFER {
+            wbuf = Vec::new();
+        }
+    }
+    // As hyper did: the write side is shut down before the socket closes.
+    let io = lock(&conn).io.take();
+    if let Some(mut io) = io {
+        let _ = io.shutdown().await;
+    }
+}
+
+/// Skip what is left of an unread request body if it is here already (up
+/// to [`DRAIN_LIMIT`]); false when the connection cannot be kept.
+async fn skip_body(conn: &Shared) -> bool {
+    let mut skipped = 0usize;
+    std::future::poll_fn(|cx| {
+        let mut i = lock(conn);
+        loop {
+            if i.body_done() {
+                return Poll::Ready(true);
+            }
+            match i.poll_body(cx) {
+                Poll::Ready(Some(Ok(d))) => {
+                    skipped += d.len();
+                    if skipped > DRAIN_LIMIT {
+                        return Poll::Ready(false);
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(true),
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return Poll::Ready(false),
+            }
+        }
+    })
+    .await
+}
+
+/// How the response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0, unknown length).
+    Close,
+}
+
+/// Write `resp`; `keep` is cleared when the connection cannot carry
+/// another request after it.
+async fn write_response(
+    conn: &Shared,
+    wbuf: &mut Vec<u8>,
+    resp: Response<Body>,
+    version: Version,
+    head_request: bool,
+    keep: &mut bool,
+) -> io::Result<()> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    wbuf.clear();
+    // One pass over the response's headers writes them and notes what
+    // framing and connection handling need; the gateway's own framing,
+    // `Date` and `Connection` headers follow them.
+    let seen = status_and_headers(wbuf, &parts);
+    if seen.close {
+        *keep = false;
+    }
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // The framing, and the length header when the response has none.
+    let (out, length_header) = if bodiless {
+        (Out::None, None)
+    } else if let Some(n) = seen.length {
+        (
+            if head_request {
+                Out::None
+            } else {
+                Out::Length(n)
+            },
+            None,
+        )
+    } else if seen.transfer_encoding {
+        (
+            if head_request {
+                Out::None
+            } else {
+                Out::Chunked
+            },
+            None,
+        )
+    } else if body.is_end_stream() {
+        (
+            if head_request {
+                Out::None
+            } else {
+                Out::Length(0)
+            },
+            Some(0),
+        )
+    } else if let Some(n) = body.size_hint().exact() {
+        (
+            if head_request {
+                Out::None
+            } else {
+                Out::Length(n)
+            },
+            Some(n),
+        )
+    } else if head_request {
+        (Out::None, None)
+    } else if version == Version::HTTP_11 {
+        (Out::Chunked, None)
+    } else {
+        *keep = false;
+        (Out::Close, None)
+    };
+    let chunked_header = out == Out::Chunked && !seen.transfer_encoding;
+    end_head(
+        wbuf,
+        &seen,
+        status,
+        version,
+        *keep,
+        length_header,
+        chunked_header,
+    );
+    spare::give(parts.headers);
+    if out == Out::None {
+        drop(body);
+        return write_all(conn, &[wbuf]).await;
+    }
+    // The body: what is ready goes behind the head in one write; a write
+    // happens when the body has nothing more ready.
+    let mut left = match out {
+        Out::Length(n) => n,
+        _ => u64::MAX,
+    };
+    loop {
+        let next = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        let frame = match next {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if !wbuf.is_empty() {
+                    write_all(conn, &[wbuf]).await?;
+                    wbuf.clear();
+                }
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        match frame {
+            None => {
+                match out {
+                    Out::Chunked => wbuf.extend_from_slice(b"0\r\n\r\n"),
+                    Out::Length(_) if left > 0 => {
+                        // The body ended short of its length: the client
+                        // can only tell by the connection closing.
+                        *keep = false;
+                    }
+                    _ => {}
+                }
+                return write_all(conn, &[wbuf]).await;
+            }
+            Some(Err(e)) => {
+                // Nothing can say so now but an incomplete message.
+                if !wbuf.is_empty() {
+                    let _ = write_all(conn, &[wbuf]).await;
+                }
+                return Err(io::Error::other(e));
+            }
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else {
+                    continue; // trailers are not passed on
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if out != Out::Chunked && (data.len() as u64) > left {
+                    // More than announced: cut, and the connection ends.
+                    data.truncate(left as usize);
+                    *keep = false;
+                }
+                let len = data.len();
+                if out == Out::Chunked {
+                    chunk_line(wbuf, len);
+                }
+                if len < COALESCE_BELOW {
+                    wbuf.extend_from_slice(&data);
+                    if out == Out::Chunked {
+                        wbuf.extend_from_slice(b"\r\n");
+                    }
+                } else {
+                    let tail: &[u8] = if out == Out::Chunked { b"\r\n" } else { b"" };
+                    write_all(conn, &[wbuf, &data, tail]).await?;
+                    wbuf.clear();
+                }
+                if out != Out::Chunked {
+                    left -= len as u64;
+                }
+            }
+        }
+    }
+}
+
+fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn chunk_line(wbuf: &mut Vec<u8>, len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    wbuf.extend_from_slice(&digits[i..]);
+    wbuf.extend_from_slice(b"\r\n");
+}
+
+/// What the response's own headers say, noted while they are written.
+#[derive(Default)]
+struct Seen {
+    /// A valid `Content-Length`.
+    length: Option<u64>,
+    transfer_encoding: bool,
+    date: bool,
+    /// `Connection: close` / `keep-alive`.
+    close: bool,
+    keep_alive: bool,
+}
+
+/// The status line and the response's own headers.
+fn status_and_headers(wbuf: &mut Vec<u8>, parts: &http::response::Parts) -> Seen {
+    let status = parts.status;
+    if status == StatusCode::OK {
+        wbuf.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        wbuf.extend_from_slice(b"HTTP/1.1 ");
+        wbuf.extend_from_slice(status.as_str().as_bytes());
+        wbuf.push(b' ');
+        wbuf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    let mut seen = Seen::default();
+    for (name, value) in &parts.headers {
+        let v = value.as_bytes();
+        if *name == header::CONTENT_LENGTH {
+            seen.length = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+        } else if *name == header::TRANSFER_ENCODING {
+            seen.transfer_encoding = true;
+        } else if *name == header::DATE {
+            seen.date = true;
+        } else if *name == header::CONNECTION {
+            seen.close |= has_token(v, b"close");
+            seen.keep_alive |= has_token(v, b"keep-alive");
+        }
+        wbuf.extend_from_slice(name.as_str().as_bytes());
+        wbuf.extend_from_slice(b": ");
+        wbuf.extend_from_slice(v);
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    seen
+}
+
+/// The gateway's headers after the response's own, and the blank line.
+fn end_head(
+    wbuf: &mut Vec<u8>,
+    seen: &Seen,
+    status: StatusCode,
+    version: Version,
+    keep: bool,
+    length: Option<u64>,
+    chunked: bool,
+) {
+    if let Some(n) = length {
+        wbuf.extend_from_slice(b"content-length: ");
+        wbuf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        wbuf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !seen.date {
+        wbuf.extend_from_slice(b"date: ");
+        date::extend(wbuf);
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    if !keep && status != StatusCode::SWITCHING_PROTOCOLS && !seen.close {
+        wbuf.extend_from_slice(b"connection: close\r\n");
+    } else if keep && version == Version::HTTP_10 && !seen.keep_alive {
+        wbuf.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+}
+
+/// Write all of `bufs` in order, then flush.
+async fn write_all(conn: &Shared, bufs: &[&[u8]]) -> io::Result<()> {
+    let (mut idx, mut off) = (0usize, 0usize);
+    std::future::poll_fn(|cx| {
+        let mut i = lock(conn);
+        let Some(io) = i.io.as_mut() else {
+            return Poll::Ready(Err(closed()));
+        };
+        loop {
+            while idx < bufs.len() && off >= bufs[idx].len() {
+                idx += 1;
+                off = 0;
+            }
+            if idx == bufs.len() {
+                return Pin::new(io).poll_flush(cx);
+            }
+            let mut slices = [IoSlice::new(&[]); 3];
+            let mut k = 0;
+            for (j, b) in bufs[idx..].iter().enumerate().take(slices.len()) {
+                slices[k] = IoSlice::new(if j == 0 { &b[off..] } else { b });
+                k += 1;
+            }
+            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while n > 0 && idx < bufs.len() {
+                let rest = bufs[idx].len() - off;
+                if n >= rest {
+                    n -= rest;
+                    idx += 1;
+                    off = 0;
+                } else {
+                    off += n;
+                    n = 0;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A header map kept per thread between a response and the next request:
+/// the map a response head was written from is cleared and the next
+/// request's headers are parsed into it (two allocations and their frees
+/// fewer per request; one map per thread, none per connection).
+mod spare {
+    use std::cell::Cell;
+
+    use http::HeaderMap;
+
+    /// A map larger than this is not kept.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static SPARE: Cell<Option<HeaderMap>> = const { Cell::new(None) };
+    }
+
+    pub fn take(n: usize) -> HeaderMap {
+        match SPARE.with(Cell::take) {
+            Some(mut m) => {
+                m.reserve(n);
+                m
+            }
+            None => HeaderMap::with_capacity(n),
+        }
+    }
+
+    pub fn give(mut m: HeaderMap) {
+        if m.capacity() <= KEEP {
+            m.clear();
+            SPARE.with(|s| s.set(Some(m)));
+        }
+    }
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    pub fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let s = httpdate::fmt_http_date(now);
+                if s.len() == 29 {
+                    c.1.copy_from_slice(s.as_bytes());
+                    c.0 = secs;
+                } else {
+                    out.extend_from_slice(s.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(&c.1);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> io::Result<Option<Head>> {
+        parse_head(&mut BytesMut::from(s.as_bytes()))
+    }
+
+    #[test]
+    fn heads_say_their_framing_and_keep_alive() {
+        let h = parse("GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n").ok().flatten();
+        let h = h.expect("a complete head");
+        assert_eq!(h.parts.uri, "/a?b");
+        assert_eq!(h.framing, Framing::Done);
+        assert!(h.keep_alive && !h.upgrade && !h.expect_continue);
+
+        let h = parse("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n");
+        let h = h.ok().flatten().expect("a complete head");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(!h.keep_alive);
+
+        let h = parse(
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: Keep-Alive\r\nExpect: 100-continue\r\n\r\n",
+        );
+        let h = h.ok().flatten().expect("a complete head");
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(h.keep_alive);
+        assert!(!h.expect_continue, "HTTP/1.0 has no 100 Continue");
+
+        let h = parse("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        assert!(h.ok().flatten().expect("a complete head").upgrade);
+
+        assert!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\n")
+                .ok()
+                .is_some_and(|h| h.is_none())
+        );
+        assert!(parse("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn a_head_leaves_what_follows_it_in_the_buffer() {
+        let mut buf = BytesMut::from(&b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET"[..]);
+        let h = parse_head(&mut buf)
+            .ok()
+            .flatten()
+            .expect("a complete head");
+        assert_eq!(h.parts.headers["content-length"], "3");
+        assert_eq!(&buf[..], b"abcGET");
+    }
+
+    #[test]
+    fn chunk_lines_are_hex() {
+        for (n, want) in [(1usize, "1\r\n"), (255, "ff\r\n"), (4096, "1000\r\n")] {
+            let mut v = Vec::new();
+            chunk_line(&mut v, n);
+            assert_eq!(v, want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn heads_say_close_and_keep_alive_only_when_they_must() {
+        let resp = Response::builder()
+            .status(404)
+            .header("x-a", "1")
+            .body(())
+            .expect("a response")
+            .into_parts()
+            .0;
+        let head = |version, keep, length| {
+            let mut v = Vec::new();
+            let seen = status_and_headers(&mut v, &resp);
+            end_head(&mut v, &seen, resp.status, version, keep, length, false);
+            String::from_utf8(v).expect("ascii")
+        };
+        let s = head(Version::HTTP_11, false, Some(3));
+        assert!(s.starts_with("HTTP/1.1 404 Not Found\r\nx-a: 1\r\ncontent-length: 3\r\ndate: "));
+        assert!(s.ends_with("GMT\r\nconnection: close\r\n\r\n"), "{s}");
+        let s = head(Version::HTTP_10, true, None);
+        assert!(s.ends_with("connection: keep-alive\r\n\r\n"), "{s}");
+    }
+}
