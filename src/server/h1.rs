@@ -380,9 +380,14 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Serve HTTP/1 on `io` until the client closes, a response ends the
-/// connection, or the drain closes it between requests.
-pub async fn serve<F, Fut>(io: Box<dyn Stream>, mut handler: F, mut stop: watch::Receiver<bool>)
-where
+/// connection, or the drain closes it between requests. `close_notify`:
+/// shut the stream down before closing it (TLS: its close_notify alert).
+pub async fn serve<F, Fut>(
+    io: Box<dyn Stream>,
+    mut handler: F,
+    mut stop: watch::Receiver<bool>,
+    close_notify: bool,
+) where
     F: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
@@ -500,9 +505,13 @@ where
             wbuf = Vec::new();
         }
     }
-    // As hyper did: the write side is shut down before the socket closes.
+    // TLS says goodbye (close_notify) before the socket closes; for plain
+    // TCP the close itself sends the FIN (a shutdown first would be one
+    // more system call for the same packet).
     let io = lock(&conn).io.take();
-    if let Some(mut io) = io {
+    if let Some(mut io) = io
+        && close_notify
+    {
         let _ = io.shutdown().await;
     }
 }

@@ -468,6 +468,10 @@ fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener
             let _ = s.set_only_v6(true);
         }
         s.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener on Linux:
+        // one system call per listener, not one per connection.
+        #[cfg(target_os = "linux")]
+        s.set_tcp_nodelay(true)?;
         s.bind(&target.into())?;
         s.listen(4096)?;
         let l: std::net::TcpListener = s.into();
@@ -570,6 +574,7 @@ async fn accept_loop(
             },
             None => None,
         };
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let tls_config = tls_now.load_full();
         let conn = Conn {
@@ -771,7 +776,7 @@ impl Conn {
         } = self;
         let handler = move |req| guard::serve(guard.clone(), shared.clone(), info, req);
         // Boxed here: the connection's state at its own size.
-        Box::pin(h1::serve(io, handler, watcher)).await
+        Box::pin(h1::serve(io, handler, watcher, info.tls)).await
     }
 
     /// Serve HTTP until the connection closes.
