@@ -5,15 +5,15 @@
 //! gets.
 //!
 //! Everything is raw bytes on sockets with read timeouts; the scripted
-//! upstream reports every request it gets on a channel.
-//!
-//! Self-contained (the shared harness in `tests/util` is grown separately).
+//! upstream reports every request it gets on a channel. The gateway is
+//! started by the shared harness (`tests/util`).
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod util;
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -22,58 +22,23 @@ use std::time::Duration;
 /// How long any one wait on the gateway or the upstream may take.
 const BOUND: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
+/// The real binary (the shared harness in `tests/util`), with the config's
+/// `{up}` substituted and its access log off.
 struct Gw {
-    child: Child,
-    port: u16,
+    gw: util::Gateway,
 }
 
 impl Gw {
-    /// Start the gateway with `conf` (`{port}` and `{up}` substituted) and
-    /// wait for its "listening" log line.
     fn start(conf: &str, up: SocketAddr) -> Gw {
-        let port = free_port();
-        let conf = conf
-            .replace("{port}", &port.to_string())
-            .replace("{up}", &up.to_string());
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let path = dir.join("gateway.conf");
-        std::fs::write(&path, format!("access_log off;\n{conf}")).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn tollgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let echo = std::env::var_os("H1_LOG").is_some();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if echo {
-                    eprintln!("gw: {line}");
-                }
-                if line.contains("listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("the gateway did not start listening");
-        Gw { child, port }
+        let conf = conf.replace("{up}", &up.to_string());
+        Gw {
+            gw: util::Gateway::start(&format!("access_log off;\n{conf}")),
+        }
     }
 
     /// A fresh client connection, buffered for reading responses.
     fn connect(&self) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let s = TcpStream::connect(self.gw.addr()).expect("connect");
         s.set_read_timeout(Some(BOUND)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
         let w = s.try_clone().expect("clone the socket");
@@ -81,13 +46,6 @@ impl Gw {
             r: BufReader::new(s),
             w,
         }
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -400,7 +358,7 @@ fn serve_upstream(mut s: TcpStream, tx: mpsc::Sender<Seen>) {
 
 const CONF: &str = "
 server {
-    listen 127.0.0.1:{port};
+    listen @PORT@;
     location = /r { return 200 \"hello\"; }
     location = /ok { return 200 \"ok\"; }
     location /small { client_max_body_size 10; proxy_pass http://{up}; }
