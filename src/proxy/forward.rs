@@ -1627,12 +1627,7 @@ async fn send(
             }
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() => {
                 report(Outcome::Success);
-                let client_side = match extensions.remove::<crate::server::h1::OnUpgrade>() {
-                    Some(own) => Some(ClientUpgrade::Own(own)),
-                    None => extensions
-                        .remove::<hyper::upgrade::OnUpgrade>()
-                        .map(ClientUpgrade::Hyper),
-                };
+                let client_side = extensions.remove::<crate::server::h1::OnUpgrade>();
                 let (mut rparts, upstream_body) = resp.into_parts();
                 if let (Some(client_side), Some(upstream_side)) =
                     (client_side, upstream_body.into_upgraded())
@@ -1711,45 +1706,20 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// The client's side of an upgrade: tollgate's own HTTP/1 connection's,
-/// or hyper's (h2c-sniffed connections).
-enum ClientUpgrade {
-    Own(crate::server::h1::OnUpgrade),
-    Hyper(hyper::upgrade::OnUpgrade),
-}
-
 /// Copy bytes both ways between the upgraded client and upstream
 /// connections until either side closes.
-async fn tunnel(client: ClientUpgrade, mut u: crate::proxy::client::Conn) {
-    let r = match client {
-        ClientUpgrade::Own(on) => match on.upgraded().await {
-            Ok(mut c) => {
-                // Bytes the client sent right behind its head go first.
-                let early = if c.read.is_empty() {
-                    Ok(())
-                } else {
-                    tokio::io::AsyncWriteExt::write_all(&mut u, &c.read).await
-                };
-                match early {
-                    Ok(()) => tokio::io::copy_bidirectional(&mut c.io, &mut u).await,
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "client upgrade failed");
-                return;
-            }
-        },
-        ClientUpgrade::Hyper(on) => match on.await {
-            Ok(c) => {
-                let mut c = hyper_util::rt::TokioIo::new(c);
-                tokio::io::copy_bidirectional(&mut c, &mut u).await
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "client upgrade failed");
-                return;
-            }
-        },
+async fn tunnel(client: crate::server::h1::OnUpgrade, mut u: crate::proxy::client::Conn) {
+    let mut c = match client.upgraded().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade failed");
+            return;
+        }
+    };
+    // Bytes the client sent right behind its head go first.
+    let r = match tokio::io::AsyncWriteExt::write_all(&mut u, &c.read).await {
+        Ok(()) => tokio::io::copy_bidirectional(&mut c.io, &mut u).await,
+        Err(e) => Err(e),
     };
     if let Err(e) = r {
         tracing::debug!(error = %e, "tunnel closed with an error");

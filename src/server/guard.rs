@@ -2,11 +2,11 @@
 //! below the HTTP/1 parser.
 //!
 //! (Below, "hyper" is the HTTP/1 server above the guard: tollgate's own
-//! connection, [`super::h1`], for nearly every connection, and hyper's for
-//! the plain ones whose first bytes could still be the h2c preface. Both
-//! parse with `httparse` and share the leniencies described here; both
-//! read the guard through `AsyncRead`, so everything below holds for
-//! either.)
+//! connection, [`super::h1`]. It parses with `httparse`, as hyper does,
+//! and shares the leniencies described here; it reads the guard through
+//! `AsyncRead` as hyper did, so everything below holds for it. A
+//! connection that starts with the h2 preface is handed to hyper's
+//! HTTP/2 after the guard switched to pass-through.)
 //!
 //! Place in the pipeline: the accept loop wraps every TCP stream in a
 //! [`Guard`] before handing it to hyper, and serves requests through
@@ -143,14 +143,6 @@ impl GuardLimits {
             body_backstop: l.body_timeout + Duration::from_secs(1),
         }
     }
-}
-
-/// hyper's own header-read timeout, kept as a backstop only: it runs from
-/// the moment hyper waits for a head (idle time included), so it must not
-/// cut a keep-alive connection before `keepalive_timeout`; the guard keeps
-/// the real timeouts.
-pub fn hyper_header_timeout(l: &ClientLimits) -> Duration {
-    l.header_timeout + l.keepalive_timeout
 }
 
 // ---------------------------------------------------------------------------
@@ -1429,11 +1421,7 @@ pub fn serve(
             };
             return rejection(&shared, conn, status);
         }
-        let may_upgrade = req.extensions().get::<super::h1::OnUpgrade>().is_some()
-            || req
-                .extensions()
-                .get::<hyper::upgrade::OnUpgrade>()
-                .is_some();
+        let may_upgrade = req.extensions().get::<super::h1::OnUpgrade>().is_some();
         let resp = handle(shared, conn, req).await;
         if may_upgrade {
             guard.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);

@@ -4,9 +4,9 @@
 //! Place in the pipeline: above the connection [`guard`](super::guard),
 //! which hands over only whole, well-formed heads with unambiguous framing
 //! and keeps the client's timeouts, and below the request handler. Every
-//! HTTP/1 connection, plain or TLS, is served here; hyper serves HTTP/2 and
-//! the few plain connections whose first bytes could still be the h2c
-//! preface.
+//! plain or TLS connection that is not HTTP/2 by ALPN starts here; one
+//! that starts with the HTTP/2 preface (h2c with prior knowledge) is
+//! handed back, with what was read, to hyper's HTTP/2.
 //!
 //! Why not hyper's: its server connection keeps two 8 KiB buffers for the
 //! life of every connection and hands each request and response through a
@@ -96,7 +96,15 @@ struct Inner {
     expect: Option<usize>,
     /// Reading the body failed: the connection is not used again.
     broken: bool,
+    /// No request yet: the HTTP/2 preface may still start the connection.
+    first: bool,
+    /// The connection started with the HTTP/2 preface (h2c with prior
+    /// knowledge): it goes to hyper's HTTP/2 with what was read.
+    h2c: bool,
 }
+
+/// The HTTP/2 connection preface (the guard lets it through whole).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type Shared = Arc<Mutex<Inner>>;
 
@@ -127,7 +135,12 @@ impl Inner {
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Head>>> {
         loop {
             if !self.dec.buf.is_empty() {
+                if self.first && self.dec.buf.starts_with(H2_PREFACE) {
+                    self.h2c = true;
+                    return Poll::Ready(Ok(None));
+                }
                 if let Some(h) = parse_head(&mut self.dec.buf)? {
+                    self.first = false;
                     return Poll::Ready(Ok(Some(h)));
                 }
                 if self.dec.buf.len() > MAX_HEAD {
@@ -382,12 +395,15 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
 /// Serve HTTP/1 on `io` until the client closes, a response ends the
 /// connection, or the drain closes it between requests. `close_notify`:
 /// shut the stream down before closing it (TLS: its close_notify alert).
+/// A connection that starts with the HTTP/2 preface is handed back
+/// (with the bytes read) for hyper's HTTP/2.
 pub async fn serve<F, Fut>(
     io: Box<dyn Stream>,
     mut handler: F,
     mut stop: watch::Receiver<bool>,
     close_notify: bool,
-) where
+) -> Option<Upgraded>
+where
     F: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
@@ -397,6 +413,8 @@ pub async fn serve<F, Fut>(
         body: Framing::Done,
         expect: None,
         broken: false,
+        first: true,
+        h2c: false,
     }));
     let mut wbuf: Vec<u8> = Vec::new();
     // The drain signal is looked at for real only when its watch moved or
@@ -480,7 +498,7 @@ pub async fn serve<F, Fut>(
                 let read = i.dec.buf.split().freeze();
                 let _ = tx.send(Upgraded { io, read });
             }
-            return;
+            return None;
         }
         // Whether the connection outlives this response is known before
         // its head is written (it says so): a body the handler left
@@ -505,6 +523,22 @@ pub async fn serve<F, Fut>(
             wbuf = Vec::new();
         }
     }
+    let h2c = {
+        let mut i = lock(&conn);
+        match (i.h2c, i.io.take()) {
+            (true, Some(io)) => Some(Upgraded {
+                io,
+                read: i.dec.buf.split().freeze(),
+            }),
+            (_, io) => {
+                i.io = io;
+                None
+            }
+        }
+    };
+    if h2c.is_some() {
+        return h2c;
+    }
     // TLS says goodbye (close_notify) before the socket closes; for plain
     // TCP the close itself sends the FIN (a shutdown first would be one
     // more system call for the same packet).
@@ -513,6 +547,68 @@ pub async fn serve<F, Fut>(
         && close_notify
     {
         let _ = io.shutdown().await;
+    }
+    None
+}
+
+/// A stream with bytes already read off it put back in front of it.
+pub struct Rewind {
+    read: Bytes,
+    io: Box<dyn Stream>,
+}
+
+impl Rewind {
+    pub fn new(up: Upgraded) -> Rewind {
+        Rewind {
+            read: up.read,
+            io: up.io,
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -2,9 +2,8 @@
 //!
 //! Every `listen` address gets one accept loop per worker. Each connection
 //! is served by tollgate's own HTTP/1 connection ([`h1`], above the
-//! [`guard`]) when its first bytes (or TLS's ALPN) say HTTP/1, by hyper's
-//! HTTP/2 for ALPN `h2`, and by hyper-util's auto builder when they could
-//! still be the h2c preface (`Proto::sniff`); every
+//! [`guard`]), and by hyper's HTTP/2 for TLS's ALPN `h2` or when it starts
+//! with the h2c preface (which [`h1`] hands over); every
 //! request loads the current [`Gateway`] snapshot once. Reloads (SIGHUP
 //! and config file changes) arrive on one channel, are checked with the
 //! same functions `check` uses, and swap the snapshot atomically;
@@ -23,7 +22,6 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -602,40 +600,30 @@ async fn accept_loop(
                     // NGINX): a silent new connection costs its socket and
                     // a small task (the serving state is boxed). Nothing
                     // within `client_header_timeout`: closed without a
-                    // response, as the guard would. On shutdown, or when
-                    // the listener goes away, hyper takes over at once and
+                    // response, as the guard would. Readiness, not a peek:
+                    // no system call (an early wake only builds the state
+                    // a little sooner). On shutdown, or when the listener
+                    // goes away, the connection is served at once and
                     // decides as for any idle connection.
                     let accepted = tokio::time::Instant::now();
                     let header_timeout = conn.limits.header_timeout;
-                    let mut first = [0u8; 3];
-                    let peeked = tokio::select! {
-                        // `peek`, not `readable`: the latter may wake early.
-                        r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => match r {
-                            Ok(Ok(n)) => Some(n),
-                            Ok(Err(_)) => Some(0),
-                            Err(_) => None,
-                        },
-                        _ = stop.changed() => Some(0),
+                    let ready = tokio::select! {
+                        r = tokio::time::timeout(header_timeout, stream.readable()) => r.is_ok(),
+                        _ = stop.changed() => true,
                     };
-                    if let Some(n) = peeked {
-                        let proto = Proto::sniff(&first[..n.min(first.len())]);
-                        // HTTP/1 framing is checked below hyper (see `guard`).
-                        // Not boxed: `serve` boxes the connection it drives
-                        // (one allocation of the size it needs, not of the
-                        // largest variant).
+                    if ready {
+                        // HTTP/1 framing is checked below the parser (see
+                        // `guard`); a connection that starts with the h2
+                        // preface goes to hyper's HTTP/2 (see `h1`).
                         let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
-                        if proto == Proto::Http1 {
-                            conn.serve_h1(Box::new(stream), gh).await
-                        } else {
-                            conn.serve(TokioIo::new(stream), proto, Some(gh)).await
-                        }
+                        conn.serve_h1(Box::new(stream), gh).await
                     }
                 }
                 // The handshake runs here, in the connection's own task.
                 Some(cfg) => {
                     match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
                         Ok((stream, tls::Alpn::H2)) => {
-                            Box::pin(conn.serve(TokioIo::new(stream), Proto::H2, None)).await
+                            Box::pin(conn.serve_h2(TokioIo::new(stream), None)).await
                         }
                         Ok((stream, _)) => {
                             let (stream, gh) = guard::Guard::new(stream, &conn.limits);
@@ -648,33 +636,6 @@ async fn accept_loop(
             METRICS.connections_active.dec();
             drop(permit);
         });
-    }
-}
-
-/// Which HTTP a connection speaks, as far as its first bytes (or TLS's
-/// ALPN) tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    /// HTTP/1.x: served by hyper's HTTP/1 connection directly.
-    Http1,
-    /// HTTP/2 (ALPN `h2`).
-    H2,
-    /// Not known yet (the bytes so far could start the h2c preface): hyper's
-    /// auto builder reads the first bytes and decides.
-    Auto,
-}
-
-impl Proto {
-    /// A plain connection's first bytes: anything that cannot start the
-    /// HTTP/2 preface (`PRI * HTTP/2.0`) is HTTP/1, and skips the auto
-    /// builder's version read (a small read that would split the head).
-    fn sniff(first: &[u8]) -> Proto {
-        match first {
-            [] => Proto::Auto,
-            [b, ..] if *b != b'P' => Proto::Http1,
-            [_, _, _, ..] if !first.starts_with(b"PRI") => Proto::Http1,
-            _ => Proto::Auto,
-        }
     }
 }
 
@@ -768,31 +729,28 @@ impl Conn {
     /// Serve HTTP/1 on a guarded stream with tollgate's own connection
     /// ([`h1`]) until it closes.
     async fn serve_h1(self, io: Box<dyn h1::Stream>, guard: guard::GuardHandle) {
-        let Conn {
-            shared,
-            info,
-            limits: _,
-            watcher,
-        } = self;
-        let handler = move |req| guard::serve(guard.clone(), shared.clone(), info, req);
+        let (shared, info, gh) = (self.shared.clone(), self.info, guard.clone());
+        let handler = move |req| guard::serve(gh.clone(), shared.clone(), info, req);
         // Boxed here: the connection's state at its own size.
-        Box::pin(h1::serve(io, handler, watcher, info.tls)).await
+        let h2c = Box::pin(h1::serve(io, handler, self.watcher.clone(), info.tls)).await;
+        if let Some(up) = h2c {
+            // h2c with prior knowledge: hyper's HTTP/2 from the preface on.
+            let io = TokioIo::new(h1::Rewind::new(up));
+            Box::pin(self.serve_h2(io, Some(guard))).await
+        }
     }
 
     /// Serve HTTP until the connection closes.
-    async fn serve<I>(self, io: I, proto: Proto, guard: Option<guard::GuardHandle>)
+    async fn serve_h2<I>(self, io: I, guard: Option<guard::GuardHandle>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let Conn {
             shared,
             info,
-            limits,
+            limits: _,
             watcher,
         } = self;
-        let backstop = guard
-            .is_none()
-            .then(|| guard::hyper_header_timeout(&limits));
         let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let (shared, guard) = (shared.clone(), guard.clone());
             let req = req.map(crate::proxy::body::RequestBody::Hyper);
@@ -804,34 +762,10 @@ impl Conn {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        // The guard enforces the client header and keep-alive timeouts;
-        // hyper's own (a boxed timer per request) is only a fallback for
-        // streams without a guard.
-        let max_buf = (limits.max_header_size as usize).max(8192);
-        if proto == Proto::Http1 {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(backstop)
-                .half_close(true)
-                .max_buf_size(max_buf);
-            let conn = b.serve_connection(io, svc).with_upgrades();
-            // Boxed here, each protocol's connection at its own size.
-            Box::pin(drive(conn, watcher, |c| c.graceful_shutdown())).await;
-            return;
-        }
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(backstop)
-            .half_close(true)
-            .max_buf_size(max_buf);
-        builder.http2().timer(TokioTimer::new());
-        let builder = match proto {
-            Proto::H2 => builder.http2_only(),
-            _ => builder,
-        };
-        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        let conn = builder.serve_connection(io, svc);
+        // Boxed here, at its own size.
         Box::pin(drive(conn, watcher, |c| c.graceful_shutdown())).await;
     }
 }
@@ -892,21 +826,4 @@ fn watch_files(
         }
     }
     Some(debouncer)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Proto;
-
-    #[test]
-    fn sniff_sends_only_what_may_be_h2c_to_the_auto_builder() {
-        assert_eq!(Proto::sniff(b"GET"), Proto::Http1);
-        assert_eq!(Proto::sniff(b"POS"), Proto::Http1);
-        assert_eq!(Proto::sniff(b"PUT"), Proto::Http1);
-        assert_eq!(Proto::sniff(b"PRI"), Proto::Auto);
-        // Too little to tell POST/PUT/PATCH from the preface.
-        assert_eq!(Proto::sniff(b"P"), Proto::Auto);
-        assert_eq!(Proto::sniff(b"PA"), Proto::Auto);
-        assert_eq!(Proto::sniff(b""), Proto::Auto);
-    }
 }
