@@ -592,32 +592,20 @@ async fn accept_loop(
             watcher: graceful.watcher(),
         };
         METRICS.connections_active.inc();
-        let mut stop = stopped.clone();
         tokio::spawn(async move {
             match tls_config {
                 None => {
-                    // No HTTP state until the client sends something (as
-                    // NGINX): a silent new connection costs its socket and
-                    // a small task (the serving state is boxed). Nothing
-                    // within `client_header_timeout`: closed without a
-                    // response, as the guard would. Readiness, not a peek:
-                    // no system call (an early wake only builds the state
-                    // a little sooner). On shutdown, or when the listener
-                    // goes away, the connection is served at once and
-                    // decides as for any idle connection.
-                    let accepted = tokio::time::Instant::now();
-                    let header_timeout = conn.limits.header_timeout;
-                    let ready = tokio::select! {
-                        r = tokio::time::timeout(header_timeout, stream.readable()) => r.is_ok(),
-                        _ = stop.changed() => true,
-                    };
-                    if ready {
-                        // HTTP/1 framing is checked below the parser (see
-                        // `guard`); a connection that starts with the h2
-                        // preface goes to hyper's HTTP/2 (see `h1`).
-                        let (stream, gh) = guard::Guard::new_since(stream, &conn.limits, accepted);
-                        conn.serve_h1(Box::new(stream), gh).await
-                    }
+                    // Served at once: HTTP/1 framing is checked below the
+                    // parser (see `guard`, which also closes a connection
+                    // that sends nothing within `client_header_timeout`);
+                    // one that starts with the h2 preface goes to hyper's
+                    // HTTP/2 (see `h1`). No peek first (it was a system
+                    // call per connection); waiting for readiness instead
+                    // does not help: tokio reports a new socket readable
+                    // at once. So a silent connection holds its serving
+                    // state (~6 KiB, no buffers) from the accept on.
+                    let (stream, gh) = guard::Guard::new(stream, &conn.limits);
+                    conn.serve_h1(Box::new(stream), gh).await
                 }
                 // The handshake runs here, in the connection's own task.
                 Some(cfg) => {
