@@ -127,7 +127,7 @@ fn emit(target: &LogTarget, line: String) {
 /// What is known about a request when its response starts; finished (and
 /// written) when the body ends. Only cheap clones are taken on the request
 /// path; text is formatted when (and only if) a line is written.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Record {
     pub start: Instant,
     /// Wall-clock time of `start`; `None`: worked out when a line is
@@ -156,6 +156,9 @@ pub struct Record {
     pub user_agent: Option<http::HeaderValue>,
     pub referer: Option<http::HeaderValue>,
     pub log: AccessLog,
+    /// Counts the request in flight until the record is dropped, after
+    /// its response ended (see [`crate::server::memory`]).
+    pub in_flight: crate::server::memory::InFlight,
 }
 
 type CounterKey = (Arc<str>, http::Method, u16);

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub config_generation: Gauge,
     pub access_log_dropped: Counter,
+    /// Times freed memory was given back to the system after a burst.
+    pub memory_trims: Counter,
+    /// Resident bytes those trims gave back.
+    pub memory_released: Counter,
     #[cfg(feature = "otlp")]
     pub otlp_spans_dropped: Counter,
     registry: Registry,
@@ -103,6 +107,8 @@ impl Metrics {
             connections_active: Gauge::default(),
             config_generation: Gauge::default(),
             access_log_dropped: Counter::default(),
+            memory_trims: Counter::default(),
+            memory_released: Counter::default(),
             #[cfg(feature = "otlp")]
             otlp_spans_dropped: Counter::default(),
             registry: Registry::default(),
@@ -167,6 +173,16 @@ impl Metrics {
             "gateway_access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        r.register(
+            "gateway_memory_trims",
+            "Times the memory freed after a burst of requests was given back to the system",
+            m.memory_trims.clone(),
+        );
+        r.register(
+            "gateway_memory_released_bytes",
+            "Resident bytes given back to the system after bursts",
+            m.memory_released.clone(),
         );
         #[cfg(feature = "otlp")]
         r.register(

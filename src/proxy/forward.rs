@@ -442,6 +442,7 @@ pub fn handle(
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
         let start = Instant::now();
+        let in_flight = crate::server::memory::InFlight::begin();
         let gw = shared.gateway.load_full();
         // Cheap clones (reference counts), formatted only if a line is written.
         let method = req.method().clone();
@@ -493,6 +494,7 @@ pub fn handle(
             user_agent,
             referer,
             log: out.log,
+            in_flight,
         };
         let (parts, body) = resp.into_parts();
         Response::from_parts(
@@ -540,6 +542,7 @@ pub fn logged_refusal(
             || gw.config.defaults.access_log.clone(),
             |s| s.settings.access_log.clone(),
         ),
+        in_flight: crate::server::memory::InFlight::begin(),
     };
     let (parts, body) = resp.into_parts();
     Response::from_parts(

@@ -35,6 +35,7 @@ use crate::proxy::forward::{ConnInfo, Shared};
 pub mod admin;
 pub mod guard;
 pub mod h1;
+pub mod memory;
 pub mod tls;
 
 /// Why serving could not start.

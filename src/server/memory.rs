@@ -1,0 +1,192 @@
+//! Giving memory back after a burst.
+//!
+//! A burst of requests (hundreds in flight on one worker at once) allocates
+//! a request state, buffers and an upstream connection for each; when it
+//! ends they are freed, but glibc's allocator keeps the freed pages: it
+//! only returns the top of a heap to the system, and the connections that
+//! stay open hold chunks between the freed ones. The process then stays at
+//! its peak resident size for as long as it runs (measured: 1,000
+//! keep-alive connections after one request each held 15.5 KiB each, 9.2
+//! KiB once the freed pages were given back; bench/RESULTS.md).
+//!
+//! So every request counts itself in flight on its worker thread
+//! ([`InFlight`], a thread-local counter: no atomic, no lock), and when a
+//! burst ends (the worker had at least [`BURST`] requests in flight and is
+//! down to an eighth of its peak) a background thread waits [`SETTLE`] for
+//! the last responses to be freed and calls glibc's `malloc_trim(0)`, which
+//! hands every free page of every arena back with `madvise`. At most one
+//! trim per [`COOLDOWN`]; a burst that ends meanwhile is trimmed after it.
+//! Steady load never triggers it (the in-flight count does not fall to an
+//! eighth of its peak), nor does traffic that never reaches [`BURST`].
+//!
+//! The trim runs on its own thread, started at the first burst, never on a
+//! worker: it walks the arenas under their locks (about a millisecond for
+//! tens of MiB), so a worker allocating meanwhile waits that long at most.
+//! Counted in `gateway_memory_trims_total` and
+//! `gateway_memory_released_bytes_total` (resident bytes before minus
+//! after). Elsewhere than on glibc the allocator returns memory itself (or
+//! has no such call) and nothing is done.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
+
+use crate::observe::metrics::METRICS;
+
+/// A burst: at least this many requests in flight at once on one worker.
+pub const BURST: u32 = 128;
+/// How long after a burst ended the trim waits for the last responses.
+pub const SETTLE: Duration = Duration::from_millis(50);
+/// At most one trim per this long.
+pub const COOLDOWN: Duration = Duration::from_secs(2);
+
+thread_local! {
+    /// (requests in flight on this thread, their peak since the last burst).
+    static LOAD: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+}
+
+/// One request in flight on this thread, from its head to the end of its
+/// response; dropping it counts the request out.
+#[derive(Debug)]
+pub struct InFlight {
+    _private: (),
+}
+
+impl InFlight {
+    pub fn begin() -> InFlight {
+        let _ = LOAD.try_with(|l| {
+            let (n, peak) = l.get();
+            let n = n.saturating_add(1);
+            l.set((n, peak.max(n)));
+        });
+        InFlight { _private: () }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let _ = LOAD.try_with(|l| {
+            let (state, burst_ended) = request_ended(l.get());
+            l.set(state);
+            if burst_ended {
+                trim_soon();
+            }
+        });
+    }
+}
+
+/// The counter after one request ended, and whether a burst just did.
+fn request_ended((n, peak): (u32, u32)) -> ((u32, u32), bool) {
+    let n = n.saturating_sub(1);
+    if peak >= BURST && n <= peak / 8 {
+        ((n, n), true)
+    } else {
+        ((n, peak), false)
+    }
+}
+
+/// Wake the trimming thread (started on the first call).
+fn trim_soon() {
+    static TRIMMER: OnceLock<Option<SyncSender<()>>> = OnceLock::new();
+    let tx = TRIMMER.get_or_init(|| {
+        let (tx, rx) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("tollgate-trim".into())
+            .stack_size(64 * 1024)
+            .spawn(move || trimmer(rx))
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the memory trimming thread"))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = tx {
+        // Full: a trim is already due, which covers this burst too.
+        let _ = tx.try_send(());
+    }
+}
+
+fn trimmer(rx: Receiver<()>) {
+    while rx.recv().is_ok() {
+        std::thread::sleep(SETTLE);
+        let before = resident_bytes();
+        if release() {
+            let after = resident_bytes();
+            let released = before.saturating_sub(after);
+            METRICS.memory_trims.inc();
+            METRICS.memory_released.inc_by(released);
+            tracing::debug!(
+                resident_before = before,
+                resident_after = after,
+                "gave freed memory back after a burst"
+            );
+        }
+        std::thread::sleep(COOLDOWN);
+    }
+}
+
+/// The process's resident set size (`VmRSS`), 0 when unknown.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// glibc's `malloc_trim(0)`: every free page of every arena back to the
+/// system. Returns whether a trim was done (not whether memory came back).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // the crate's only unsafe: one FFI call, audited here
+fn release() -> bool {
+    // SAFETY: `malloc_trim` takes no pointer and has no precondition;
+    // glibc takes each arena's lock itself, so it is safe to call while
+    // other threads allocate.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    true
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_ends_when_an_eighth_of_its_peak_is_left() {
+        // Below BURST nothing ever triggers.
+        assert_eq!(request_ended((100, 100)), ((99, 100), false));
+        assert_eq!(request_ended((1, BURST - 1)), ((0, BURST - 1), false));
+        // A burst of 1,000 winds down: nothing until 125 are left.
+        assert_eq!(request_ended((127, 1000)), ((126, 1000), false));
+        assert_eq!(request_ended((126, 1000)), ((125, 125), true));
+        // The peak starts again from what was left.
+        assert_eq!(request_ended((125, 125)), ((124, 125), false));
+        // Never below zero (a request counted out on another thread).
+        assert_eq!(request_ended((0, 0)), ((0, 0), false));
+    }
+
+    #[test]
+    fn in_flight_counts_on_this_thread() {
+        std::thread::spawn(|| {
+            let reqs: Vec<InFlight> = (0..10).map(|_| InFlight::begin()).collect();
+            assert_eq!(LOAD.with(Cell::get), (10, 10));
+            drop(reqs);
+            assert_eq!(LOAD.with(Cell::get), (0, 10));
+        })
+        .join()
+        .expect("the counting thread");
+    }
+
+    #[test]
+    fn resident_size_is_read() {
+        assert!(resident_bytes() > 0);
+    }
+}

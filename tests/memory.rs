@@ -1,0 +1,134 @@
+//! Memory given back after a burst (`src/server/memory.rs`): a burst of
+//! requests in flight at once on the worker is followed by one trim, counted
+//! on `/metrics`; sequential traffic never triggers one.
+//!
+//! The burst is exact, not timed: the upstream holds every request until
+//! all of them have arrived, so they are all in flight in the gateway at
+//! once, then answers them together.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+mod util;
+
+/// More than the gateway's burst threshold (128 in flight on one worker).
+const BURST: usize = 160;
+const BOUND: Duration = Duration::from_secs(10);
+
+/// An upstream that answers nothing until `hold` requests arrived (one
+/// thread per connection, keep-alive); later requests are answered at once.
+fn holding_upstream(hold: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let seen = Arc::new((Mutex::new(0usize), Condvar::new()));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(BOUND * 2));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map_or(buf.len(), |p| p + 4);
+                    buf.drain(..end);
+                    let (m, cv) = &*seen;
+                    let mut n = m.lock().unwrap_or_else(|e| e.into_inner());
+                    *n += 1;
+                    cv.notify_all();
+                    let deadline = Instant::now() + BOUND;
+                    while *n < hold && Instant::now() < deadline {
+                        n = cv
+                            .wait_timeout(n, deadline - Instant::now())
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    drop(n);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn trims(gw: &util::Gateway) -> u64 {
+    let m = util::get(&format!("http://{}/metrics", gw.addr_n(1))).text();
+    m.lines()
+        .find_map(|l| l.strip_prefix("gateway_memory_trims_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gateway_memory_trims_total on /metrics")
+}
+
+#[test]
+fn a_burst_is_followed_by_one_trim_and_steady_traffic_by_none() {
+    let up = holding_upstream(BURST);
+    let gw = util::Gateway::start(&format!(
+        "worker_threads 1;\naccess_log off;\nadmin {{ listen @PORT2@; }}\n\
+         upstream up {{ server {up}; keepalive 256; }}\n\
+         server {{ listen @PORT@; location / {{ proxy_pass http://up; }} }}\n"
+    ));
+
+    // All BURST connections open and their requests sent before the
+    // upstream answers any: BURST requests in flight on the one worker.
+    let mut conns: Vec<TcpStream> = (0..BURST)
+        .map(|_| {
+            let s = TcpStream::connect(gw.addr()).expect("connect");
+            s.set_read_timeout(Some(BOUND)).expect("timeout");
+            s
+        })
+        .collect();
+    assert_eq!(trims(&gw), 0, "no trim before any burst");
+    for s in &mut conns {
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("send");
+    }
+    for s in &mut conns {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !got.ends_with(b"ok") {
+            let n = s.read(&mut chunk).expect("response");
+            assert!(n > 0, "connection closed before the response");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    }
+
+    // The trim follows the end of the burst (after a short settle).
+    let deadline = Instant::now() + BOUND;
+    while trims(&gw) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no trim after a burst of {BURST}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        util::get(&format!("http://{}/metrics", gw.addr_n(1)))
+            .text()
+            .contains("gateway_memory_released_bytes_total")
+    );
+
+    // Sequential requests (one in flight at a time) are no burst: the count
+    // stays where it was.
+    let before = trims(&gw);
+    for _ in 0..300 {
+        assert_eq!(util::get(&gw.url("/x")).status, 200);
+    }
+    assert_eq!(trims(&gw), before, "steady traffic trimmed");
+}
