@@ -273,13 +273,30 @@ impl Stored {
         } else {
             full_body(self.body.clone())
         };
+        // Built with room for what is added on the way out (`Age`,
+        // `X-Cache-Status`, the request id): a clone of the
+        // stored map has no spare room, and each of those inserts grew it.
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 3);
+        for (n, v) in &self.headers {
+            headers.append(n.clone(), v.clone());
+        }
+        let age = self.initial_age + now.saturating_duration_since(self.stored_at);
+        headers.insert(header::AGE, age_value(age.as_secs()));
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
-        *resp.headers_mut() = self.headers.clone();
-        let age = self.initial_age + now.saturating_duration_since(self.stored_at);
-        resp.headers_mut()
-            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+        *resp.headers_mut() = headers;
         resp
+    }
+}
+
+/// An `Age` value; the first minute's without an allocation.
+fn age_value(secs: u64) -> HeaderValue {
+    const SMALL: usize = 60;
+    static AGES: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| (0..SMALL as u64).map(HeaderValue::from).collect());
+    match usize::try_from(secs) {
+        Ok(i) if i < SMALL => AGES[i].clone(),
+        _ => HeaderValue::from(secs),
     }
 }
 
@@ -730,7 +747,8 @@ impl Cache {
         let now = Instant::now();
         let head = req.method == Method::HEAD;
         let auth = req.headers.contains_key(header::AUTHORIZATION);
-        let (found, flight_key) = self.lookup(key, &req.headers);
+        let (found, variant_key) = self.lookup(key, &req.headers);
+        let flight_key = variant_key.as_deref().unwrap_or(key);
         let found = found.filter(|e| !auth || e.shareable_with_auth);
         if let Some(e) = &found
             && !directives.no_cache
@@ -745,12 +763,12 @@ impl Cache {
             && now < e.swr_until
             && !head
         {
-            self.refresh_in_background(key, &flight_key, req, auth, e, fetch);
+            self.refresh_in_background(key, flight_key, req, auth, e, fetch);
             return (CacheStatus::Updating, e.respond(now, false));
         }
         let ctx = Ctx {
             key,
-            flight_key: &flight_key,
+            flight_key,
             req,
             auth,
             head,
@@ -765,7 +783,7 @@ impl Cache {
         if head {
             return self.fetch_and_store(None, &ctx).await;
         }
-        match self.join_or_lead(&flight_key) {
+        match self.join_or_lead(flight_key) {
             Role::Leader(flight) => self.fetch_and_store(Some(flight), &ctx).await,
             Role::Waiter(mut rx) => {
                 let outcome = rx
@@ -791,15 +809,17 @@ impl Cache {
 
     /// The stored response for this request (variant picked by `Vary`) and
     /// the key a fetch for it coalesces on.
-    fn lookup(&self, key: &str, req: &HeaderMap) -> (Option<Arc<Stored>>, String) {
+    /// The variant's key is `None` when it is `key` itself (no `Vary`): a
+    /// hit copies no key.
+    fn lookup(&self, key: &str, req: &HeaderMap) -> (Option<Arc<Stored>>, Option<String>) {
         match self.store.get(key) {
-            None => (None, key.to_string()),
-            Some(Slot::Resp(e)) => (e.matches(req).then_some(e), key.to_string()),
+            None => (None, None),
+            Some(Slot::Resp(e)) => (e.matches(req).then_some(e), None),
             Some(Slot::Vary(names)) => {
                 let vkey = variant_key(key, &names, req);
                 match self.store.get(vkey.as_str()) {
-                    Some(Slot::Resp(e)) if e.matches(req) => (Some(e), vkey),
-                    _ => (None, vkey),
+                    Some(Slot::Resp(e)) if e.matches(req) => (Some(e), Some(vkey)),
+                    _ => (None, Some(vkey)),
                 }
             }
         }
