@@ -161,14 +161,22 @@ pub struct Record {
     pub in_flight: crate::server::memory::InFlight,
 }
 
-type CounterKey = (Arc<str>, http::Method, u16);
+/// A route's metric handles on one thread: its duration histogram and a
+/// request counter per (method label, status) seen.
+struct RouteSeries {
+    duration: prometheus_client::metrics::histogram::Histogram,
+    requests: Vec<(
+        &'static str,
+        u16,
+        prometheus_client::metrics::counter::Counter,
+    )>,
+}
 
 thread_local! {
     /// Metric handles of this thread, so that counting a request takes no
-    /// lock and allocates nothing once a (route, method, status) was seen.
-    static COUNTERS: std::cell::RefCell<crate::FastMap<CounterKey, prometheus_client::metrics::counter::Counter>> =
-        std::cell::RefCell::new(crate::FastMap::default());
-    static HISTOGRAMS: std::cell::RefCell<crate::FastMap<Arc<str>, prometheus_client::metrics::histogram::Histogram>> =
+    /// lock and allocates nothing once a (route, method, status) was seen:
+    /// one lookup by the route's text (no clone), then a short scan.
+    static SERIES: std::cell::RefCell<crate::FastMap<Arc<str>, RouteSeries>> =
         std::cell::RefCell::new(crate::FastMap::default());
 }
 
@@ -176,56 +184,70 @@ thread_local! {
 /// request refused before it was parsed) as they are, any other `OTHER`:
 /// clients choose extension methods freely, and each would otherwise add
 /// a metric series for good.
-fn metric_method(m: &http::Method) -> http::Method {
+fn metric_method(m: &http::Method) -> &'static str {
     use http::Method;
     match *m {
-        Method::GET
-        | Method::POST
-        | Method::PUT
-        | Method::DELETE
-        | Method::HEAD
-        | Method::OPTIONS
-        | Method::PATCH
-        | Method::TRACE
-        | Method::CONNECT => m.clone(),
-        _ if m.as_str() == "-" => m.clone(),
-        _ => Method::from_bytes(b"OTHER").unwrap_or(Method::GET),
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ if m.as_str() == "-" => "-",
+        _ => "OTHER",
     }
 }
 
 impl Record {
     fn finish(&self, bytes: u64) {
         let elapsed = self.start.elapsed();
-        COUNTERS.with(|c| {
-            let mut c = c.borrow_mut();
-            let method = metric_method(&self.method);
-            let key = (self.route.clone(), method.clone(), self.status);
-            c.entry(key)
-                .or_insert_with(|| {
-                    METRICS
+        let secs = elapsed.as_secs_f64();
+        let method = metric_method(&self.method);
+        let status = self.status;
+        let count = |r: &mut RouteSeries| {
+            r.duration.observe(secs);
+            // `method` is one of a few statics: compared by address first.
+            match r
+                .requests
+                .iter()
+                .find(|(m, s, _)| *s == status && (std::ptr::eq(*m, method) || *m == method))
+            {
+                Some((_, _, c)) => {
+                    c.inc();
+                }
+                None => {
+                    let c = METRICS
                         .requests
                         .get_or_create(&RequestLabels {
                             route: self.route.to_string(),
                             method: method.to_string(),
-                            status: self.status,
+                            status,
                         })
-                        .clone()
-                })
-                .inc();
-        });
-        HISTOGRAMS.with(|h| {
-            let mut h = h.borrow_mut();
-            if let Some(x) = h.get(&self.route) {
-                x.observe(elapsed.as_secs_f64());
+                        .clone();
+                    c.inc();
+                    r.requests.push((method, status, c));
+                }
+            }
+        };
+        SERIES.with(|s| {
+            let mut s = s.borrow_mut();
+            if let Some(r) = s.get_mut(&*self.route) {
+                count(r);
             } else {
-                let x = METRICS
-                    .duration
-                    .get_or_create(&RouteLabels {
-                        route: self.route.to_string(),
-                    })
-                    .clone();
-                x.observe(elapsed.as_secs_f64());
-                h.insert(self.route.clone(), x);
+                let mut r = RouteSeries {
+                    duration: METRICS
+                        .duration
+                        .get_or_create(&RouteLabels {
+                            route: self.route.to_string(),
+                        })
+                        .clone(),
+                    requests: Vec::new(),
+                };
+                count(&mut r);
+                s.insert(self.route.clone(), r);
             }
         });
         let time = || self.time.unwrap_or_else(|| SystemTime::now() - elapsed);

@@ -933,6 +933,11 @@ fn serve_request<'a>(
                 crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
             }
         };
+        // One growth of the header map for all that is added below, not
+        // one per insert that crosses its capacity (two for a route with a
+        // rate limit and an `add_header`).
+        resp.headers_mut()
+            .reserve(settings.add_header.len() + 1 + if limit_headers.is_some() { 4 } else { 0 });
         finish_response(&mut resp, settings, &vars, &out.request_id);
         if let Some(v) = limit_headers {
             v.write_headers(resp.headers_mut());
