@@ -81,6 +81,9 @@ const COALESCE_BELOW: usize = 8 * 1024;
 const DRAIN_LIMIT: usize = 1024 * 1024;
 /// A write buffer larger than this is not kept between responses.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+/// What the write buffer starts with: a response head of a dozen headers
+/// and a small body.
+const FIRST_WRITE_BUFFER: usize = 512;
 
 /// The connection as its request loop and the request body in flight share
 /// it (the body is read while the handler runs; the loop writes the
@@ -662,6 +665,9 @@ async fn write_response(
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     wbuf.clear();
+    // A first response on the connection: room for a usual head at once
+    // (growing from empty reallocated five times, on every new connection).
+    wbuf.reserve(FIRST_WRITE_BUFFER);
     // One pass over the response's headers writes them and notes what
     // framing and connection handling need; the gateway's own framing,
     // `Date` and `Connection` headers follow them.
