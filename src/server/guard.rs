@@ -1717,7 +1717,11 @@ mod tests {
                         rng ^= rng << 17;
                         // Mostly plain bytes, sometimes any byte.
                         let b = (rng >> 24) as u8;
-                        if rng % 13 == 0 { b } else { 0x21 + b % 0x5e }
+                        if rng.is_multiple_of(13) {
+                            b
+                        } else {
+                            0x21 + b % 0x5e
+                        }
                     })
                     .collect();
                 for value in [true, false] {
