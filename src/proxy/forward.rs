@@ -317,11 +317,24 @@ fn format_ip(ip: IpAddr) -> HeaderValue {
 
 /// The header names a message's `Connection` headers list.
 pub(crate) fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
+    // The usual options as static names: parsing `close` allocated a
+    // custom name on every `Connection: close` request.
+    const CLOSE: HeaderName = HeaderName::from_static("close");
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     h.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .filter_map(|n| {
+            let n = n.trim();
+            if n.eq_ignore_ascii_case("close") {
+                Some(CLOSE)
+            } else if n.eq_ignore_ascii_case("keep-alive") {
+                Some(KEEP_ALIVE)
+            } else {
+                HeaderName::try_from(n).ok()
+            }
+        })
         .collect()
 }
 
@@ -1767,6 +1780,31 @@ pub fn full_body(b: impl Into<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_options_are_listed_as_header_names() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Close, KEEP-ALIVE"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" x-foo ,,bad name"),
+        );
+        let listed = connection_listed(&h);
+        let want: Vec<HeaderName> = ["close", "keep-alive", "x-foo"]
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        assert_eq!(listed, want);
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
 
     #[test]
     fn ip_value_writes_what_display_writes() {
