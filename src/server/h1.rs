@@ -81,9 +81,9 @@ const COALESCE_BELOW: usize = 8 * 1024;
 const DRAIN_LIMIT: usize = 1024 * 1024;
 /// A write buffer larger than this is not kept between responses.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
-/// What the write buffer starts with: a response head of a dozen headers
-/// and a small body.
-const FIRST_WRITE_BUFFER: usize = 512;
+/// What the write buffer starts with: a usual response head and a small
+/// body (what it grew to from empty, in five reallocations).
+const FIRST_WRITE_BUFFER: usize = 256;
 
 /// The connection as its request loop and the request body in flight share
 /// it (the body is read while the handler runs; the loop writes the
