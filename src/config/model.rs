@@ -18,6 +18,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     pub error_log: ErrorLog,
     pub shutdown_timeout: Duration,
+    /// `memory_trim on|off` (default on): see `server::memory`.
+    pub memory_trim: bool,
     pub admin: Option<Admin>,
     pub upstreams: Vec<Upstream>,
     pub jwt: Vec<JwtDef>,

@@ -80,6 +80,7 @@ pub enum Setting {
     WorkerThreads(Option<usize>),
     ErrorLog(ErrorLog),
     ShutdownTimeout(Duration),
+    MemoryTrim(bool),
     Admin(Admin),
     Upstream(Upstream),
     JwtDef(JwtDef),
@@ -226,6 +227,7 @@ pub static DIRECTIVES: &[DirectiveSpec] = &[
     // ---- main
     d!("worker_threads", MAIN, (1, 1), No, "worker_threads N|auto;", "Worker threads serving requests (default: one per core).", v::worker_threads),
     d!("error_log", MAIN, (1, 2), No, "error_log stderr|FILE [trace|debug|info|warn|error];", "Where the gateway's own log goes, and how much of it.", v::error_log),
+    d!("memory_trim", MAIN, (1, 1), No, "memory_trim on|off;", "Give the memory a burst of requests freed back to the system (default on).", v::memory_trim),
     d!("shutdown_timeout", MAIN, (1, 1), No, "shutdown_timeout DURATION;", "How long SIGTERM waits for in-flight requests (default 30s).", v::shutdown_timeout),
     // ---- server
     d!("listen", SERVER, (1, 4), No, "listen [ADDR:]PORT [ssl] [http2] [default_server];", "An address and port this server accepts connections on.", v::listen),

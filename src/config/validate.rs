@@ -1716,6 +1716,10 @@ pub(crate) fn shutdown_timeout(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting
     cx.duration(&d.args[0]).map(Setting::ShutdownTimeout)
 }
 
+pub(crate) fn memory_trim(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
+    cx.on_off(&d.args[0]).map(Setting::MemoryTrim)
+}
+
 pub(crate) fn listen(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
     let a = &d.args[0];
     let Some(addr) = socket_addr(&a.text()) else {
@@ -2477,6 +2481,7 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
             Setting::WorkerThreads(_)
             | Setting::ErrorLog(_)
             | Setting::ShutdownTimeout(_)
+            | Setting::MemoryTrim(_)
             | Setting::Admin(_)
             | Setting::Upstream(_)
             | Setting::JwtDef(_)
@@ -2534,6 +2539,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             level: LogLevel::Info,
         },
         shutdown_timeout: Duration::from_secs(30),
+        memory_trim: true,
         admin: None,
         upstreams: Vec::new(),
         jwt: Vec::new(),
@@ -2557,6 +2563,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::WorkerThreads(_) => Some("worker_threads"),
             Setting::ErrorLog(_) => Some("error_log"),
             Setting::ShutdownTimeout(_) => Some("shutdown_timeout"),
+            Setting::MemoryTrim(_) => Some("memory_trim"),
             Setting::Admin(_) => Some("admin"),
             _ => None,
         };
@@ -2580,6 +2587,7 @@ fn assemble(cx: &mut Cx<'_>, items: Vec<Item>, files: Vec<PathBuf>) -> Option<Co
             Setting::WorkerThreads(n) => config.worker_threads = *n,
             Setting::ErrorLog(e) => config.error_log = e.clone(),
             Setting::ShutdownTimeout(d) => config.shutdown_timeout = *d,
+            Setting::MemoryTrim(on) => config.memory_trim = *on,
             Setting::Admin(a) => config.admin = Some(a.clone()),
             Setting::Upstream(u)
                 if next_def(&cx.defs.upstreams, config.upstreams.len(), &u.name, u.span) =>

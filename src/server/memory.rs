@@ -22,6 +22,7 @@
 //! The trim runs on its own thread, started at the first burst, never on a
 //! worker: it walks the arenas under their locks (about a millisecond for
 //! tens of MiB), so a worker allocating meanwhile waits that long at most.
+//! `memory_trim off;` (top level) turns it off; a reload applies it.
 //! Counted in `gateway_memory_trims_total` and
 //! `gateway_memory_released_bytes_total` (resident bytes before minus
 //! after). Elsewhere than on glibc the allocator returns memory itself (or
@@ -29,6 +30,7 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
@@ -40,6 +42,14 @@ pub const BURST: u32 = 128;
 pub const SETTLE: Duration = Duration::from_millis(50);
 /// At most one trim per this long.
 pub const COOLDOWN: Duration = Duration::from_secs(2);
+
+/// `memory_trim` of the config being served.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turn the trim after bursts on or off (`memory_trim on|off;`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
 
 thread_local! {
     /// (requests in flight on this thread, their peak since the last burst).
@@ -69,7 +79,7 @@ impl Drop for InFlight {
         let _ = LOAD.try_with(|l| {
             let (state, burst_ended) = request_ended(l.get());
             l.set(state);
-            if burst_ended {
+            if burst_ended && ENABLED.load(Ordering::Relaxed) {
                 trim_soon();
             }
         });
@@ -86,8 +96,12 @@ fn request_ended((n, peak): (u32, u32)) -> ((u32, u32), bool) {
     }
 }
 
+/// Bursts that woke the trimming thread (for the tests).
+static SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Wake the trimming thread (started on the first call).
 fn trim_soon() {
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
     static TRIMMER: OnceLock<Option<SyncSender<()>>> = OnceLock::new();
     let tx = TRIMMER.get_or_init(|| {
         let (tx, rx) = sync_channel(1);
@@ -183,6 +197,25 @@ mod tests {
         })
         .join()
         .expect("the counting thread");
+    }
+
+    #[test]
+    fn a_burst_wakes_the_trimmer_only_when_enabled() {
+        let burst = || {
+            std::thread::spawn(|| {
+                let reqs: Vec<InFlight> = (0..BURST + 10).map(|_| InFlight::begin()).collect();
+                drop(reqs);
+            })
+            .join()
+            .expect("the burst thread");
+        };
+        set_enabled(false);
+        let before = SIGNALS.load(Ordering::Relaxed);
+        burst();
+        assert_eq!(SIGNALS.load(Ordering::Relaxed), before, "trimmed while off");
+        set_enabled(true);
+        burst();
+        assert_eq!(SIGNALS.load(Ordering::Relaxed), before + 1);
     }
 
     #[test]

@@ -251,6 +251,7 @@ fn limits_by_addr(config: &Config) -> HashMap<SocketAddr, ClientLimits> {
 
 async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
     let shutdown_timeout = gw.config.shutdown_timeout;
+    memory::set_enabled(gw.config.memory_trim);
     let files = gw.config.files.clone();
     let limits = limits_by_addr(&gw.config);
     let tls_configs = gw.tls.listeners.clone();
@@ -388,6 +389,7 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
                     }
                 }
                 let new_admin = new.config.admin.clone();
+                memory::set_enabled(new.config.memory_trim);
                 shared.gateway.store(Arc::new(new));
                 crate::observe::access_log::reopen_all();
                 crate::gateway::CACHES.retain(&shared.gateway.load().config.caches);
