@@ -279,24 +279,27 @@ impl Conn {
     /// request is out and then, on the body, between two reads
     /// (`proxy_send_timeout`, `proxy_read_timeout`): a slow client body is
     /// neither. Both run on the connection's one timer.
+    ///
+    /// `room`: how many headers the caller will add to the response's map
+    /// (it is made that much larger at once instead of growing later).
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,
         body: Body,
-        read_timeout: Option<std::time::Duration>,
-        send_timeout: Option<std::time::Duration>,
+        (read_timeout, send_timeout): (Option<std::time::Duration>, Option<std::time::Duration>),
+        room: usize,
     ) -> Result<Head, ProtoError> {
         let phase = Phase::new(send_timeout);
         if read_timeout.is_none() && send_timeout.is_none() {
-            return self.exchange_untimed(parts, pass, body, &phase).await;
+            return self.exchange_untimed(parts, pass, body, &phase, room).await;
         }
         // The timer lives on the connection, which the exchange borrows:
         // taken out for the exchange and put back after.
         let mut timer = self.timer.take();
         let mut read_deadline = None;
         let r = {
-            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase));
+            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase, room));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
@@ -328,6 +331,7 @@ impl Conn {
         pass: Option<Passthrough<'_>>,
         body: Body,
         phase: &Phase,
+        room: usize,
     ) -> Result<Head, ProtoError> {
         let head_request = parts.method == Method::HEAD;
         let written = self.write_request(parts, pass, body, phase).await;
@@ -339,14 +343,14 @@ impl Conn {
             // is the better outcome.
             if (matches!(&e, ProtoError::AnsweredEarly)
                 || matches!(&e, ProtoError::Io(io) if gone(io)))
-                && let Ok(mut head) = self.read_head(head_request).await
+                && let Ok(mut head) = self.read_head(head_request, room).await
             {
                 head.body.keep_alive = false;
                 return Ok(head);
             }
             return Err(e);
         }
-        self.read_head(head_request).await
+        self.read_head(head_request, room).await
     }
 
     async fn write_request(
@@ -493,11 +497,11 @@ impl Conn {
         self.io.read_buf(&mut self.dec.buf).await
     }
 
-    async fn read_head(&mut self, head_request: bool) -> Result<Head, ProtoError> {
+    async fn read_head(&mut self, head_request: bool, room: usize) -> Result<Head, ProtoError> {
         let mut received = !self.dec.buf.is_empty();
         loop {
             if !self.dec.buf.is_empty() {
-                if let Some(head) = self.dec.parse_head(head_request)? {
+                if let Some(head) = self.dec.parse_head(head_request, room)? {
                     return Ok(head);
                 }
                 if self.dec.buf.len() >= MAX_HEAD {
@@ -588,7 +592,7 @@ fn poll_timer(
 impl Decoder {
     /// A complete head at the front of the buffer, taken off it; `None`
     /// when more bytes are needed. Interim (1xx) responses are dropped.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ProtoError> {
+    fn parse_head(&mut self, head_request: bool, room: usize) -> Result<Option<Head>, ProtoError> {
         loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut headers);
@@ -616,7 +620,7 @@ impl Decoder {
             // The head is copied once; every header value shares the copy.
             let base = self.buf.as_ptr() as usize;
             let shared = head_copy(&self.buf[..len]);
-            let mut map = HeaderMap::with_capacity(r.headers.len());
+            let mut map = HeaderMap::with_capacity(r.headers.len() + room);
             for h in r.headers.iter() {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
                     .map_err(|_| ProtoError::Invalid("header name"))?;
@@ -1108,7 +1112,7 @@ pub fn decode(input: &[u8], pieces: &[usize], head_request: bool) -> Result<Deco
     };
     let head = loop {
         if !dec.buf.is_empty() {
-            if let Some(h) = dec.parse_head(head_request).map_err(|e| e.to_string())? {
+            if let Some(h) = dec.parse_head(head_request, 0).map_err(|e| e.to_string())? {
                 break h;
             }
             if dec.buf.len() >= MAX_HEAD {

@@ -81,7 +81,21 @@ pub fn pool_target<'a>(
         read_timeout: None,
         send_timeout: None,
         now,
+        response_room: response_room(settings),
     }
+}
+
+/// How many headers the pipeline may add to a location's responses: the
+/// request id, `add_header`, the rate-limit headers, `Age` and
+/// `X-Cache-Status`.
+fn response_room(settings: &LocationSettings) -> usize {
+    1 + settings.add_header.len()
+        + if settings.rate_limits.is_empty() {
+            0
+        } else {
+            4
+        }
+        + if settings.cache.is_some() { 2 } else { 0 }
 }
 
 /// Idle connections kept per server for `proxy_pass http://host:port`
@@ -946,11 +960,11 @@ fn serve_request<'a>(
                 crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
             }
         };
-        // One growth of the header map for all that is added below, not
-        // one per insert that crosses its capacity (two for a route with a
-        // rate limit and an `add_header`).
-        resp.headers_mut()
-            .reserve(settings.add_header.len() + 1 + if limit_headers.is_some() { 4 } else { 0 });
+        // Room for all that is added below: an upstream response's map was
+        // made with it (`Target::response_room`); others (cached, local,
+        // aggregated) grow once here, not once per insert that crosses
+        // their capacity.
+        resp.headers_mut().reserve(response_room(settings));
         finish_response(&mut resp, settings, &vars, &out.request_id);
         if let Some(v) = limit_headers {
             v.write_headers(resp.headers_mut());

@@ -68,6 +68,7 @@ pub async fn probe(
             // The whole probe runs under `timeout` (below).
             read_timeout: None,
             send_timeout: None,
+            response_room: 0,
             now: std::time::Instant::now(),
         };
         let req = http::Request::get(uri)

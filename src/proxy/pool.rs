@@ -84,6 +84,9 @@ pub struct Target<'a> {
     /// A clock reading taken as the request started (the caller has one):
     /// idle ages are measured against it, no clock read of their own.
     pub now: Instant,
+    /// Headers the pipeline adds to the response (request id, `add_header`,
+    /// rate-limit and cache headers): room made in its map from the start.
+    pub response_room: usize,
 }
 
 /// Why an upstream request failed.
@@ -232,7 +235,13 @@ pub fn request<'a>(
         };
         let (parts, body) = req.into_parts();
         match conn
-            .exchange(&parts, pass, body, t.read_timeout, t.send_timeout)
+            .exchange(
+                &parts,
+                pass,
+                body,
+                (t.read_timeout, t.send_timeout),
+                t.response_room,
+            )
             .await
         {
             Ok(head) => {

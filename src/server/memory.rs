@@ -107,7 +107,7 @@ fn trim_soon() {
         let (tx, rx) = sync_channel(1);
         std::thread::Builder::new()
             .name("tollgate-trim".into())
-            .stack_size(64 * 1024)
+            .stack_size(256 * 1024)
             .spawn(move || trimmer(rx))
             .map_err(|e| tracing::warn!(error = %e, "cannot start the memory trimming thread"))
             .ok()
