@@ -1520,9 +1520,10 @@ async fn send(
         ProxyTarget::Address { .. } => None,
     };
     let keepalive = pool.as_ref().map_or(DEFAULT_KEEPALIVE, |p| p.def.keepalive);
-    let Some(uri) = prep.target.take() else {
+    let Some(target) = prep.target.take() else {
         return Err(ProxyError::BadRequest);
     };
+    let mut target = Some(target);
     let max_tries = match &pool {
         Some(pool) => {
             let n = pool.peers.len().max(1);
@@ -1615,7 +1616,15 @@ async fn send(
         // headers go as the list, the client's from its map.
         let mut up_req = Request::new(sent_body.unwrap_or_else(empty));
         *up_req.method_mut() = prep.method.clone();
-        *up_req.uri_mut() = uri.clone();
+        // The last possible try takes the target; earlier ones clone it (a
+        // rewritten target's first clone allocates: its bytes were a
+        // `String`'s).
+        let uri = if attempt + 1 < max_tries {
+            target.clone()
+        } else {
+            target.take()
+        };
+        *up_req.uri_mut() = uri.ok_or(ProxyError::BadRequest)?;
         let result = crate::proxy::pool::request(
             &conn_target,
             up_req,
