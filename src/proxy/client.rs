@@ -809,15 +809,13 @@ pub fn encode_head(
     exact_size: Option<u64>,
 ) -> Option<u64> {
     let own: &[(HeaderName, HeaderValue)] = pass.map_or(&[], |p| p.own);
-    let declared: Option<u64> = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
+    let declared: Option<u64> = super::headers::get(&parts.headers, &header::CONTENT_LENGTH)
         .or_else(|| {
             own.iter()
                 .find(|(n, _)| n == header::CONTENT_LENGTH)
                 .map(|(_, v)| v)
         })
-        .or_else(|| pass.and_then(|p| p.headers.get(header::CONTENT_LENGTH)))
+        .or_else(|| pass.and_then(|p| super::headers::get(p.headers, &header::CONTENT_LENGTH)))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let length: Option<u64> = match (has_body, declared) {
@@ -844,7 +842,7 @@ pub fn encode_head(
         w.extend_from_slice(b"\r\n");
     };
     if let Some(p) = pass {
-        let listed = if p.headers.contains_key(header::CONNECTION) {
+        let listed = if super::headers::contains(p.headers, &header::CONNECTION) {
             super::forward::connection_listed(p.headers)
         } else {
             Vec::new()
@@ -925,14 +923,13 @@ fn framing(
     {
         return Ok((Framing::Done, true));
     }
-    if h.contains_key(header::TRANSFER_ENCODING) {
-        let last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
+    if super::headers::contains(h, &header::TRANSFER_ENCODING) {
+        let last = super::headers::get_all(h, &header::TRANSFER_ENCODING)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .rfind(|t| !t.is_empty());
+            .filter(|t| !t.is_empty())
+            .last();
         let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
         // Both framings on one message: the connection is not trusted again.
         let both = h.remove(header::CONTENT_LENGTH).is_some();
@@ -943,7 +940,7 @@ fn framing(
         });
     }
     let mut length: Option<u64> = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
+    for v in super::headers::get_all(h, &header::CONTENT_LENGTH) {
         for part in v
             .to_str()
             .map_err(|_| ProtoError::Invalid("content-length"))?
@@ -971,8 +968,7 @@ fn framing(
 /// Whether the response lets the connection be used again.
 fn keeps_alive(h: &HeaderMap, version: Version) -> bool {
     let has = |token: &str| {
-        h.get_all(header::CONNECTION)
-            .iter()
+        super::headers::get_all(h, &header::CONNECTION)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))

@@ -335,8 +335,7 @@ pub(crate) fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
     // custom name on every `Connection: close` request.
     const CLOSE: HeaderName = HeaderName::from_static("close");
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    h.get_all(header::CONNECTION)
-        .iter()
+    super::headers::get_all(h, &header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| {
@@ -483,7 +482,7 @@ pub fn handle(
             (None, None)
         };
         let trace = crate::observe::trace::TraceContext::from_header(
-            req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+            super::headers::get(req.headers(), &TRACEPARENT).and_then(|v| v.to_str().ok()),
         );
         let mut out = Outcome_ {
             route: None,
@@ -592,7 +591,7 @@ fn serve_request<'a>(
         let default_id_header = gw.config.defaults.request_id_header.as_str();
         // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
         // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
-        let mut host_values = req.headers().get_all(header::HOST).iter();
+        let mut host_values = super::headers::get_all(req.headers(), &header::HOST);
         let first_host = host_values.next();
         let host_count = match (first_host, host_values.next()) {
             (None, _) => 0,
@@ -609,7 +608,7 @@ fn serve_request<'a>(
         out.request_id = gw
             .request_id_name
             .as_ref()
-            .and_then(|n| req.headers().get(n))
+            .and_then(|n| super::headers::get(req.headers(), n))
             .filter(|v| sane_id(v).is_some())
             .cloned()
             .unwrap_or_else(new_request_id_value);
@@ -1036,12 +1035,15 @@ fn cache_fetch(
 /// `Transfer-Encoding` that is exactly `chunked` on one line. Anything
 /// else is a 400 and the connection is closed.
 fn framing_ok(h: &HeaderMap) -> bool {
-    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
-    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if cl > 1 || (cl == 1 && !te.is_empty()) || te.len() > 1 {
+    use super::headers::get_all;
+    let cl = get_all(h, &header::CONTENT_LENGTH).count();
+    let mut te = get_all(h, &header::TRANSFER_ENCODING);
+    let (first_te, more_te) = (te.next(), te.next().is_some());
+    let te_count = usize::from(first_te.is_some()) + usize::from(more_te);
+    if cl > 1 || (cl == 1 && te_count > 0) || te_count > 1 {
         return false;
     }
-    match te.first() {
+    match first_te {
         None => true,
         Some(v) => v
             .to_str()
@@ -1271,15 +1273,13 @@ async fn proxy(
     let settings = &ctx.loc.settings;
     // Body size: refuse up front when announced, cut when streamed.
     let limit = settings.client_max_body_size;
-    let content_length: Option<u64> = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
+    let content_length: Option<u64> = super::headers::get(&parts.headers, &header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     if limit > 0 && content_length.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge);
     }
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let chunked = super::headers::contains(&parts.headers, &header::TRANSFER_ENCODING);
     let has_body = chunked || content_length.is_some_and(|n| n > 0);
     let body: Option<Body> = if has_body {
         let b = crate::proxy::body::ClientBody::start(body, limit, ctx.body_timeout)
@@ -1395,8 +1395,8 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
     // The client's, unless its `Connection` made it hop-by-hop.
-    let client_xff = parts.headers.get(&X_FORWARDED_FOR).filter(|_| {
-        !parts.headers.contains_key(header::CONNECTION)
+    let client_xff = super::headers::get(&parts.headers, &X_FORWARDED_FOR).filter(|_| {
+        !super::headers::contains(&parts.headers, &header::CONNECTION)
             || !connection_listed(&parts.headers).contains(&X_FORWARDED_FOR)
     });
     let xff = match client_xff.and_then(|v| v.to_str().ok()) {
@@ -1416,7 +1416,7 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
     ));
-    let host_value = match parts.headers.get(header::HOST) {
+    let host_value = match super::headers::get(&parts.headers, &header::HOST) {
         Some(h) if h.as_bytes() == ctx.host_raw.as_bytes() => Some(h.clone()),
         _ => HeaderValue::try_from(ctx.host_raw).ok(),
     };
@@ -1737,14 +1737,12 @@ async fn send(
 /// The `Upgrade` protocol of a request that asks for one (`Connection:
 /// upgrade` and an `Upgrade` header), HTTP/1.1 only.
 fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
-    let asks = h
-        .get_all(header::CONNECTION)
-        .iter()
+    let asks = super::headers::get_all(h, &header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     if asks {
-        h.get(header::UPGRADE).cloned()
+        super::headers::get(h, &header::UPGRADE).cloned()
     } else {
         None
     }

@@ -1454,7 +1454,7 @@ pub fn serve(
     req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
-        if req.headers().contains_key(&MARKER_NAME) {
+        if crate::proxy::headers::contains(req.headers(), &MARKER_NAME) {
             // Only the guard can both send the marker on HTTP/1 and set the
             // flag; an h2 request carrying the marker is just a bad request.
             let status = match guard.0.rejected.load(Ordering::Acquire) {
