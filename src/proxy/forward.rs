@@ -497,7 +497,13 @@ pub fn handle(
         };
         // Boxed: the pipeline's state is kilobytes, and hyper keeps a slot of
         // this future's size for every connection, idle or not.
-        let resp = Box::pin(serve_request(&gw, conn, req, &trace, &mut out)).await;
+        // The box first, the future written into it: built in place, not
+        // built on the stack and copied (kilobytes, most of them unused yet).
+        let resp = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            serve_request(&gw, conn, req, &trace, &mut out),
+        ))
+        .await;
         let record = crate::observe::access_log::Record {
             start,
             time: None,
