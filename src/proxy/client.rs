@@ -620,7 +620,7 @@ impl Decoder {
             // The head is copied once; every header value shares the copy.
             let base = self.buf.as_ptr() as usize;
             let shared = head_copy(&self.buf[..len]);
-            let mut map = HeaderMap::with_capacity(r.headers.len() + room);
+            let mut map = super::headers::spare::take(r.headers.len() + room);
             for h in r.headers.iter() {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
                     .map_err(|_| ProtoError::Invalid("header name"))?;

@@ -974,6 +974,8 @@ fn serve_request<'a>(
         if let Some(v) = limit_headers {
             v.write_headers(resp.headers_mut());
         }
+        // The request's map, done with, for the next head on this thread.
+        crate::proxy::headers::spare::give(std::mem::take(&mut parts.headers));
         resp
     }
 }

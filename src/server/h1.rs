@@ -286,7 +286,7 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut map = spare::take(r.headers.len());
+    let mut map = crate::proxy::headers::spare::take(r.headers.len());
     let mut framing = Framing::Done;
     let (mut close, mut keep_alive_token, mut upgrade, mut expect) = (false, false, false, false);
     for h in r.headers.iter() {
@@ -735,7 +735,7 @@ async fn write_response(
         length_header,
         chunked_header,
     );
-    spare::give(parts.headers);
+    crate::proxy::headers::spare::give(parts.headers);
     if out == Out::None {
         drop(body);
         return write_all(conn, &[wbuf]).await;
@@ -952,40 +952,6 @@ async fn write_all(conn: &Shared, bufs: &[&[u8]]) -> io::Result<()> {
         }
     })
     .await
-}
-
-/// A header map kept per thread between a response and the next request:
-/// the map a response head was written from is cleared and the next
-/// request's headers are parsed into it (two allocations and their frees
-/// fewer per request; one map per thread, none per connection).
-mod spare {
-    use std::cell::Cell;
-
-    use http::HeaderMap;
-
-    /// A map larger than this is not kept.
-    const KEEP: usize = 64;
-
-    thread_local! {
-        static SPARE: Cell<Option<HeaderMap>> = const { Cell::new(None) };
-    }
-
-    pub fn take(n: usize) -> HeaderMap {
-        match SPARE.with(Cell::take) {
-            Some(mut m) => {
-                m.reserve(n);
-                m
-            }
-            None => HeaderMap::with_capacity(n),
-        }
-    }
-
-    pub fn give(mut m: HeaderMap) {
-        if m.capacity() <= KEEP {
-            m.clear();
-            SPARE.with(|s| s.set(Some(m)));
-        }
-    }
 }
 
 /// The `Date` header's value, formatted once a second per thread.
