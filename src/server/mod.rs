@@ -610,23 +610,31 @@ async fn accept_loop(
                     let (stream, gh) = guard::Guard::new(stream, &conn.limits);
                     conn.serve_h1(Box::new(stream), gh).await
                 }
-                // The handshake runs here, in the connection's own task.
-                Some(cfg) => {
-                    match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
-                        Ok((stream, tls::Alpn::H2)) => {
-                            Box::pin(conn.serve_h2(TokioIo::new(stream), None)).await
-                        }
-                        Ok((stream, _)) => {
-                            let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                            Box::pin(conn.serve_h1(Box::new(stream), gh)).await
-                        }
-                        Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-                    }
-                }
+                // The handshake runs here, in the connection's own task;
+                // boxed, so that plain connections' tasks are not sized
+                // for TLS's state.
+                Some(cfg) => Box::pin(serve_tls(conn, stream, cfg, peer)).await,
             }
             METRICS.connections_active.dec();
             drop(permit);
         });
+    }
+}
+
+/// A TLS connection: the handshake, then HTTP/2 or HTTP/1 as ALPN says.
+async fn serve_tls(
+    conn: Conn,
+    stream: tokio::net::TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    peer: SocketAddr,
+) {
+    match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
+        Ok((stream, tls::Alpn::H2)) => Box::pin(conn.serve_h2(TokioIo::new(stream), None)).await,
+        Ok((stream, _)) => {
+            let (stream, gh) = guard::Guard::new(stream, &conn.limits);
+            Box::pin(conn.serve_h1(Box::new(stream), gh)).await
+        }
+        Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
     }
 }
 
