@@ -455,34 +455,15 @@ where
                 break;
             }
         };
-        let Head {
-            parts,
-            framing,
+        // Built in a plain function: what building the request borrows
+        // is not kept in this future's state while the handler runs.
+        let Started {
+            req,
+            upgrade_tx,
+            version,
+            head_request,
             keep_alive,
-            upgrade,
-            expect_continue,
-        } = head;
-        let version = parts.version;
-        let head_request = parts.method == Method::HEAD;
-        let body = if framing == Framing::Done {
-            RequestBody::Empty
-        } else {
-            let mut i = lock(&conn);
-            i.body = framing;
-            i.expect = expect_continue.then_some(0);
-            drop(i);
-            RequestBody::H1(H1Body { conn: conn.clone() })
-        };
-        let mut req = Request::from_parts(parts, body);
-        let upgrade_tx = if upgrade {
-            let (tx, rx) = oneshot::channel();
-            req.extensions_mut().insert(OnUpgrade {
-                rx: Arc::new(Mutex::new(Some(rx))),
-            });
-            Some(tx)
-        } else {
-            None
-        };
+        } = start(head, &conn);
         let resp = handler(req).await;
         let mut keep = keep_alive && !*peek.borrow();
         if let Some(tx) = upgrade_tx
@@ -552,6 +533,55 @@ where
         let _ = io.shutdown().await;
     }
     None
+}
+
+/// A request ready for the handler, and what the loop needs of its head
+/// afterwards.
+struct Started {
+    req: Request<RequestBody>,
+    upgrade_tx: Option<oneshot::Sender<Upgraded>>,
+    version: Version,
+    head_request: bool,
+    keep_alive: bool,
+}
+
+/// The request of `head`, its body read from `conn` as the handler polls it.
+fn start(head: Head, conn: &Shared) -> Started {
+    let Head {
+        parts,
+        framing,
+        keep_alive,
+        upgrade,
+        expect_continue,
+    } = head;
+    let version = parts.version;
+    let head_request = parts.method == Method::HEAD;
+    let body = if framing == Framing::Done {
+        RequestBody::Empty
+    } else {
+        let mut i = lock(conn);
+        i.body = framing;
+        i.expect = expect_continue.then_some(0);
+        drop(i);
+        RequestBody::H1(H1Body { conn: conn.clone() })
+    };
+    let mut req = Request::from_parts(parts, body);
+    let upgrade_tx = if upgrade {
+        let (tx, rx) = oneshot::channel();
+        req.extensions_mut().insert(OnUpgrade {
+            rx: Arc::new(Mutex::new(Some(rx))),
+        });
+        Some(tx)
+    } else {
+        None
+    };
+    Started {
+        req,
+        upgrade_tx,
+        version,
+        head_request,
+        keep_alive,
+    }
 }
 
 /// A stream with bytes already read off it put back in front of it.
