@@ -465,8 +465,21 @@ pub fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<RequestBody>,
+    guard: Option<crate::server::guard::GuardHandle>,
 ) -> impl std::future::Future<Output = Response<Body>> {
     async move {
+        // The guard's own synthetic request, answered without a pipeline.
+        if let Some(g) = &guard
+            && let Some(r) = crate::server::guard::refused(g, &shared, conn, &req)
+        {
+            return r;
+        }
+        // Told whether the connection was upgraded, once that is known.
+        let upgrade_guard = guard.filter(|_| {
+            req.extensions()
+                .get::<crate::server::h1::OnUpgrade>()
+                .is_some()
+        });
         let start = Instant::now();
         let in_flight = crate::server::memory::InFlight::begin();
         let gw = shared.gateway.load_full();
@@ -528,6 +541,9 @@ pub fn handle(
             log: out.log,
             in_flight,
         };
+        if let Some(g) = &upgrade_guard {
+            crate::server::guard::decided(g, resp.status());
+        }
         let (parts, body) = resp.into_parts();
         Response::from_parts(
             parts,

@@ -1442,34 +1442,42 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 
 /// Serve one request of a guarded connection: answer the guard's
 /// synthetic request with its status, else [`handle`] the request and tell
-/// the guard whether an upgrade happened.
-// Not an `async fn`: its arguments would sit in its state twice (the
-// argument and its binding); the block captures them once. This future is
-// what hyper keeps a slot for on every connection.
-#[allow(clippy::manual_async_fn)] // on purpose, see above
+/// the guard whether an upgrade happened (the request path calls
+/// [`refused`] first and [`decided`] at the end; no future of its own
+/// wraps it, so a connection keeps no slot for one).
 pub fn serve(
     guard: GuardHandle,
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Response<Body>> {
-    async move {
-        if crate::proxy::headers::contains(req.headers(), &MARKER_NAME) {
-            // Only the guard can both send the marker on HTTP/1 and set the
-            // flag; an h2 request carrying the marker is just a bad request.
-            let status = match guard.0.rejected.load(Ordering::Acquire) {
-                0 => 400,
-                s => s,
-            };
-            return rejection(&shared, conn, status);
-        }
-        let may_upgrade = req.extensions().get::<super::h1::OnUpgrade>().is_some();
-        let resp = handle(shared, conn, req).await;
-        if may_upgrade {
-            guard.decide_upgrade(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
-        }
-        resp
+    handle(shared, conn, req, Some(guard))
+}
+
+/// The answer to the guard's synthetic request (it carries the marker),
+/// given without a pipeline; `None` for every other request.
+pub fn refused(
+    guard: &GuardHandle,
+    shared: &Shared,
+    conn: ConnInfo,
+    req: &Request<RequestBody>,
+) -> Option<Response<Body>> {
+    if !crate::proxy::headers::contains(req.headers(), &MARKER_NAME) {
+        return None;
     }
+    // Only the guard can both send the marker on HTTP/1 and set the flag;
+    // an h2 request carrying the marker is just a bad request.
+    let status = match guard.0.rejected.load(Ordering::Acquire) {
+        0 => 400,
+        s => s,
+    };
+    Some(rejection(shared, conn, status))
+}
+
+/// Whether a request that could upgrade its connection did (the guard
+/// scans on or passes bytes through from here).
+pub fn decided(guard: &GuardHandle, status: StatusCode) {
+    guard.decide_upgrade(status == StatusCode::SWITCHING_PROTOCOLS);
 }
 
 fn rejection(shared: &Shared, conn: ConnInfo, status: u16) -> Response<Body> {

@@ -756,7 +756,7 @@ impl Conn {
             async move {
                 let resp = match guard {
                     Some(gh) => guard::serve(gh, shared, info, req).await,
-                    None => crate::proxy::forward::handle(shared, info, req).await,
+                    None => crate::proxy::forward::handle(shared, info, req, None).await,
                 };
                 Ok::<_, std::convert::Infallible>(resp)
             }
