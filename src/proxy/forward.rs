@@ -6,6 +6,7 @@
 //! [`ProxyError::status`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -458,16 +459,22 @@ thread_local! {
 
 /// Serve one request: route it, run its location, and log it when the
 /// response body ends.
+//
 // Not an `async fn`: its arguments would sit in its state twice (the
-// argument and its binding); the block captures them once.
-#[allow(clippy::manual_async_fn)] // on purpose, see above
+// argument and its binding); the block captures them once. The whole of
+// it in one box: the request's state is kilobytes, and a connection would
+// otherwise keep a slot of that size while it waits for a head. The box
+// comes first and the future is written into it: built in place, not
+// built on the stack and copied (kilobytes, most of them unused yet). The
+// pipeline is in the same block, not a future of its own awaited here
+// (that future would be built and then moved into this one's state).
 pub fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     guard: Option<crate::server::guard::GuardHandle>,
-) -> impl std::future::Future<Output = Response<Body>> {
-    async move {
+) -> Pin<Box<impl std::future::Future<Output = Response<Body>>>> {
+    Box::into_pin(Box::write(Box::new_uninit(), async move {
         // The guard's own synthetic request, answered without a pipeline.
         if let Some(g) = &guard
             && let Some(r) = crate::server::guard::refused(g, &shared, conn, &req)
@@ -512,11 +519,403 @@ pub fn handle(
         // this future's size for every connection, idle or not.
         // The box first, the future written into it: built in place, not
         // built on the stack and copied (kilobytes, most of them unused yet).
-        let resp = Box::into_pin(Box::write(
-            Box::new_uninit(),
-            serve_request(&gw, conn, req, &trace, &mut out),
-        ))
-        .await;
+        let resp: Response<Body> = 'serve: {
+            let default_id_header = gw.config.defaults.request_id_header.as_str();
+            // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
+            // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
+            let mut host_values = super::headers::get_all(req.headers(), &header::HOST);
+            let first_host = host_values.next();
+            let host_count = match (first_host, host_values.next()) {
+                (None, _) => 0,
+                (Some(_), None) => 1,
+                (Some(_), Some(_)) => 2,
+            };
+            // A header value: the Host header's is shared with the request, not copied.
+            let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
+                (_, 2..) => None,
+                (Some(a), _) => HeaderValue::try_from(a.as_str()).ok(),
+                (None, 1) => first_host.filter(|h| h.to_str().is_ok()).cloned(),
+                (None, _) => None,
+            };
+            out.request_id = gw
+                .request_id_name
+                .as_ref()
+                .and_then(|n| super::headers::get(req.headers(), n))
+                .filter(|v| sane_id(v).is_some())
+                .cloned()
+                .unwrap_or_else(new_request_id_value);
+            let bad = |id: &str| {
+                let mut r = error_response(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    id,
+                    default_id_header,
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            };
+            if !framing_ok(req.headers()) {
+                break 'serve bad(header_text(&out.request_id));
+            }
+            if host_count > 1
+                || (req.version() == http::Version::HTTP_11
+                    && (host_count == 0 || host_value.is_none()))
+            {
+                break 'serve bad(header_text(&out.request_id));
+            }
+            let host_raw: &str = host_value.as_ref().map_or("", header_text);
+            let Some(host) = host_only(host_raw) else {
+                break 'serve bad(header_text(&out.request_id));
+            };
+            let Some(pq) = req.uri().path_and_query().cloned() else {
+                break 'serve bad(header_text(&out.request_id));
+            };
+            let raw_path = pq.path();
+            if !raw_path.starts_with('/') {
+                break 'serve bad(header_text(&out.request_id));
+            }
+            let path = match normalize_path(raw_path) {
+                Ok(p) => p,
+                Err(_) => break 'serve bad(header_text(&out.request_id)),
+            };
+            let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
+                break 'serve error_response(
+                    StatusCode::NOT_FOUND,
+                    "Not found",
+                    header_text(&out.request_id),
+                    default_id_header,
+                );
+            };
+            let server = &gw.config.servers[si];
+            out.server = gw.labels.get(si).map(|l| l.server.clone());
+            out.log = server.settings.access_log.clone();
+            // A server-level `return` answers before any location is matched
+            // (NGINX's server rewrite phase).
+            if let Some(r) = &server.server_return {
+                let settings = &server.settings;
+                if settings.request_id_header != default_id_header {
+                    out.request_id = request_id(&req, settings);
+                }
+                let id = header_text(&out.request_id);
+                let empty_caps: Vec<Option<String>> = Vec::new();
+                let request_uri = pq.as_str().to_string();
+                let vars = RequestVars {
+                    remote_addr: remote_addr(server, conn.peer.ip(), req.headers()),
+                    host: &host,
+                    scheme: if conn.tls { "https" } else { "http" },
+                    method: req.method().as_str(),
+                    uri: &path,
+                    request_uri: &request_uri,
+                    args: pq.query().unwrap_or(""),
+                    headers: req.headers(),
+                    request_id: id,
+                    server_name: "",
+                    server_port: conn.local.port(),
+                    captures: &empty_caps,
+                    named: &[],
+                    claims: None,
+                };
+                let mut resp = return_response(r, &vars);
+                finish_response(&mut resp, settings, &vars, &out.request_id);
+                break 'serve resp;
+            }
+            let (li, captures, named) = match gw.router.lookup(si, &path) {
+                Lookup::Found { location, captures } => {
+                    let loc = &server.locations[location];
+                    let mut caps = Vec::new();
+                    let mut named = Vec::new();
+                    if let Some(re) = &loc.regex {
+                        for i in 0..captures.len() {
+                            caps.push(captures.get(i).map(str::to_string));
+                        }
+                        for n in re.capture_names().flatten() {
+                            if let Some(v) = captures.name(n) {
+                                named.push((n.to_string(), v.to_string()));
+                            }
+                        }
+                    }
+                    (location, caps, named)
+                }
+                Lookup::RedirectSlash { location } => {
+                    let loc = &server.locations[location];
+                    out.route = gw
+                        .labels
+                        .get(si)
+                        .and_then(|l| l.routes.get(location))
+                        .cloned();
+                    out.log = loc.settings.access_log.clone();
+                    let settings = &loc.settings;
+                    if settings.request_id_header != default_id_header {
+                        out.request_id = request_id(&req, settings);
+                    }
+                    let id = header_text(&out.request_id);
+                    let mut target = encode_path(&format!("{path}/"));
+                    if let Some(q) = pq.query() {
+                        target.push('?');
+                        target.push_str(q);
+                    }
+                    let mut resp = error_response(
+                        StatusCode::MOVED_PERMANENTLY,
+                        "Moved permanently",
+                        id,
+                        &settings.request_id_header,
+                    );
+                    if let Ok(v) = HeaderValue::try_from(target) {
+                        resp.headers_mut().insert(header::LOCATION, v);
+                    }
+                    break 'serve resp;
+                }
+                Lookup::NotFound => {
+                    break 'serve error_response(
+                        StatusCode::NOT_FOUND,
+                        "Not found",
+                        header_text(&out.request_id),
+                        default_id_header,
+                    );
+                }
+            };
+            let loc = &server.locations[li];
+            out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
+            out.log = loc.settings.access_log.clone();
+            let settings = &loc.settings;
+            if settings.request_id_header != default_id_header {
+                out.request_id = request_id(&req, settings);
+            }
+            let id = header_text(&out.request_id);
+            let remote = remote_addr(server, conn.peer.ip(), req.headers());
+            out.remote_addr = remote;
+            let server_name = server
+                .names
+                .iter()
+                .find_map(|n| match n {
+                    crate::config::model::ServerName::Exact(x) => Some(x.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("");
+            let effective_host: &str = if host.is_empty() { server_name } else { &host };
+            let request_uri = pq.as_str();
+            let args = pq.query().unwrap_or("");
+            let method = req.method().clone();
+            // Authentication (§6): before anything else of the location runs.
+            let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
+                None => None,
+                Some(v) => {
+                    match v.authenticate(req.headers(), args, std::time::SystemTime::now()) {
+                        Ok(c) => {
+                            out.auth = Some("ok");
+                            // Claim headers are the gateway's: drop what the client sent.
+                            let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
+                            for (claim, h) in &def.forward_claims {
+                                req.headers_mut().remove(h.as_str());
+                                if let (Some(val), Some(n)) = (c.get(claim), config_header_name(h))
+                                    && let Ok(val) = HeaderValue::try_from(val)
+                                {
+                                    req.headers_mut().insert(n, val);
+                                }
+                            }
+                            Some(c)
+                        }
+                        Err(r) => {
+                            out.auth = Some(if r.is_invalid() { "invalid" } else { "missing" });
+                            tracing::info!(policy = v.name(), reason = %r, request_id = %id, "authentication failed");
+                            crate::observe::metrics::METRICS
+                                .auth_failures
+                                .get_or_create(&crate::observe::metrics::ReasonLabels {
+                                    policy: v.name().to_string(),
+                                    reason: format!("{r:?}")
+                                        .split('(')
+                                        .next()
+                                        .unwrap_or("")
+                                        .to_ascii_lowercase(),
+                                })
+                                .inc();
+                            let mut resp = error_response(
+                                r.status(),
+                                r.message(),
+                                id,
+                                &settings.request_id_header,
+                            );
+                            resp.headers_mut().insert(
+                                header::WWW_AUTHENTICATE,
+                                crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
+                            );
+                            break 'serve resp;
+                        }
+                    }
+                }
+            };
+            // From here on the request is in parts: the variables borrow its
+            // headers (no copy), the handler takes its body.
+            let (mut parts, body) = req.into_parts();
+            let mut extensions = std::mem::take(&mut parts.extensions);
+            let vars = RequestVars {
+                remote_addr: remote,
+                host: effective_host,
+                scheme: if conn.tls { "https" } else { "http" },
+                method: method.as_str(),
+                uri: &path,
+                request_uri,
+                args,
+                headers: &parts.headers,
+                request_id: id,
+                server_name,
+                server_port: conn.local.port(),
+                captures: &captures,
+                named: &named,
+                claims: claims.as_deref(),
+            };
+            // Rate limits (§7): every limit of the location applies.
+            let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
+            if !settings.rate_limits.is_empty() {
+                let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
+                for &i in &settings.rate_limits {
+                    let Some(lim) = gw.limiters.get(i) else {
+                        continue;
+                    };
+                    let key = vars.render(lim.key());
+                    match lim.decide(&key, Instant::now()).await {
+                        crate::policy::rate_limit::Decision::Counted(v) => {
+                            if !v.allowed {
+                                out.rate_limit = Some("limited");
+                                crate::observe::metrics::METRICS
+                                    .rate_limited
+                                    .get_or_create(&crate::observe::metrics::LimitLabels {
+                                        limit: lim.name().to_string(),
+                                    })
+                                    .inc();
+                                let mut resp = error_response(
+                                    StatusCode::TOO_MANY_REQUESTS,
+                                    "Too many requests",
+                                    id,
+                                    &settings.request_id_header,
+                                );
+                                v.write_headers(resp.headers_mut());
+                                break 'serve resp;
+                            }
+                            verdicts.push(v);
+                        }
+                        crate::policy::rate_limit::Decision::StoreError => {
+                            tracing::warn!(limit = lim.name(), "rate limit store unavailable");
+                            if !lim.on_store_error_allow() {
+                                out.rate_limit = Some("store_error");
+                                break 'serve error_response(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "Rate limit store unavailable",
+                                    id,
+                                    &settings.request_id_header,
+                                );
+                            }
+                            out.rate_limit = Some("store_error_allowed");
+                        }
+                    }
+                }
+                if out.rate_limit.is_none() {
+                    out.rate_limit = Some("allowed");
+                }
+                limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
+            }
+            let mut resp = match &loc.handler {
+                Handler::Return(r) => return_response(r, &vars),
+                Handler::Proxy(p) => {
+                    let ctx = ProxyCtx {
+                        gw: &gw,
+                        loc,
+                        vars: &vars,
+                        host_raw,
+                        conn,
+                        path: &path,
+                        trace: &trace,
+                        body_timeout: server.limits.body_timeout,
+                        request_id: &out.request_id,
+                    };
+                    let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
+                    let resp = match cache {
+                        Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
+                            let key = vars.render(&cache.def().key);
+                            // Built only on a miss (or a refresh): a fresh hit
+                            // never prepares an upstream request.
+                            let make_fetch = || {
+                                let mut prep = prepare(&ctx, p, &parts);
+                                // Validators and ranges are the client's business:
+                                // the cache stores whole responses (as NGINX does).
+                                for h in [
+                                    header::IF_NONE_MATCH,
+                                    header::IF_MODIFIED_SINCE,
+                                    header::IF_RANGE,
+                                    header::RANGE,
+                                ] {
+                                    prep.headers.retain(|(have, _)| *have != h);
+                                    prep.skip.push(h);
+                                }
+                                cache_fetch(gw.clone(), si, li, prep.into_owned(), id.to_string())
+                            };
+                            let resp = cache.serve_with(key, &parts, make_fetch).await;
+                            out.cache = resp
+                                .extensions()
+                                .get::<crate::policy::cache::CacheStatus>()
+                                .map(|s| s.as_str());
+                            resp
+                        }
+                        other => {
+                            let mut resp = match proxy(
+                                &ctx,
+                                p,
+                                &parts,
+                                &mut extensions,
+                                body,
+                                &mut out.upstream,
+                            )
+                            .await
+                            {
+                                Ok(r) => r,
+                                Err(e) => error_response(
+                                    e.status(),
+                                    &e.to_string(),
+                                    id,
+                                    &settings.request_id_header,
+                                ),
+                            };
+                            if other.is_some() {
+                                // A cached location, but a method its cache does not store.
+                                resp.headers_mut().insert(
+                                    crate::policy::cache::X_CACHE_STATUS,
+                                    HeaderValue::from_static("BYPASS"),
+                                );
+                                out.cache = Some("BYPASS");
+                            }
+                            resp
+                        }
+                    };
+                    if settings.wrap_response {
+                        crate::policy::wrap::wrap(
+                            resp,
+                            settings.wrap_response_max_size,
+                            id,
+                            std::time::SystemTime::now(),
+                        )
+                        .await
+                    } else {
+                        resp
+                    }
+                }
+                Handler::Aggregate(a) => {
+                    crate::proxy::aggregate::run(&gw, a, &vars, settings, &parts.headers).await
+                }
+            };
+            // Room for all that is added below: an upstream response's map was
+            // made with it (`Target::response_room`); others (cached, local,
+            // aggregated) grow once here, not once per insert that crosses
+            // their capacity.
+            resp.headers_mut().reserve(response_room(settings));
+            finish_response(&mut resp, settings, &vars, &out.request_id);
+            if let Some(v) = limit_headers {
+                v.write_headers(resp.headers_mut());
+            }
+            // The request's map, done with, for the next head on this thread.
+            crate::proxy::headers::spare::give(std::mem::take(&mut parts.headers));
+            resp
+        };
         let record = crate::observe::access_log::Record {
             start,
             time: None,
@@ -549,7 +948,7 @@ pub fn handle(
             parts,
             crate::observe::access_log::LoggedBody::new(body, record).boxed(),
         )
-    }
+    }))
 }
 
 /// A response given without a parsed request (the guard's refusals):
@@ -597,403 +996,6 @@ pub fn logged_refusal(
         parts,
         crate::observe::access_log::LoggedBody::new(body, record).boxed(),
     )
-}
-
-// Not an `async fn`: its arguments would sit in its state twice (the
-// argument and its binding); the block captures them once.
-#[allow(clippy::manual_async_fn)] // on purpose, see above
-fn serve_request<'a>(
-    gw: &'a Arc<Gateway>,
-    conn: ConnInfo,
-    mut req: Request<RequestBody>,
-    trace: &'a crate::observe::trace::TraceContext,
-    out: &'a mut Outcome_,
-) -> impl std::future::Future<Output = Response<Body>> + 'a {
-    async move {
-        let default_id_header = gw.config.defaults.request_id_header.as_str();
-        // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
-        // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
-        let mut host_values = super::headers::get_all(req.headers(), &header::HOST);
-        let first_host = host_values.next();
-        let host_count = match (first_host, host_values.next()) {
-            (None, _) => 0,
-            (Some(_), None) => 1,
-            (Some(_), Some(_)) => 2,
-        };
-        // A header value: the Host header's is shared with the request, not copied.
-        let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
-            (_, 2..) => None,
-            (Some(a), _) => HeaderValue::try_from(a.as_str()).ok(),
-            (None, 1) => first_host.filter(|h| h.to_str().is_ok()).cloned(),
-            (None, _) => None,
-        };
-        out.request_id = gw
-            .request_id_name
-            .as_ref()
-            .and_then(|n| super::headers::get(req.headers(), n))
-            .filter(|v| sane_id(v).is_some())
-            .cloned()
-            .unwrap_or_else(new_request_id_value);
-        let bad = |id: &str| {
-            let mut r = error_response(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                id,
-                default_id_header,
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
-        };
-        if !framing_ok(req.headers()) {
-            return bad(header_text(&out.request_id));
-        }
-        if host_count > 1
-            || (req.version() == http::Version::HTTP_11
-                && (host_count == 0 || host_value.is_none()))
-        {
-            return bad(header_text(&out.request_id));
-        }
-        let host_raw: &str = host_value.as_ref().map_or("", header_text);
-        let Some(host) = host_only(host_raw) else {
-            return bad(header_text(&out.request_id));
-        };
-        let Some(pq) = req.uri().path_and_query().cloned() else {
-            return bad(header_text(&out.request_id));
-        };
-        let raw_path = pq.path();
-        if !raw_path.starts_with('/') {
-            return bad(header_text(&out.request_id));
-        }
-        let path = match normalize_path(raw_path) {
-            Ok(p) => p,
-            Err(_) => return bad(header_text(&out.request_id)),
-        };
-        let Some(si) = gw.router.select_server(conn.local, Some(&host)) else {
-            return error_response(
-                StatusCode::NOT_FOUND,
-                "Not found",
-                header_text(&out.request_id),
-                default_id_header,
-            );
-        };
-        let server = &gw.config.servers[si];
-        out.server = gw.labels.get(si).map(|l| l.server.clone());
-        out.log = server.settings.access_log.clone();
-        // A server-level `return` answers before any location is matched
-        // (NGINX's server rewrite phase).
-        if let Some(r) = &server.server_return {
-            let settings = &server.settings;
-            if settings.request_id_header != default_id_header {
-                out.request_id = request_id(&req, settings);
-            }
-            let id = header_text(&out.request_id);
-            let empty_caps: Vec<Option<String>> = Vec::new();
-            let request_uri = pq.as_str().to_string();
-            let vars = RequestVars {
-                remote_addr: remote_addr(server, conn.peer.ip(), req.headers()),
-                host: &host,
-                scheme: if conn.tls { "https" } else { "http" },
-                method: req.method().as_str(),
-                uri: &path,
-                request_uri: &request_uri,
-                args: pq.query().unwrap_or(""),
-                headers: req.headers(),
-                request_id: id,
-                server_name: "",
-                server_port: conn.local.port(),
-                captures: &empty_caps,
-                named: &[],
-                claims: None,
-            };
-            let mut resp = return_response(r, &vars);
-            finish_response(&mut resp, settings, &vars, &out.request_id);
-            return resp;
-        }
-        let (li, captures, named) = match gw.router.lookup(si, &path) {
-            Lookup::Found { location, captures } => {
-                let loc = &server.locations[location];
-                let mut caps = Vec::new();
-                let mut named = Vec::new();
-                if let Some(re) = &loc.regex {
-                    for i in 0..captures.len() {
-                        caps.push(captures.get(i).map(str::to_string));
-                    }
-                    for n in re.capture_names().flatten() {
-                        if let Some(v) = captures.name(n) {
-                            named.push((n.to_string(), v.to_string()));
-                        }
-                    }
-                }
-                (location, caps, named)
-            }
-            Lookup::RedirectSlash { location } => {
-                let loc = &server.locations[location];
-                out.route = gw
-                    .labels
-                    .get(si)
-                    .and_then(|l| l.routes.get(location))
-                    .cloned();
-                out.log = loc.settings.access_log.clone();
-                let settings = &loc.settings;
-                if settings.request_id_header != default_id_header {
-                    out.request_id = request_id(&req, settings);
-                }
-                let id = header_text(&out.request_id);
-                let mut target = encode_path(&format!("{path}/"));
-                if let Some(q) = pq.query() {
-                    target.push('?');
-                    target.push_str(q);
-                }
-                let mut resp = error_response(
-                    StatusCode::MOVED_PERMANENTLY,
-                    "Moved permanently",
-                    id,
-                    &settings.request_id_header,
-                );
-                if let Ok(v) = HeaderValue::try_from(target) {
-                    resp.headers_mut().insert(header::LOCATION, v);
-                }
-                return resp;
-            }
-            Lookup::NotFound => {
-                return error_response(
-                    StatusCode::NOT_FOUND,
-                    "Not found",
-                    header_text(&out.request_id),
-                    default_id_header,
-                );
-            }
-        };
-        let loc = &server.locations[li];
-        out.route = gw.labels.get(si).and_then(|l| l.routes.get(li)).cloned();
-        out.log = loc.settings.access_log.clone();
-        let settings = &loc.settings;
-        if settings.request_id_header != default_id_header {
-            out.request_id = request_id(&req, settings);
-        }
-        let id = header_text(&out.request_id);
-        let remote = remote_addr(server, conn.peer.ip(), req.headers());
-        out.remote_addr = remote;
-        let server_name = server
-            .names
-            .iter()
-            .find_map(|n| match n {
-                crate::config::model::ServerName::Exact(x) => Some(x.as_str()),
-                _ => None,
-            })
-            .unwrap_or("");
-        let effective_host: &str = if host.is_empty() { server_name } else { &host };
-        let request_uri = pq.as_str();
-        let args = pq.query().unwrap_or("");
-        let method = req.method().clone();
-        // Authentication (§6): before anything else of the location runs.
-        let claims = match settings.auth_jwt.and_then(|i| gw.jwt.get(i)) {
-            None => None,
-            Some(v) => match v.authenticate(req.headers(), args, std::time::SystemTime::now()) {
-                Ok(c) => {
-                    out.auth = Some("ok");
-                    // Claim headers are the gateway's: drop what the client sent.
-                    let def = &gw.config.jwt[settings.auth_jwt.unwrap_or_default()];
-                    for (claim, h) in &def.forward_claims {
-                        req.headers_mut().remove(h.as_str());
-                        if let (Some(val), Some(n)) = (c.get(claim), config_header_name(h))
-                            && let Ok(val) = HeaderValue::try_from(val)
-                        {
-                            req.headers_mut().insert(n, val);
-                        }
-                    }
-                    Some(c)
-                }
-                Err(r) => {
-                    out.auth = Some(if r.is_invalid() { "invalid" } else { "missing" });
-                    tracing::info!(policy = v.name(), reason = %r, request_id = %id, "authentication failed");
-                    crate::observe::metrics::METRICS
-                        .auth_failures
-                        .get_or_create(&crate::observe::metrics::ReasonLabels {
-                            policy: v.name().to_string(),
-                            reason: format!("{r:?}")
-                                .split('(')
-                                .next()
-                                .unwrap_or("")
-                                .to_ascii_lowercase(),
-                        })
-                        .inc();
-                    let mut resp =
-                        error_response(r.status(), r.message(), id, &settings.request_id_header);
-                    resp.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        crate::policy::jwt::www_authenticate(v.name(), r.is_invalid()),
-                    );
-                    return resp;
-                }
-            },
-        };
-        // From here on the request is in parts: the variables borrow its
-        // headers (no copy), the handler takes its body.
-        let (mut parts, body) = req.into_parts();
-        let mut extensions = std::mem::take(&mut parts.extensions);
-        let vars = RequestVars {
-            remote_addr: remote,
-            host: effective_host,
-            scheme: if conn.tls { "https" } else { "http" },
-            method: method.as_str(),
-            uri: &path,
-            request_uri,
-            args,
-            headers: &parts.headers,
-            request_id: id,
-            server_name,
-            server_port: conn.local.port(),
-            captures: &captures,
-            named: &named,
-            claims: claims.as_deref(),
-        };
-        // Rate limits (§7): every limit of the location applies.
-        let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
-        if !settings.rate_limits.is_empty() {
-            let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
-            for &i in &settings.rate_limits {
-                let Some(lim) = gw.limiters.get(i) else {
-                    continue;
-                };
-                let key = vars.render(lim.key());
-                match lim.decide(&key, Instant::now()).await {
-                    crate::policy::rate_limit::Decision::Counted(v) => {
-                        if !v.allowed {
-                            out.rate_limit = Some("limited");
-                            crate::observe::metrics::METRICS
-                                .rate_limited
-                                .get_or_create(&crate::observe::metrics::LimitLabels {
-                                    limit: lim.name().to_string(),
-                                })
-                                .inc();
-                            let mut resp = error_response(
-                                StatusCode::TOO_MANY_REQUESTS,
-                                "Too many requests",
-                                id,
-                                &settings.request_id_header,
-                            );
-                            v.write_headers(resp.headers_mut());
-                            return resp;
-                        }
-                        verdicts.push(v);
-                    }
-                    crate::policy::rate_limit::Decision::StoreError => {
-                        tracing::warn!(limit = lim.name(), "rate limit store unavailable");
-                        if !lim.on_store_error_allow() {
-                            out.rate_limit = Some("store_error");
-                            return error_response(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "Rate limit store unavailable",
-                                id,
-                                &settings.request_id_header,
-                            );
-                        }
-                        out.rate_limit = Some("store_error_allowed");
-                    }
-                }
-            }
-            if out.rate_limit.is_none() {
-                out.rate_limit = Some("allowed");
-            }
-            limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
-        }
-        let mut resp = match &loc.handler {
-            Handler::Return(r) => return_response(r, &vars),
-            Handler::Proxy(p) => {
-                let ctx = ProxyCtx {
-                    gw,
-                    loc,
-                    vars: &vars,
-                    host_raw,
-                    conn,
-                    path: &path,
-                    trace,
-                    body_timeout: server.limits.body_timeout,
-                    request_id: &out.request_id,
-                };
-                let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
-                let resp = match cache {
-                    Some(cache) if cache.def().methods.iter().any(|m| m == method.as_str()) => {
-                        let key = vars.render(&cache.def().key);
-                        // Built only on a miss (or a refresh): a fresh hit
-                        // never prepares an upstream request.
-                        let make_fetch = || {
-                            let mut prep = prepare(&ctx, p, &parts);
-                            // Validators and ranges are the client's business:
-                            // the cache stores whole responses (as NGINX does).
-                            for h in [
-                                header::IF_NONE_MATCH,
-                                header::IF_MODIFIED_SINCE,
-                                header::IF_RANGE,
-                                header::RANGE,
-                            ] {
-                                prep.headers.retain(|(have, _)| *have != h);
-                                prep.skip.push(h);
-                            }
-                            cache_fetch(gw.clone(), si, li, prep.into_owned(), id.to_string())
-                        };
-                        let resp = cache.serve_with(key, &parts, make_fetch).await;
-                        out.cache = resp
-                            .extensions()
-                            .get::<crate::policy::cache::CacheStatus>()
-                            .map(|s| s.as_str());
-                        resp
-                    }
-                    other => {
-                        let mut resp =
-                            match proxy(&ctx, p, &parts, &mut extensions, body, &mut out.upstream)
-                                .await
-                            {
-                                Ok(r) => r,
-                                Err(e) => error_response(
-                                    e.status(),
-                                    &e.to_string(),
-                                    id,
-                                    &settings.request_id_header,
-                                ),
-                            };
-                        if other.is_some() {
-                            // A cached location, but a method its cache does not store.
-                            resp.headers_mut().insert(
-                                crate::policy::cache::X_CACHE_STATUS,
-                                HeaderValue::from_static("BYPASS"),
-                            );
-                            out.cache = Some("BYPASS");
-                        }
-                        resp
-                    }
-                };
-                if settings.wrap_response {
-                    crate::policy::wrap::wrap(
-                        resp,
-                        settings.wrap_response_max_size,
-                        id,
-                        std::time::SystemTime::now(),
-                    )
-                    .await
-                } else {
-                    resp
-                }
-            }
-            Handler::Aggregate(a) => {
-                crate::proxy::aggregate::run(gw, a, &vars, settings, &parts.headers).await
-            }
-        };
-        // Room for all that is added below: an upstream response's map was
-        // made with it (`Target::response_room`); others (cached, local,
-        // aggregated) grow once here, not once per insert that crosses
-        // their capacity.
-        resp.headers_mut().reserve(response_room(settings));
-        finish_response(&mut resp, settings, &vars, &out.request_id);
-        if let Some(v) = limit_headers {
-            v.write_headers(resp.headers_mut());
-        }
-        // The request's map, done with, for the next head on this thread.
-        crate::proxy::headers::spare::give(std::mem::take(&mut parts.headers));
-        resp
-    }
 }
 
 /// The upstream fetch of a cached location: owns what it needs, so the
