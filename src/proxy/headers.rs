@@ -113,7 +113,7 @@ mod tests {
         let mut h = HeaderMap::new();
         for i in 0..n {
             h.append(
-                HeaderName::try_from(format!("x-f{i}")).unwrap(),
+                HeaderName::try_from(format!("x-f{i}")).expect("a valid name"),
                 HeaderValue::from(i),
             );
         }

@@ -400,139 +400,140 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
 /// shut the stream down before closing it (TLS: its close_notify alert).
 /// A connection that starts with the HTTP/2 preface is handed back
 /// (with the bytes read) for hyper's HTTP/2.
-pub async fn serve<F, Fut>(
+#[allow(clippy::manual_async_fn)] // on purpose, see the first comment inside
+pub fn serve<F, Fut>(
     io: Box<dyn Stream>,
     mut handler: F,
     mut stop: watch::Receiver<bool>,
     close_notify: bool,
-) -> Option<Upgraded>
+) -> impl Future<Output = Option<Upgraded>>
 where
     F: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<Body>>,
 {
-    let conn: Shared = Arc::new(Mutex::new(Inner {
-        io: Some(io),
-        dec: Decoder::default(),
-        body: Framing::Done,
-        expect: None,
-        broken: false,
-        first: true,
-        h2c: false,
-    }));
-    let mut wbuf: Vec<u8> = Vec::new();
-    // The drain signal is looked at for real only when its watch moved or
-    // the task's waker changed (as `drive` does): registering a waker
-    // takes a lock, and the connection waits for a head on every request.
-    let peek = stop.clone();
-    let mut signal = std::pin::pin!(stopping(&mut stop));
-    let mut registered: Option<std::task::Waker> = None;
-    loop {
-        let head = std::future::poll_fn(|cx| {
-            if let Poll::Ready(h) = lock(&conn).poll_head(cx) {
-                return Poll::Ready(Some(h));
-            }
-            if let Some(w) = &registered
-                && w.will_wake(cx.waker())
-                && !peek.has_changed().unwrap_or(true)
+    // Not an `async fn`: its arguments would sit in its state twice (the
+    // argument and its binding); the block captures them once.
+    async move {
+        let conn: Shared = Arc::new(Mutex::new(Inner {
+            io: Some(io),
+            dec: Decoder::default(),
+            body: Framing::Done,
+            expect: None,
+            broken: false,
+            first: true,
+            h2c: false,
+        }));
+        let mut wbuf: Vec<u8> = Vec::new();
+        // The drain signal is looked at for real only when its watch moved or
+        // the task's waker changed (as `drive` does): registering a waker
+        // takes a lock, and the connection waits for a head on every request.
+        let peek = stop.clone();
+        let mut signal = std::pin::pin!(stopping(&mut stop));
+        let mut registered: Option<std::task::Waker> = None;
+        loop {
+            let head = std::future::poll_fn(|cx| {
+                if let Poll::Ready(h) = lock(&conn).poll_head(cx) {
+                    return Poll::Ready(Some(h));
+                }
+                if let Some(w) = &registered
+                    && w.will_wake(cx.waker())
+                    && !peek.has_changed().unwrap_or(true)
+                {
+                    return Poll::Pending;
+                }
+                match signal.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => {
+                        registered = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                }
+            })
+            .await;
+            // Built in a plain function: the head, and what building the
+            // request borrows, are not kept in this future's state while the
+            // handler runs.
+            let Some(Started {
+                req,
+                upgrade_tx,
+                version,
+                head_request,
+                keep_alive,
+            }) = start(head, &conn)
+            else {
+                break;
+            };
+            let resp = handler(req).await;
+            let mut keep = keep_alive && !*peek.borrow();
+            if let Some(tx) = upgrade_tx
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
-                return Poll::Pending;
+                wbuf.clear();
+                let (parts, _) = resp.into_parts();
+                let seen = status_and_headers(&mut wbuf, &parts);
+                end_head(&mut wbuf, &seen, parts.status, version, false, None, false);
+                if let Err(e) = write_all(&conn, &[&wbuf]).await {
+                    tracing::debug!(error = %e, "writing a 101 response failed");
+                    break;
+                }
+                let mut i = lock(&conn);
+                if let Some(io) = i.io.take() {
+                    let read = i.dec.buf.split().freeze();
+                    let _ = tx.send(Upgraded { io, read });
+                }
+                return None;
             }
-            match signal.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => {
-                    registered = Some(cx.waker().clone());
-                    Poll::Pending
+            // Whether the connection outlives this response is known before
+            // its head is written (it says so): a body the handler left
+            // unread is skipped now if the rest of it is here.
+            let (broken, unread, owed) = {
+                let i = lock(&conn);
+                (i.broken, !i.body_done(), i.expect.is_some())
+            };
+            if broken || unread && (owed || Arc::strong_count(&conn) > 1 || !skip_body(&conn).await)
+            {
+                keep = false;
+            }
+            if let Err(e) =
+                write_response(&conn, &mut wbuf, resp, version, head_request, &mut keep).await
+            {
+                tracing::debug!(error = %e, "writing a response failed");
+                break;
+            }
+            if !keep || lock(&conn).broken {
+                break;
+            }
+            if wbuf.capacity() > KEEP_WRITE_BUFFER {
+                wbuf = Vec::new();
+            }
+        }
+        let h2c = {
+            let mut i = lock(&conn);
+            match (i.h2c, i.io.take()) {
+                (true, Some(io)) => Some(Upgraded {
+                    io,
+                    read: i.dec.buf.split().freeze(),
+                }),
+                (_, io) => {
+                    i.io = io;
+                    None
                 }
             }
-        })
-        .await;
-        let head = match head {
-            None => break,
-            Some(Ok(Some(h))) => h,
-            Some(Ok(None)) => break,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "connection ended while reading a request head");
-                break;
-            }
         };
-        // Built in a plain function: what building the request borrows
-        // is not kept in this future's state while the handler runs.
-        let Started {
-            req,
-            upgrade_tx,
-            version,
-            head_request,
-            keep_alive,
-        } = start(head, &conn);
-        let resp = handler(req).await;
-        let mut keep = keep_alive && !*peek.borrow();
-        if let Some(tx) = upgrade_tx
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        if h2c.is_some() {
+            return h2c;
+        }
+        // TLS says goodbye (close_notify) before the socket closes; for plain
+        // TCP the close itself sends the FIN (a shutdown first would be one
+        // more system call for the same packet).
+        let io = lock(&conn).io.take();
+        if let Some(mut io) = io
+            && close_notify
         {
-            wbuf.clear();
-            let (parts, _) = resp.into_parts();
-            let seen = status_and_headers(&mut wbuf, &parts);
-            end_head(&mut wbuf, &seen, parts.status, version, false, None, false);
-            if let Err(e) = write_all(&conn, &[&wbuf]).await {
-                tracing::debug!(error = %e, "writing a 101 response failed");
-                break;
-            }
-            let mut i = lock(&conn);
-            if let Some(io) = i.io.take() {
-                let read = i.dec.buf.split().freeze();
-                let _ = tx.send(Upgraded { io, read });
-            }
-            return None;
+            let _ = io.shutdown().await;
         }
-        // Whether the connection outlives this response is known before
-        // its head is written (it says so): a body the handler left
-        // unread is skipped now if the rest of it is here.
-        let (broken, unread, owed) = {
-            let i = lock(&conn);
-            (i.broken, !i.body_done(), i.expect.is_some())
-        };
-        if broken || unread && (owed || Arc::strong_count(&conn) > 1 || !skip_body(&conn).await) {
-            keep = false;
-        }
-        if let Err(e) =
-            write_response(&conn, &mut wbuf, resp, version, head_request, &mut keep).await
-        {
-            tracing::debug!(error = %e, "writing a response failed");
-            break;
-        }
-        if !keep || lock(&conn).broken {
-            break;
-        }
-        if wbuf.capacity() > KEEP_WRITE_BUFFER {
-            wbuf = Vec::new();
-        }
+        None
     }
-    let h2c = {
-        let mut i = lock(&conn);
-        match (i.h2c, i.io.take()) {
-            (true, Some(io)) => Some(Upgraded {
-                io,
-                read: i.dec.buf.split().freeze(),
-            }),
-            (_, io) => {
-                i.io = io;
-                None
-            }
-        }
-    };
-    if h2c.is_some() {
-        return h2c;
-    }
-    // TLS says goodbye (close_notify) before the socket closes; for plain
-    // TCP the close itself sends the FIN (a shutdown first would be one
-    // more system call for the same packet).
-    let io = lock(&conn).io.take();
-    if let Some(mut io) = io
-        && close_notify
-    {
-        let _ = io.shutdown().await;
-    }
-    None
 }
 
 /// A request ready for the handler, and what the loop needs of its head
@@ -545,8 +546,18 @@ struct Started {
     keep_alive: bool,
 }
 
-/// The request of `head`, its body read from `conn` as the handler polls it.
-fn start(head: Head, conn: &Shared) -> Started {
+/// The request of the head read, its body read from `conn` as the handler
+/// polls it; `None` when the connection ends instead (closed, drained, or a
+/// head that could not be read).
+fn start(head: Option<io::Result<Option<Head>>>, conn: &Shared) -> Option<Started> {
+    let head = match head {
+        None | Some(Ok(None)) => return None,
+        Some(Ok(Some(h))) => h,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "connection ended while reading a request head");
+            return None;
+        }
+    };
     let Head {
         parts,
         framing,
@@ -575,13 +586,13 @@ fn start(head: Head, conn: &Shared) -> Started {
     } else {
         None
     };
-    Started {
+    Some(Started {
         req,
         upgrade_tx,
         version,
         head_request,
         keep_alive,
-    }
+    })
 }
 
 /// A stream with bytes already read off it put back in front of it.
