@@ -517,8 +517,8 @@ pub fn handle(
         };
         // Boxed: the pipeline's state is kilobytes, and hyper keeps a slot of
         // this future's size for every connection, idle or not.
-        // The box first, the future written into it: built in place, not
-        // built on the stack and copied (kilobytes, most of them unused yet).
+        // The pipeline, in this block (see above): every answer leaves it
+        // by `break 'serve`, to be logged below.
         let resp: Response<Body> = 'serve: {
             let default_id_header = gw.config.defaults.request_id_header.as_str();
             // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
