@@ -594,9 +594,14 @@ impl Decoder {
     /// when more bytes are needed. Interim (1xx) responses are dropped.
     fn parse_head(&mut self, head_request: bool, room: usize) -> Result<Option<Head>, ProtoError> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut r = httparse::Response::new(&mut headers);
-            let len = match r.parse(&self.buf)? {
+            // Uninitialised slots (see the server's head parser).
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut r = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut r,
+                &self.buf,
+                &mut headers,
+            )? {
                 // The same limit whether the head came whole or in pieces.
                 httparse::Status::Complete(len) if len > MAX_HEAD => {
                     return Err(ProtoError::HeadTooLarge);
