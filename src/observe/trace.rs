@@ -17,11 +17,12 @@ impl<const N: usize> HexId<N> {
 
     /// Hex of `bytes` (which must be `N / 2` long).
     fn of(bytes: &[u8]) -> HexId<N> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [b'0'; N];
-        for (i, b) in bytes.iter().take(N / 2).enumerate() {
-            out[2 * i] = DIGITS[(b >> 4) as usize];
-            out[2 * i + 1] = DIGITS[(b & 15) as usize];
+        for (pair, chunk) in out.chunks_mut(16).zip(bytes.chunks(8)) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let digits = hex16(u64::from_be_bytes(word));
+            pair.copy_from_slice(&digits[..pair.len()]);
         }
         HexId(out)
     }
@@ -129,7 +130,8 @@ impl TraceContext {
         buf[36..52].copy_from_slice(&self.span_id.0);
         buf[52] = b'-';
         buf[53..55].copy_from_slice(&self.flags.0);
-        http::HeaderValue::from_bytes(&buf).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        crate::proxy::headers::made::value(&buf)
+            .unwrap_or_else(|| http::HeaderValue::from_static(""))
     }
 
     /// Whether the caller asked for this trace to be recorded (the
@@ -137,6 +139,27 @@ impl TraceContext {
     pub fn sampled(&self) -> bool {
         u8::from_str_radix(self.flags.as_str(), 16).is_ok_and(|f| f & 1 == 1)
     }
+}
+
+/// The 16 lowercase hex digits of `x`, most significant first, a word at
+/// a time (a digit per byte: spread the nibbles, then add `'0'`, or `'a' -
+/// 10` where the nibble is ten or more).
+pub fn hex16(x: u64) -> [u8; 16] {
+    fn spread(v: u32) -> u64 {
+        let mut x = u64::from(v);
+        x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+        x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+        (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f
+    }
+    fn ascii(n: u64) -> u64 {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        let letters = ((n + 6 * ONES) >> 4) & ONES;
+        n + b'0' as u64 * ONES + letters * u64::from(b'a' - b'0' - 10)
+    }
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&ascii(spread((x >> 32) as u32)).to_be_bytes());
+    out[8..].copy_from_slice(&ascii(spread(x as u32)).to_be_bytes());
+    out
 }
 
 fn new_span_id() -> SpanId {
@@ -157,6 +180,22 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_digits_are_the_formatters() {
+        let mut x = 0x0123_4567_89ab_cdef_u64;
+        for _ in 0..2000 {
+            assert_eq!(hex16(x), *format!("{x:016x}").as_bytes());
+            x = x.rotate_left(7).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xa5;
+        }
+        for x in [0, u64::MAX, 0xa, 0x9, 0xf0f0_f0f0_0f0f_0f0f] {
+            assert_eq!(hex16(x), *format!("{x:016x}").as_bytes());
+        }
+        let t: TraceId = HexId::of(&0xfedc_ba98_7654_3210_0011_2233_4455_6677_u128.to_be_bytes());
+        assert_eq!(t.as_str(), "fedcba98765432100011223344556677");
+        let f: HexId<2> = HexId::of(&[0x01]);
+        assert_eq!(f.as_str(), "01");
+    }
 
     #[test]
     fn continues_a_valid_trace() {

@@ -190,17 +190,15 @@ fn sane_id(v: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
-/// A new request id as a header value: one allocation, and every clone
-/// (upstream request, response, log) shares it.
+/// A new request id as a header value: no allocation of its own (see
+/// [`crate::proxy::headers::made`]), and every clone (upstream request,
+/// response, log) shares it.
 pub fn new_request_id_value() -> HeaderValue {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let x = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for (i, b) in fastrand::u128(..).to_be_bytes().iter().enumerate() {
-        buf[2 * i] = DIGITS[(b >> 4) as usize];
-        buf[2 * i + 1] = DIGITS[(b & 15) as usize];
-    }
-    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
-        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+    buf[..16].copy_from_slice(&crate::observe::trace::hex16((x >> 64) as u64));
+    buf[16..].copy_from_slice(&crate::observe::trace::hex16(x as u64));
+    crate::proxy::headers::made::value(&buf).unwrap_or_else(|| HeaderValue::from_static("-"))
 }
 
 /// A header value as text (empty if it is not visible ASCII; request ids
@@ -1077,29 +1075,53 @@ fn framing_ok(h: &HeaderMap) -> bool {
     }
 }
 
+/// The host of a `Host` value without its port, lowercased, trailing dots
+/// trimmed; `None` when it is not a plausible host (RFC 3986 reg-name or
+/// IP literal characters only).
 fn host_only(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
     use std::borrow::Cow;
-    if raw.is_empty() {
-        return Some(Cow::Borrowed(""));
-    }
-    let h: &str = if raw.starts_with('[') {
-        let end = raw.find(']')?;
-        &raw[..=end]
+    // Per byte: 0 not allowed in a host, 1 allowed, 2 an uppercase letter
+    // (allowed; the host is then lowercased).
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut i = 0;
+        while i < 256 {
+            let b = i as u8;
+            t[i] = if b.is_ascii_uppercase() {
+                2
+            } else if b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+            {
+                1
+            } else {
+                0
+            };
+            i += 1;
+        }
+        t
+    };
+    let b = raw.as_bytes();
+    let h: &[u8] = if b.first() == Some(&b'[') {
+        let end = b.iter().position(|&c| c == b']')?;
+        &b[..=end]
     } else {
-        match raw.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        match b.iter().rposition(|&c| c == b':') {
+            Some(i) if b[i + 1..].iter().all(u8::is_ascii_digit) => &b[..i],
             Some(_) => return None,
-            None => raw,
+            None => b,
         }
     };
-    let ok = h
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
-    if !ok {
-        return None;
+    let mut seen = 0u8;
+    for &c in h {
+        let k = CLASS[c as usize];
+        if k == 0 {
+            return None;
+        }
+        seen |= k;
     }
-    let h = h.trim_end_matches('.');
-    Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
+    // Only ASCII was let through: `h` ends on a character boundary.
+    let h = raw.get(..h.len())?.trim_end_matches('.');
+    Some(if seen & 2 != 0 {
         Cow::Owned(h.to_ascii_lowercase())
     } else {
         Cow::Borrowed(h)
@@ -1827,6 +1849,56 @@ pub fn full_body(b: impl Into<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host check as it was first written (by `str` methods), the
+    /// oracle for the table-driven one.
+    fn host_only_reference(raw: &str) -> Option<String> {
+        if raw.is_empty() {
+            return Some(String::new());
+        }
+        let h: &str = if raw.starts_with('[') {
+            let end = raw.find(']')?;
+            &raw[..=end]
+        } else {
+            match raw.rsplit_once(':') {
+                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+                Some(_) => return None,
+                None => raw,
+            }
+        };
+        if !h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+        {
+            return None;
+        }
+        Some(h.trim_end_matches('.').to_ascii_lowercase())
+    }
+
+    #[test]
+    fn host_only_keeps_the_host_and_refuses_what_is_not_one() {
+        for (raw, want) in [
+            ("127.0.0.1:9201", Some("127.0.0.1")),
+            ("Example.COM.", Some("example.com")),
+            ("api.example.com:443", Some("api.example.com")),
+            ("[::1]:8080", Some("[::1]")),
+            ("[::1", None),
+            ("host:http", None),
+            ("a b", None),
+            ("caf\u{e9}.example", None),
+            ("", Some("")),
+        ] {
+            assert_eq!(host_only(raw).as_deref(), want, "{raw:?}");
+        }
+        proptest::proptest!(|(raw in "[a-zA-Z0-9:.\\[\\]_ \u{e9}/-]{0,12}")| {
+            proptest::prop_assert_eq!(
+                host_only(&raw).map(|h| h.into_owned()),
+                host_only_reference(&raw),
+                "{:?}",
+                raw
+            );
+        });
+    }
 
     #[test]
     fn connection_options_are_listed_as_header_names() {
