@@ -152,15 +152,57 @@ struct Idle {
     since: Instant,
 }
 
+/// This thread's idle connections: a stack (LIFO) per key. The stack used
+/// last is tried first, by comparing keys: most requests go where the one
+/// before went, and a comparison is cheaper than hashing the key (which
+/// the request and its return would each do).
+#[derive(Default)]
+struct Stacks {
+    slots: Vec<(Key, Vec<Idle>)>,
+    index: crate::FastMap<Key, usize>,
+    last: usize,
+}
+
+impl Stacks {
+    fn find(&mut self, key: &Key) -> Option<usize> {
+        if let Some((k, _)) = self.slots.get(self.last)
+            && k == key
+        {
+            return Some(self.last);
+        }
+        let i = *self.index.get(key)?;
+        self.last = i;
+        Some(i)
+    }
+
+    fn stack(&mut self, key: &Key) -> Option<&mut Vec<Idle>> {
+        let i = self.find(key)?;
+        self.slots.get_mut(i).map(|(_, s)| s)
+    }
+
+    fn stack_or_new(&mut self, key: Key) -> &mut Vec<Idle> {
+        let i = match self.find(&key) {
+            Some(i) => i,
+            None => {
+                let i = self.slots.len();
+                self.index.insert(key.clone(), i);
+                self.slots.push((key, Vec::new()));
+                self.last = i;
+                i
+            }
+        };
+        &mut self.slots[i].1
+    }
+}
+
 thread_local! {
-    /// This thread's idle connections (LIFO per key).
-    static IDLE: RefCell<crate::FastMap<Key, Vec<Idle>>> = RefCell::new(crate::FastMap::default());
+    static IDLE: RefCell<Stacks> = RefCell::new(Stacks::default());
 }
 
 fn checkout(key: &Key, now: Instant) -> Option<Conn> {
     IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
-        let stack = idle.get_mut(key)?;
+        let stack = idle.stack(key)?;
         while let Some(mut c) = stack.pop() {
             // Closed by the upstream (or sent something unasked) while idle.
             if now.saturating_duration_since(c.since) > IDLE_TIMEOUT || !c.conn.is_reusable() {
@@ -181,7 +223,7 @@ fn checkin(key: Key, mut conn: Conn, keepalive: usize, now: Instant) {
     conn.settle();
     let _ = IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
-        let stack = idle.entry(key).or_default();
+        let stack = idle.stack_or_new(key);
         // The oldest sit at the bottom: drop the expired.
         let stale = stack
             .iter()
