@@ -30,6 +30,13 @@
 //! only lets through heads whose framing is unambiguous (one
 //! `Content-Length`, or `Transfer-Encoding: chunked` alone).
 //!
+//! Most heads need none of the byte steps' attention: a head that is all
+//! here, with an origin-form target and no field but plain ones and at
+//! most one plain `Content-Length`, is checked in one pass over its lines
+//! (`Scanner::plain_head`, eight bytes at a time through targets and
+//! values); any other head, or one that is not all here, is stepped byte
+//! by byte. A property test holds the two to the same decisions.
+//!
 //! The one invariant: **hyper never sees a byte of a head until the whole
 //! head has arrived and passed.** A read that ends inside a head moves that
 //! partial head out of hyper's buffer into the guard's stash (the only
@@ -394,6 +401,30 @@ impl Scanner {
         while i < data.len() {
             match self.st {
                 St::Done => return (i, None),
+                // A whole head at once, when it is plain (see `plain_head`);
+                // otherwise its bytes are stepped below.
+                St::Idle | St::Preface(0)
+                    if (self.st == St::Idle && self.head_start.is_none())
+                        || (self.st == St::Preface(0)
+                            && !H2_PREFACE.starts_with(&data[i..data.len().min(i + 3)])) =>
+                {
+                    if let Some((n, length)) = self.plain_head(&data[i..]) {
+                        // Where stepping its bytes would have left the scanner.
+                        self.head_start = None;
+                        self.upgrade_after = false;
+                        self.st = if length > 0 {
+                            St::Body(length)
+                        } else {
+                            St::Idle
+                        };
+                        i += n;
+                        self.offset += n as u64;
+                        continue;
+                    }
+                    if let Some(r) = self.step_byte(data[i], &mut i) {
+                        return r;
+                    }
+                }
                 St::Body(rem) | St::ChunkData(rem) => {
                     let n = rem.min((data.len() - i) as u64);
                     i += n as usize;
@@ -514,6 +545,103 @@ impl Scanner {
             }
         }
         (i, None)
+    }
+
+    /// A whole head at the start of `data` that the byte steps would pass
+    /// without a second look, checked in one pass: an origin-form target,
+    /// HTTP/1.1 or 1.0, fields that are neither `Transfer-Encoding`,
+    /// `Upgrade` nor the guard's marker, at most one plain
+    /// `Content-Length`, within every limit. Its length and the body length
+    /// it announces; `None` (nothing decided) for any other head, or a head
+    /// not all here yet: its bytes are then stepped one by one.
+    fn plain_head(&self, data: &[u8]) -> Option<(usize, u64)> {
+        let m = data.iter().position(|&b| !is_tchar(b))?;
+        if m == 0 || data[m] != b' ' || &data[..m] == b"CONNECT" {
+            return None;
+        }
+        let target = m + 1;
+        if data.get(target) != Some(&b'/') {
+            return None;
+        }
+        let t = plain_run(&data[target..], false);
+        let version = target + t + 1;
+        if data.get(target + t) != Some(&b' ') {
+            return None;
+        }
+        match data.get(version..version + 10)? {
+            b"HTTP/1.1\r\n" | b"HTTP/1.0\r\n" => {}
+            _ => return None,
+        }
+        // The request line with its CR, as the steps count it.
+        if version + 9 > self.limits.request_line {
+            return None;
+        }
+        let mut at = version + 10;
+        let mut fields = 0u32;
+        let mut length: Option<u64> = None;
+        loop {
+            if data.get(at)? == &b'\r' {
+                if data.get(at + 1)? != &b'\n' {
+                    return None;
+                }
+                at += 2;
+                break;
+            }
+            let n = data[at..].iter().position(|&b| !is_tchar(b))?;
+            if n == 0 || data[at + n] != b':' {
+                return None;
+            }
+            fields += 1;
+            if fields > MAX_HEADERS {
+                return None;
+            }
+            let name = &data[at..at + n];
+            let content_length = name.eq_ignore_ascii_case(b"content-length");
+            if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(MARKER.as_bytes())
+            {
+                return None;
+            }
+            let mut v = at + n + 1;
+            if content_length {
+                if length.is_some() {
+                    return None;
+                }
+                while matches!(data.get(v)?, b' ' | b'\t') {
+                    v += 1;
+                }
+                let digits = data[v..].iter().position(|b| !b.is_ascii_digit())?;
+                if digits == 0 {
+                    return None;
+                }
+                let mut cl = 0u64;
+                for &d in &data[v..v + digits] {
+                    cl = cl.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+                }
+                length = Some(cl);
+                v += digits;
+                while matches!(data.get(v)?, b' ' | b'\t') {
+                    v += 1;
+                }
+            } else {
+                loop {
+                    v += plain_run(&data[v..], true);
+                    match data.get(v)? {
+                        b'\t' => v += 1,
+                        _ => break,
+                    }
+                }
+            }
+            if data.get(v..v + 2)? != b"\r\n" {
+                return None;
+            }
+            at = v + 2;
+        }
+        if at > self.limits.head {
+            return None;
+        }
+        Some((at, length.unwrap_or(0)))
     }
 
     /// The token bytes at the start of `data` that fit the head's limits
