@@ -104,7 +104,13 @@ fn response_room(settings: &LocationSettings) -> usize {
 pub const DEFAULT_KEEPALIVE: usize = 32;
 
 /// The connection a request came in on.
+///
+/// Aligned to 8: in the request's future (see [`handle`]) a field of
+/// alignment 4 was laid out after kilobytes of the pipeline's state, and
+/// writing the future into its box copied all of that (uninitialised)
+/// span to place it.
 #[derive(Debug, Clone, Copy)]
+#[repr(align(8))]
 pub struct ConnInfo {
     pub local: SocketAddr,
     pub peer: SocketAddr,
