@@ -406,6 +406,36 @@ fn remembered_tokens_never_outlive_exp() {
 }
 
 #[test]
+fn remembered_tokens_are_bounded_by_bytes_and_matched_whole() {
+    use tollgate::policy::jwt::TOKEN_CACHE_BYTES;
+    let s = Signer::ed();
+    let (v, _dir) = verifier(&[JwtAlg::EdDSA], &s);
+    // A remembered token answers only for exactly its own bytes: the same
+    // token with its signature's last character changed is checked again.
+    let t = s.token(&good_claims());
+    v.verify(&t, now()).unwrap();
+    let mut other = t.clone();
+    let last = other.pop().unwrap();
+    other.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(v.verify(&other, now()), Err(Reject::BadSignature));
+    // Many large valid tokens: what is kept stays under the byte bound.
+    let mut len = 0;
+    for i in 0..800 {
+        let mut c = good_claims();
+        c["pad"] = json!(format!("{i}{}", "x".repeat(5 * 1024)));
+        let t = s.token(&c);
+        len = t.len();
+        v.verify(&t, now()).unwrap();
+    }
+    let kept = v.remembered();
+    assert!(kept > 100, "large tokens are still remembered ({kept})");
+    assert!(
+        (kept as u64) * (len as u64) <= TOKEN_CACHE_BYTES,
+        "{kept} tokens of {len} bytes exceed {TOKEN_CACHE_BYTES}"
+    );
+}
+
+#[test]
 fn extraction() {
     let mut h = HeaderMap::new();
     let auth = TokenFrom::Header("authorization".into());

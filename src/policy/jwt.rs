@@ -13,9 +13,13 @@
 //! through `jsonwebtoken::crypto::verify` (aws-lc-rs); the claim rules are
 //! ours, so that time is injected and every rule of §6 is explicit.
 //!
-//! A verified token is remembered (keyed by the SHA-256 of the token, bounded,
-//! never used at or past its `exp` + leeway), which turns the per-request cost
-//! of a returning client from a signature check into a hash and a lookup.
+//! A verified token is remembered (keyed by the token itself, bounded by count
+//! and by bytes, never used at or past its `exp` + leeway), which turns the
+//! per-request cost of a returning client from a signature check into a hash
+//! and a lookup. The key is the whole token, not a digest of it: a hit
+//! compares every byte, so no collision can ever answer for another token,
+//! and the lookup hashes with the cache's seeded fast hasher instead of
+//! running SHA-256 over the token on every request.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,8 +36,15 @@ use crate::config::model::{JwtAlg, JwtDef, JwtKeySource, TokenFrom};
 
 /// Tokens longer than this are refused before any work (§6).
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// How many verified tokens each verifier remembers.
+/// How many verified tokens each verifier is sized to remember (the table's
+/// starting size; [`TOKEN_CACHE_BYTES`] is the bound).
 pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
+/// How many bytes of remembered tokens each verifier keeps (at most): each
+/// entry weighs its token's length plus [`TOKEN_ENTRY_OVERHEAD`].
+pub const TOKEN_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+/// What one remembered token weighs beyond its bytes (the entry, the claims'
+/// `Arc`, the table's slot), so that many short tokens are bounded too.
+const TOKEN_ENTRY_OVERHEAD: u64 = 128;
 /// The largest JWKS document accepted from `jwks_url`.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// How long one JWKS fetch may take.
@@ -462,8 +473,18 @@ struct Inner {
     leeway: f64,
     require_claims: Vec<String>,
     token_from: TokenFrom,
-    cache: quick_cache::sync::Cache<[u8; 32], Remembered>,
+    cache: quick_cache::sync::Cache<Box<str>, Remembered, TokenWeight>,
     remote: Option<Remote>,
+}
+
+/// Weighs a remembered token by its length (see [`TOKEN_CACHE_BYTES`]).
+#[derive(Clone)]
+struct TokenWeight;
+
+impl quick_cache::Weighter<Box<str>, Remembered> for TokenWeight {
+    fn weight(&self, token: &Box<str>, _: &Remembered) -> u64 {
+        token.len() as u64 + TOKEN_ENTRY_OVERHEAD
+    }
 }
 
 #[derive(Clone)]
@@ -566,7 +587,11 @@ impl JwtVerifier {
             leeway: def.leeway.as_secs_f64(),
             require_claims: def.require_claims.clone(),
             token_from: def.token_from.clone(),
-            cache: quick_cache::sync::Cache::new(TOKEN_CACHE_CAPACITY),
+            cache: quick_cache::sync::Cache::with_weighter(
+                TOKEN_CACHE_CAPACITY,
+                TOKEN_CACHE_BYTES,
+                TokenWeight,
+            ),
             remote,
         });
         if inner.remote.is_some()
@@ -621,20 +646,17 @@ impl JwtVerifier {
             return Err(Reject::TooLarge);
         }
         let now = unix_secs(now);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-        let mut id = [0u8; 32];
-        id.copy_from_slice(digest.as_ref());
-        if let Some(r) = self.inner.cache.get(&id) {
+        if let Some(r) = self.inner.cache.get(token) {
             if now < r.until {
                 return Ok(r.claims);
             }
-            self.inner.cache.remove(&id);
+            self.inner.cache.remove(token);
             return Err(Reject::Expired);
         }
         let (claims, exp) = self.check(token, now)?;
         let claims = Arc::new(claims);
         self.inner.cache.insert(
-            id,
+            token.into(),
             Remembered {
                 claims: claims.clone(),
                 until: exp + self.inner.leeway,
