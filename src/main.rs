@@ -10,6 +10,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use tollgate::config::diagnostics::{self, Diagnostic, Severity};
 use tollgate::config::source::SourceMap;
 use tollgate::config::validate::load_config;
