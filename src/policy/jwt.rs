@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
@@ -154,9 +154,26 @@ pub fn www_authenticate(realm: &str, invalid: bool) -> HeaderValue {
 /// token bare or after `Bearer `. Cookies come from the `Cookie` headers of
 /// `headers`; `query` is the raw query string (no `?`).
 pub fn extract<'a>(headers: &'a HeaderMap, query: &'a str, from: &TokenFrom) -> Option<&'a str> {
+    extract_named(headers, query, from, None)
+}
+
+/// [`extract`], with the header's name already parsed when `from` names a
+/// header (the verifier parses it once, not per request).
+fn extract_named<'a>(
+    headers: &'a HeaderMap,
+    query: &'a str,
+    from: &TokenFrom,
+    parsed: Option<&HeaderName>,
+) -> Option<&'a str> {
     let token = match from {
         TokenFrom::Header(name) => {
-            let raw = headers.get(name.as_str())?.to_str().ok()?.trim();
+            let value = match parsed {
+                Some(n) => crate::proxy::headers::get(headers, n)?,
+                None => headers.get(name.as_str())?,
+            };
+            // A header value's text is visible ASCII (and spaces, tabs):
+            // ASCII trimming is the whole of trimming.
+            let raw = value.to_str().ok()?.trim_ascii();
             match strip_bearer(raw) {
                 Some(t) => t,
                 None if name.eq_ignore_ascii_case("authorization") => return None,
@@ -177,13 +194,16 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: &'a str, from: &TokenFrom) -> 
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)?,
     };
-    let token = token.trim();
+    // Header values and a URI's query are ASCII (see above).
+    let token = token.trim_ascii();
     (!token.is_empty()).then_some(token)
 }
 
+/// What follows `Bearer ` (any case), trimmed; `None` for another scheme.
 fn strip_bearer(v: &str) -> Option<&str> {
-    let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    let b = v.as_bytes();
+    let bearer = b.get(6) == Some(&b' ') && b[..6].eq_ignore_ascii_case(b"bearer");
+    bearer.then(|| v[7..].trim_ascii())
 }
 
 // ---------------------------------------------------------------- claims
@@ -473,6 +493,8 @@ struct Inner {
     leeway: f64,
     require_claims: Vec<String>,
     token_from: TokenFrom,
+    /// `token_from`'s header name, parsed once.
+    token_header: Option<HeaderName>,
     cache: quick_cache::sync::Cache<Box<str>, Remembered, TokenWeight>,
     remote: Option<Remote>,
 }
@@ -587,6 +609,10 @@ impl JwtVerifier {
             leeway: def.leeway.as_secs_f64(),
             require_claims: def.require_claims.clone(),
             token_from: def.token_from.clone(),
+            token_header: match &def.token_from {
+                TokenFrom::Header(name) => HeaderName::from_bytes(name.as_bytes()).ok(),
+                _ => None,
+            },
             cache: quick_cache::sync::Cache::with_weighter(
                 TOKEN_CACHE_CAPACITY,
                 TOKEN_CACHE_BYTES,
@@ -635,7 +661,14 @@ impl JwtVerifier {
         query: &str,
         now: SystemTime,
     ) -> Result<Arc<Claims>, Reject> {
-        let token = extract(headers, query, &self.inner.token_from).ok_or(Reject::Missing)?;
+        let inner = &*self.inner;
+        let token = extract_named(
+            headers,
+            query,
+            &inner.token_from,
+            inner.token_header.as_ref(),
+        )
+        .ok_or(Reject::Missing)?;
         self.verify(token, now)
     }
 
@@ -856,6 +889,45 @@ async fn refresh_loop(weak: Weak<Inner>) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = wake.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The scheme check as it was written first: split at the first space.
+    fn strip_bearer_reference(v: &str) -> Option<&str> {
+        let (scheme, rest) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }
+
+    proptest! {
+        #[test]
+        fn bearer_stripped_as_by_splitting(
+            v in "((?i)bearer|basic|bear|bearerx)?[ \t]{0,3}[ -~\t]{0,12}"
+        ) {
+            prop_assert_eq!(strip_bearer(&v), strip_bearer_reference(&v));
+        }
+
+        #[test]
+        fn a_parsed_header_name_finds_what_the_text_does(
+            value in "[ -~\t]{0,24}",
+            name in "(authorization|x-token|X-Token)",
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(HeaderName::from_static("x-token"), v.clone());
+                h.insert(http::header::AUTHORIZATION, v);
+            }
+            let from = TokenFrom::Header(name.clone());
+            let parsed = HeaderName::from_bytes(name.as_bytes()).ok();
+            prop_assert_eq!(
+                extract_named(&h, "", &from, parsed.as_ref()),
+                extract(&h, "", &from)
+            );
         }
     }
 }

@@ -77,9 +77,29 @@ static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 /// A number as a header value in one allocation (`HeaderValue::from(u64)`
 /// takes two: a growing buffer, then its shrink).
 fn number(n: u64) -> HeaderValue {
-    // Cut from the thread's block of made values: no allocation each.
-    crate::proxy::headers::made::value(itoa::Buffer::new().format(n).as_bytes())
-        .unwrap_or_else(|| HeaderValue::from_static("0"))
+    thread_local! {
+        /// The last few numbers made on this thread: a route's limit and
+        /// most resets repeat from one request to the next.
+        static RECENT: std::cell::RefCell<[(u64, Option<HeaderValue>); 4]> =
+            const { std::cell::RefCell::new([(0, None), (0, None), (0, None), (0, None)]) };
+    }
+    let made = || {
+        // Cut from the thread's block of made values: no allocation each.
+        crate::proxy::headers::made::value(itoa::Buffer::new().format(n).as_bytes())
+            .unwrap_or_else(|| HeaderValue::from_static("0"))
+    };
+    RECENT
+        .try_with(|r| {
+            let mut r = r.borrow_mut();
+            if let Some((_, Some(v))) = r.iter().find(|(k, v)| *k == n && v.is_some()) {
+                return v.clone();
+            }
+            let v = made();
+            r.rotate_right(1);
+            r[0] = (n, Some(v.clone()));
+            v
+        })
+        .unwrap_or_else(|_| made())
 }
 
 /// Whole seconds, rounded up.
@@ -495,5 +515,21 @@ impl RateLimitStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_their_digits_remembered_or_not() {
+        // Repeats (answered from the recent ones) and more distinct values
+        // than are kept, interleaved.
+        for round in 0..3u64 {
+            for n in [0, 1, 60, 1, 99_999_999, 7, 8, 9, 10, 60, u64::MAX, round] {
+                assert_eq!(number(n).as_bytes(), n.to_string().as_bytes());
+            }
+        }
     }
 }
