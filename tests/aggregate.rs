@@ -71,3 +71,22 @@ fn a_missing_or_non_scalar_field_fails_only_the_dependent_call() {
         t.contains("`order.userId` is missing")
     });
 }
+
+#[test]
+fn calls_carry_the_locations_proxy_set_headers_and_an_empty_one_sends_nothing() {
+    let up = TestUpstream::with("up", |_| Reply::json(serde_json::json!({"v": 1})));
+    let gw = Gateway::start(&format!(
+        "access_log off;\nserver {{ listen @PORT@; location = /agg {{\n\
+           proxy_set_header X-Literal fixed;\n\
+           proxy_set_header X-Method $request_method;\n\
+           proxy_set_header X-Empty \"\";\n\
+           aggregate {{ call a http://{}/a; }} }} }}\n",
+        up.addr()
+    ));
+    let r = get(&gw.url("/agg"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.last();
+    assert_eq!(seen.header("x-literal").as_deref(), Some("fixed"));
+    assert_eq!(seen.header("x-method").as_deref(), Some("GET"));
+    assert_eq!(seen.header("x-empty"), None);
+}

@@ -583,6 +583,31 @@ fn add_header_on_success_only_unless_always() {
 }
 
 #[test]
+fn add_header_values_with_variables_are_rendered_and_an_empty_one_is_not_sent() {
+    let up = TestUpstream::with("up", |_| Reply::echo());
+    let gw = gateway(
+        &up,
+        r#"location / {
+               add_header X-Method $request_method;
+               add_header X-Arg $arg_x;
+               add_header X-Blank "";
+               add_header X-Fixed "one value";
+               proxy_pass http://UP;
+           }"#,
+    );
+    let r = get(&gw.url("/a?x=7"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-method").as_deref(), Some("GET"));
+    assert_eq!(r.header("x-arg").as_deref(), Some("7"));
+    assert_eq!(r.header("x-fixed").as_deref(), Some("one value"));
+    assert_eq!(r.header("x-blank"), None);
+    // The same location, the variable empty this time: no header.
+    let r = get(&gw.url("/a"));
+    assert_eq!(r.header("x-arg"), None);
+    assert_eq!(r.header("x-fixed").as_deref(), Some("one value"));
+}
+
+#[test]
 fn server_level_headers_are_inherited_and_replaced_by_name() {
     let up = TestUpstream::start("up");
     let gw = gateway(

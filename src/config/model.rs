@@ -190,6 +190,14 @@ impl Template {
         Some(out)
     }
 
+    /// `Some(v)` when the template is one variable and nothing else.
+    pub fn single_var(&self) -> Option<&Var> {
+        match self.pieces.as_slice() {
+            [Piece::Var(v)] => Some(v),
+            _ => None,
+        }
+    }
+
     pub fn has_vars(&self) -> bool {
         self.pieces.iter().any(|p| !matches!(p, Piece::Lit(_)))
     }
@@ -549,6 +557,37 @@ pub struct AddHeader {
     pub name: String,
     pub value: Template,
     pub always: bool,
+    pub built: HeaderBuilt,
+}
+
+/// `proxy_set_header NAME VALUE` (the name lowercased).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetHeader {
+    pub name: String,
+    pub value: Template,
+    pub built: HeaderBuilt,
+}
+
+/// A header directive's name parsed once at load, and its value built once
+/// when it has no variables and is not empty: the request path clones them
+/// (reference counts) instead of parsing the name and rendering the value
+/// on every request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct HeaderBuilt {
+    pub name: Option<http::HeaderName>,
+    pub value: Option<http::HeaderValue>,
+}
+
+impl HeaderBuilt {
+    pub fn new(name: &str, value: &Template) -> HeaderBuilt {
+        HeaderBuilt {
+            name: http::HeaderName::try_from(name).ok(),
+            value: value
+                .as_literal()
+                .filter(|v| !v.is_empty())
+                .and_then(|v| http::HeaderValue::try_from(v).ok()),
+        }
+    }
 }
 
 /// What a location does besides its handler, after inheritance from main
@@ -556,7 +595,7 @@ pub struct AddHeader {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LocationSettings {
     /// (lowercased name, value); an empty value removes the header.
-    pub proxy_set_header: Vec<(String, Template)>,
+    pub proxy_set_header: Vec<SetHeader>,
     /// Lowercased names.
     pub proxy_hide_header: Vec<String>,
     pub add_header: Vec<AddHeader>,

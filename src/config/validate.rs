@@ -2332,9 +2332,12 @@ pub(crate) fn add_header(cx: &mut Cx<'_>, d: &Directive) -> Option<Setting> {
         }
     };
     valid_name?;
+    let name = d.args[0].text();
+    let value = value?;
     Some(Setting::AddHeader(AddHeader {
-        name: d.args[0].text(),
-        value: value?,
+        built: HeaderBuilt::new(&name, &value),
+        name,
+        value,
         always,
     }))
 }
@@ -2434,7 +2437,7 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
         })
         .collect();
     s.proxy_set_header
-        .retain(|(n, _)| !set_names.contains(n.as_str()));
+        .retain(|h| !set_names.contains(h.name.as_str()));
     let add_names: HashSet<String> = items
         .iter()
         .filter_map(|i| match &i.setting {
@@ -2447,8 +2450,12 @@ fn apply_level(s: &mut LocationSettings, items: &[Item]) {
     for i in items {
         match &i.setting {
             Setting::ProxySetHeader(n, v) => {
-                s.proxy_set_header.retain(|(m, _)| m != n);
-                s.proxy_set_header.push((n.clone(), v.clone()));
+                s.proxy_set_header.retain(|h| h.name != *n);
+                s.proxy_set_header.push(SetHeader {
+                    built: HeaderBuilt::new(n, v),
+                    name: n.clone(),
+                    value: v.clone(),
+                });
             }
             Setting::ProxyHideHeader(n) => {
                 if !s.proxy_hide_header.contains(n) {

@@ -224,6 +224,23 @@ impl Claims {
         })
     }
 
+    /// [`Claims::get`] appended to `out` (no copy of a string claim made
+    /// first); false when there is no such claim.
+    pub fn push_to(&self, name: &str, out: &mut String) -> bool {
+        use std::fmt::Write as _;
+        match self.map.get(name) {
+            None => false,
+            Some(Value::String(s)) => {
+                out.push_str(s);
+                true
+            }
+            Some(other) => {
+                let _ = write!(out, "{other}");
+                true
+            }
+        }
+    }
+
     /// A claim as JSON.
     pub fn get_value(&self, name: &str) -> Option<&Value> {
         self.map.get(name)
@@ -927,6 +944,26 @@ mod tests {
             prop_assert_eq!(
                 extract_named(&h, "", &from, parsed.as_ref()),
                 extract(&h, "", &from)
+            );
+        }
+    }
+
+    #[test]
+    fn a_claim_appended_reads_as_the_claim() {
+        let Ok(Value::Object(map)) = serde_json::from_str::<Value>(
+            r#"{"sub":"u-1","n":42,"b":true,"o":{"a":[1,"x"]},"e":""}"#,
+        ) else {
+            panic!("the claims parse");
+        };
+        let c = Claims { map };
+        for name in ["sub", "n", "b", "o", "e", "missing"] {
+            let mut out = String::from("pre:");
+            let found = c.push_to(name, &mut out);
+            assert_eq!(found, c.get(name).is_some(), "{name}");
+            assert_eq!(
+                out,
+                format!("pre:{}", c.get(name).unwrap_or_default()),
+                "{name}"
             );
         }
     }

@@ -173,13 +173,17 @@ pub async fn run(
     ) {
         headers.insert(n, v);
     }
-    for (name, value) in &settings.proxy_set_header {
-        let v = vars.render(value);
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(name.as_str()),
-            HeaderValue::try_from(v),
-        ) {
-            headers.insert(n, v);
+    for h in &settings.proxy_set_header {
+        // An empty value sends no such header, as on a proxied request.
+        let v = match &h.built.value {
+            Some(v) => Ok(v.clone()),
+            None => match vars.render(&h.value) {
+                v if v.is_empty() => continue,
+                v => HeaderValue::try_from(v),
+            },
+        };
+        if let (Some(n), Ok(v)) = (&h.built.name, v) {
+            headers.insert(n.clone(), v);
         }
     }
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));

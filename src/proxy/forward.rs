@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use crate::compile::normalize::normalize_path;
 use crate::compile::router::Lookup;
 use crate::config::model::{
-    Handler, Location, LocationSettings, Modifier, ProxyPass, ProxyTarget, Return, Server,
+    Handler, Location, LocationSettings, Modifier, ProxyPass, ProxyTarget, Return, Server, Var,
 };
 use crate::gateway::Gateway;
 use crate::proxy::balance::{Outcome, PickContext, Tried};
@@ -777,8 +777,20 @@ pub fn handle(
                     let Some(lim) = gw.limiters.get(i) else {
                         continue;
                     };
-                    let key = vars.render(lim.key());
-                    match lim.decide(&key, Instant::now()).await {
+                    // `$remote_addr` (the default key): the address as
+                    // this thread last formatted it, not a new string.
+                    let (ip, rendered);
+                    let key = match lim.key().single_var() {
+                        Some(Var::RemoteAddr) => {
+                            ip = ip_value(vars.remote_addr);
+                            ip.to_str().unwrap_or_default()
+                        }
+                        _ => {
+                            rendered = vars.render(lim.key());
+                            rendered.as_str()
+                        }
+                    };
+                    match lim.decide(key, Instant::now()).await {
                         crate::policy::rate_limit::Decision::Counted(v) => {
                             if !v.allowed {
                                 out.rate_limit = Some("limited");
@@ -1143,6 +1155,25 @@ fn request_id<B>(req: &Request<B>, settings: &LocationSettings) -> HeaderValue {
         .unwrap_or_else(new_request_id_value)
 }
 
+/// A header directive's value for this request: the one built at load
+/// when it has no variables, else rendered; `None` when it is empty (the
+/// directives then skip or remove the header), an error when the rendered
+/// text cannot be a header value.
+fn built_value(
+    vars: &RequestVars<'_>,
+    value: &crate::config::model::Template,
+    built: &crate::config::model::HeaderBuilt,
+) -> Option<Result<HeaderValue, http::header::InvalidHeaderValue>> {
+    if let Some(v) = &built.value {
+        return Some(Ok(v.clone()));
+    }
+    let v = vars.render(value);
+    if v.is_empty() {
+        return None;
+    }
+    Some(HeaderValue::try_from(v))
+}
+
 /// Response headers every answer of a location gets: `add_header`, the
 /// request id.
 fn finish_response(
@@ -1154,14 +1185,10 @@ fn finish_response(
     let status = resp.status().as_u16();
     let ok_status = (200..400).contains(&status);
     for h in &settings.add_header {
-        if h.always || ok_status {
-            let v = vars.render(&h.value);
-            if v.is_empty() {
-                continue;
-            }
-            if let (Some(n), Ok(v)) = (config_header_name(&h.name), HeaderValue::try_from(v)) {
-                resp.headers_mut().append(n, v);
-            }
+        if (h.always || ok_status)
+            && let (Some(n), Some(Ok(v))) = (&h.built.name, built_value(vars, &h.value, &h.built))
+        {
+            resp.headers_mut().append(n.clone(), v);
         }
     }
     if let Some(n) = request_id_name(&settings.request_id_header) {
@@ -1491,20 +1518,21 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         set_own(&mut headers, n, ctx.request_id.clone());
     }
     let mut host_override: Option<String> = None;
-    for (name, value) in &settings.proxy_set_header {
-        let v = ctx.vars.render(value);
-        if name == "host" {
-            host_override = Some(v);
+    for h in &settings.proxy_set_header {
+        if h.name == "host" {
+            host_override = Some(ctx.vars.render(&h.value));
             continue;
         }
-        let Some(n) = config_header_name(name) else {
+        let Some(n) = h.built.name.clone() else {
             continue;
         };
-        if v.is_empty() {
-            headers.retain(|(have, _)| *have != n);
-            skip.push(n);
-        } else if let Ok(v) = HeaderValue::try_from(v) {
-            set_own(&mut headers, n, v);
+        match built_value(ctx.vars, &h.value, &h.built) {
+            None => {
+                headers.retain(|(have, _)| *have != n);
+                skip.push(n);
+            }
+            Some(Ok(v)) => set_own(&mut headers, n, v),
+            Some(Err(_)) => {}
         }
     }
     let hash_key = match &p.target {

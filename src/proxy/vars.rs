@@ -139,8 +139,8 @@ impl RequestVars<'_> {
                 }
             }
             Var::JwtClaim(name) => {
-                if let Some(v) = self.claims.and_then(|c| c.get(name)) {
-                    out.push_str(&v);
+                if let Some(c) = self.claims {
+                    c.push_to(name, out);
                 }
             }
             Var::ServerName => out.push_str(self.server_name),
