@@ -626,9 +626,13 @@ impl Decoder {
             let base = self.buf.as_ptr() as usize;
             let shared = head_copy(&self.buf[..len]);
             let mut map = super::headers::spare::take(r.headers.len() + room);
-            for h in r.headers.iter() {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| ProtoError::Invalid("header name"))?;
+            for (i, h) in r.headers.iter().enumerate() {
+                let name = super::headers::names::at(
+                    super::headers::names::Side::Response,
+                    i,
+                    h.name.as_bytes(),
+                )
+                .map_err(|_| ProtoError::Invalid("header name"))?;
                 let start = h.value.as_ptr() as usize - base;
                 let value =
                     HeaderValue::from_maybe_shared(shared.slice(start..start + h.value.len()))

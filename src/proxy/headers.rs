@@ -139,6 +139,70 @@ pub mod made {
     }
 }
 
+/// Header names parsed from heads, remembered per thread by position:
+/// messages from one kind of peer (one upstream's responses, one client's
+/// requests) carry the same names in the same order, so the name at
+/// position `i` is most often the one the last head had there. A match is
+/// one comparison of the bytes as received; a miss parses the name as
+/// before and remembers it.
+pub mod names {
+    use std::cell::RefCell;
+
+    use http::HeaderName;
+    use http::header::InvalidHeaderName;
+
+    /// Positions remembered per head kind.
+    const SLOTS: usize = 16;
+    /// Longer names are parsed every time.
+    const LONGEST: usize = 32;
+
+    /// Which heads: requests from clients, responses from upstreams (kept
+    /// apart: they alternate on a thread and differ).
+    #[derive(Clone, Copy)]
+    pub enum Side {
+        Request = 0,
+        Response = 1,
+    }
+
+    struct Slot {
+        len: u8,
+        raw: [u8; LONGEST],
+        name: HeaderName,
+    }
+
+    thread_local! {
+        static SEEN: RefCell<[[Option<Slot>; SLOTS]; 2]> =
+            const { RefCell::new([const { [const { None }; SLOTS] }; 2]) };
+    }
+
+    /// The name `raw` at position `i` of a head: the same as
+    /// `HeaderName::from_bytes(raw)`.
+    pub fn at(side: Side, i: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+        if i >= SLOTS || raw.len() > LONGEST {
+            return HeaderName::from_bytes(raw);
+        }
+        SEEN.try_with(|seen| {
+            let mut seen = seen.borrow_mut();
+            let slot = &mut seen[side as usize][i];
+            if let Some(s) = slot
+                && s.raw.get(..usize::from(s.len)) == Some(raw)
+            {
+                return Ok(s.name.clone());
+            }
+            let name = HeaderName::from_bytes(raw)?;
+            let mut kept = [0u8; LONGEST];
+            kept[..raw.len()].copy_from_slice(raw);
+            *slot = Some(Slot {
+                len: raw.len() as u8,
+                raw: kept,
+                name: name.clone(),
+            });
+            Ok(name)
+        })
+        .unwrap_or_else(|_| HeaderName::from_bytes(raw))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +256,27 @@ mod tests {
         big.reserve(1000);
         spare::give(big);
         assert!(spare::take(1).capacity() < 1000);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn remembered_names_are_the_parsed_ones(
+            heads in proptest::collection::vec(
+                proptest::collection::vec(
+                    "(Host|host|HOST|content-length|Content-Length|x-a|X-A|x-long-name-[a-z]{20,30}|[!-~]{0,6}|bad name)",
+                    0..20,
+                ),
+                1..6,
+            )
+        ) {
+            for (k, head) in heads.iter().enumerate() {
+                let side = if k % 2 == 0 { names::Side::Request } else { names::Side::Response };
+                for (i, raw) in head.iter().enumerate() {
+                    let want = HeaderName::from_bytes(raw.as_bytes()).ok();
+                    proptest::prop_assert_eq!(names::at(side, i, raw.as_bytes()).ok(), want);
+                }
+            }
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -291,8 +291,13 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     let mut map = crate::proxy::headers::spare::take(r.headers.len());
     let mut framing = Framing::Done;
     let (mut close, mut keep_alive_token, mut upgrade, mut expect) = (false, false, false, false);
-    for h in r.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(invalid)?;
+    for (i, h) in r.headers.iter().enumerate() {
+        let name = crate::proxy::headers::names::at(
+            crate::proxy::headers::names::Side::Request,
+            i,
+            h.name.as_bytes(),
+        )
+        .map_err(invalid)?;
         let value = HeaderValue::from_maybe_shared(slice(h.value)).map_err(invalid)?;
         if name == header::TRANSFER_ENCODING {
             framing = Framing::Chunked(Chunk::Size);
