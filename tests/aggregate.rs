@@ -73,20 +73,33 @@ fn a_missing_or_non_scalar_field_fails_only_the_dependent_call() {
 }
 
 #[test]
-fn calls_carry_the_locations_proxy_set_headers_and_an_empty_one_sends_nothing() {
+fn calls_carry_the_locations_proxy_set_headers_and_an_empty_one_removes_its_header() {
     let up = TestUpstream::with("up", |_| Reply::json(serde_json::json!({"v": 1})));
     let gw = Gateway::start(&format!(
         "access_log off;\nserver {{ listen @PORT@; location = /agg {{\n\
            proxy_set_header X-Literal fixed;\n\
            proxy_set_header X-Method $request_method;\n\
            proxy_set_header X-Empty \"\";\n\
-           aggregate {{ call a http://{}/a; }} }} }}\n",
-        up.addr()
+           aggregate {{ call a http://{a}/a; }} }}\n\
+           location = /anonymous {{ proxy_set_header Authorization \"\";\n\
+           aggregate {{ call a http://{a}/a; }} }} }}\n",
+        a = up.addr()
     ));
-    let r = get(&gw.url("/agg"));
+    let c = Client::new();
+    let r = c.request("GET", &gw.url("/agg"), &[("authorization", "Bearer t")], "");
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = up.last();
     assert_eq!(seen.header("x-literal").as_deref(), Some("fixed"));
     assert_eq!(seen.header("x-method").as_deref(), Some("GET"));
     assert_eq!(seen.header("x-empty"), None);
+    assert_eq!(seen.header("authorization").as_deref(), Some("Bearer t"));
+    // An empty value removes even the header calls inherit.
+    let r = c.request(
+        "GET",
+        &gw.url("/anonymous"),
+        &[("authorization", "Bearer t")],
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().header("authorization"), None);
 }

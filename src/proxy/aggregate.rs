@@ -174,15 +174,22 @@ pub async fn run(
         headers.insert(n, v);
     }
     for h in &settings.proxy_set_header {
-        // An empty value sends no such header, as on a proxied request.
+        let Some(n) = &h.built.name else {
+            continue;
+        };
+        // An empty value removes the header (the client's `Authorization`
+        // too), as on a proxied request.
         let v = match &h.built.value {
             Some(v) => Ok(v.clone()),
             None => match vars.render(&h.value) {
-                v if v.is_empty() => continue,
+                v if v.is_empty() => {
+                    headers.remove(n);
+                    continue;
+                }
                 v => HeaderValue::try_from(v),
             },
         };
-        if let (Some(n), Ok(v)) = (&h.built.name, v) {
+        if let Ok(v) = v {
             headers.insert(n.clone(), v);
         }
     }
