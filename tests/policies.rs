@@ -504,3 +504,40 @@ fn a_slow_redis_follows_on_store_error_within_its_timeout() {
     );
     sleeper.join().expect("sleeper");
 }
+
+#[test]
+fn several_limits_on_a_route_send_the_most_restrictive_headers() {
+    let up = TestUpstream::start("up");
+    let gw = Gateway::start(&format!(
+        r#"
+rate_limit loose {{ key $http_x_client; rate 1r/m; burst 50; }}
+rate_limit tight {{ key $http_x_client; rate 1r/m; burst 2; }}
+access_log off;
+server {{
+    listen @PORT@;
+    location / {{
+        rate_limit loose;
+        rate_limit tight;
+        proxy_pass http://{up};
+    }}
+}}
+"#,
+        up = up.addr()
+    ));
+    let c = Client::new();
+    let send = || c.request("GET", &gw.url("/x"), &[("x-client", "a")], "");
+    // The tight limit has the fewest remaining: its figures are sent.
+    for left in ["2", "1", "0"] {
+        let r = send();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("ratelimit-limit").as_deref(), Some("3"));
+        assert_eq!(r.header("ratelimit-remaining").as_deref(), Some(left));
+    }
+    // Its refusal is the answer, with its headers.
+    let r = send();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("ratelimit-limit").as_deref(), Some("3"));
+    assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("0"));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(up.count(), 3);
+}

@@ -772,7 +772,6 @@ pub fn handle(
             // Rate limits (§7): every limit of the location applies.
             let mut limit_headers: Option<crate::policy::rate_limit::Verdict> = None;
             if !settings.rate_limits.is_empty() {
-                let mut verdicts = Vec::with_capacity(settings.rate_limits.len());
                 for &i in &settings.rate_limits {
                     let Some(lim) = gw.limiters.get(i) else {
                         continue;
@@ -809,7 +808,11 @@ pub fn handle(
                                 v.write_headers(resp.headers_mut());
                                 break 'serve resp;
                             }
-                            verdicts.push(v);
+                            // The running choice: what reducing them all
+                            // in order gives, without collecting them.
+                            limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(
+                                limit_headers.take().into_iter().chain(Some(v)),
+                            );
                         }
                         crate::policy::rate_limit::Decision::StoreError => {
                             tracing::warn!(limit = lim.name(), "rate limit store unavailable");
@@ -829,7 +832,6 @@ pub fn handle(
                 if out.rate_limit.is_none() {
                     out.rate_limit = Some("allowed");
                 }
-                limit_headers = crate::policy::rate_limit::Verdict::most_restrictive(verdicts);
             }
             let mut resp = match &loc.handler {
                 Handler::Return(r) => return_response(r, &vars),
