@@ -25,13 +25,18 @@
 //! `memory_trim off;` (top level) turns it off; a reload applies it.
 //! Counted in `gateway_memory_trims_total` and
 //! `gateway_memory_released_bytes_total` (resident bytes before minus
-//! after). Elsewhere than on glibc the allocator returns memory itself (or
-//! has no such call) and nothing is done.
+//! after). Built with mimalloc (`--features mimalloc`) the worker whose
+//! burst ended collects its own heap instead (see `mi` below). Elsewhere than
+//! on glibc the allocator returns memory itself (or has no such call) and
+//! nothing is done.
 
 use std::cell::Cell;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+#[cfg(not(feature = "mimalloc"))]
+use std::sync::{
+    OnceLock,
+    mpsc::{Receiver, SyncSender, sync_channel},
+};
 use std::time::Duration;
 
 use crate::observe::metrics::METRICS;
@@ -80,7 +85,11 @@ impl Drop for InFlight {
             let (state, burst_ended) = request_ended(l.get());
             l.set(state);
             if burst_ended && ENABLED.load(Ordering::Relaxed) {
+                SIGNALS.fetch_add(1, Ordering::Relaxed);
+                #[cfg(not(feature = "mimalloc"))]
                 trim_soon();
+                #[cfg(feature = "mimalloc")]
+                mi::collect_soon();
             }
         });
     }
@@ -100,8 +109,8 @@ fn request_ended((n, peak): (u32, u32)) -> ((u32, u32), bool) {
 static SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Wake the trimming thread (started on the first call).
+#[cfg(not(feature = "mimalloc"))]
 fn trim_soon() {
-    SIGNALS.fetch_add(1, Ordering::Relaxed);
     static TRIMMER: OnceLock<Option<SyncSender<()>>> = OnceLock::new();
     let tx = TRIMMER.get_or_init(|| {
         let (tx, rx) = sync_channel(1);
@@ -119,22 +128,79 @@ fn trim_soon() {
     }
 }
 
+#[cfg(not(feature = "mimalloc"))]
 fn trimmer(rx: Receiver<()>) {
     while rx.recv().is_ok() {
         std::thread::sleep(SETTLE);
-        let before = resident_bytes();
-        if release() {
-            let after = resident_bytes();
-            let released = before.saturating_sub(after);
-            METRICS.memory_trims.inc();
-            METRICS.memory_released.inc_by(released);
-            tracing::debug!(
-                resident_before = before,
-                resident_after = after,
-                "gave freed memory back after a burst"
-            );
-        }
+        released(release);
         std::thread::sleep(COOLDOWN);
+    }
+}
+
+/// Run `release` and count what it gave back (resident bytes before minus
+/// after) when it did anything.
+fn released(release: impl FnOnce() -> bool) {
+    let before = resident_bytes();
+    if release() {
+        let after = resident_bytes();
+        METRICS.memory_trims.inc();
+        METRICS.memory_released.inc_by(before.saturating_sub(after));
+        tracing::debug!(
+            resident_before = before,
+            resident_after = after,
+            "gave freed memory back after a burst"
+        );
+    }
+}
+
+/// With mimalloc (`--features mimalloc`) the freed pages are the worker's
+/// own: its thread-local heap keeps them until the thread itself collects,
+/// and the arenas purge what was handed back only after a delay, and only
+/// when some thread allocates. So the collect runs on the worker whose
+/// burst ended, as a task of its runtime ([`SETTLE`] later, at most one per
+/// [`COOLDOWN`] per worker): `mi_collect(true)` frees its empty pages to the
+/// arenas and purges them at once.
+#[cfg(feature = "mimalloc")]
+mod mi {
+    use std::cell::Cell;
+    use std::time::Instant;
+
+    use super::{COOLDOWN, SETTLE, released};
+
+    thread_local! {
+        /// A collect is scheduled on this worker.
+        static DUE: Cell<bool> = const { Cell::new(false) };
+        /// When this worker last collected.
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn collect_soon() {
+        // One already scheduled covers this burst too.
+        if DUE.replace(true) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            DUE.set(false);
+            return;
+        };
+        let wait = LAST.get().map_or(SETTLE, |last| {
+            SETTLE.max(COOLDOWN.saturating_sub(last.elapsed()))
+        });
+        runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            released(|| {
+                // SAFETY: `mi_collect` takes no pointer and has no
+                // precondition; it collects the calling thread's heap and
+                // purges the shared arenas under their own locks.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libmimalloc_sys::mi_collect(true);
+                }
+                true
+            });
+            DUE.set(false);
+            LAST.set(Some(Instant::now()));
+        });
     }
 }
 
@@ -152,8 +218,8 @@ pub fn resident_bytes() -> u64 {
 
 /// glibc's `malloc_trim(0)`: every free page of every arena back to the
 /// system. Returns whether a trim was done (not whether memory came back).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)] // the crate's only unsafe: one FFI call, audited here
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
+#[allow(unsafe_code)] // one FFI call, audited here
 fn release() -> bool {
     // SAFETY: `malloc_trim` takes no pointer and has no precondition;
     // glibc takes each arena's lock itself, so it is safe to call while
@@ -164,7 +230,10 @@ fn release() -> bool {
     true
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(all(
+    not(all(target_os = "linux", target_env = "gnu")),
+    not(feature = "mimalloc")
+))]
 fn release() -> bool {
     false
 }
