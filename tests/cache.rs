@@ -108,6 +108,11 @@ async fn run(
         r.extensions().get::<CacheStatus>().map(|s| s.as_str()),
         Some(status.as_str())
     );
+    // Whatever the status: one `X-Cache-Status`, at most one `Age`, and
+    // none of the stored map's placeholders left over.
+    assert_eq!(r.headers().get_all("x-cache-status").iter().count(), 1);
+    assert!(r.headers().get_all("age").iter().count() <= 1);
+    assert!(!r.headers().contains_key("x-tollgate-spare-slot"));
     let (parts, b) = r.into_parts();
     let bytes = b.collect().await.expect("body").to_bytes();
     (status, parts.status, parts.headers, bytes)
@@ -167,24 +172,26 @@ async fn a_fresh_hit_never_builds_the_fetch() {
     let fetch = fixed(&calls, 200, &[("cache-control", "max-age=10")]);
     let built = counter();
     let b = Arc::clone(&built);
-    let r = cache
+    let (status, r) = cache
         .serve_with("/a".into(), &get(), move || {
             b.fetch_add(1, Ordering::SeqCst);
             fetch
         })
         .await;
     assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(status, CacheStatus::Miss);
     assert_eq!(built.load(Ordering::SeqCst), 1, "a miss builds it");
     // Stored as the body is read.
     let body = r.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"body 0");
     settle().await;
-    let r = cache
+    let (status, r) = cache
         .serve_with("/a".into(), &get(), || -> Fetch {
             panic!("a fresh hit built the upstream fetch")
         })
         .await;
     assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(status, CacheStatus::Hit);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
@@ -487,6 +494,41 @@ async fn invalid_expires_is_stale_and_ttl_zero_is_not_stored() {
     assert_eq!(status_of(&cache, "/e", &get(), &fetch).await, "MISS");
     assert_eq!(status_of(&cache, "/e", &get(), &fetch).await, "MISS");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hit_answers_the_stored_headers_in_order_and_takes_more() {
+    let cache = Cache::new(&def("t_hit_headers"));
+    let calls = counter();
+    let fetch = fixed(
+        &calls,
+        200,
+        &[
+            ("cache-control", "max-age=100"),
+            ("x-a", "1"),
+            ("content-type", "text/plain"),
+            ("x-a", "2"),
+        ],
+    );
+    let (_, _, miss, _) = run(&cache, "/h", &get(), &fetch).await;
+    settle().await;
+    for _ in 0..2 {
+        let (s, _, mut h, b) = run(&cache, "/h", &get(), &fetch).await;
+        assert_eq!((s.as_str(), &b[..]), ("HIT", &b"body 0"[..]));
+        let a: Vec<&[u8]> = h.get_all("x-a").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(a, [b"1", b"2"]);
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["cache-control"], miss["cache-control"]);
+        assert_eq!(h["age"], "0");
+        // What the gateway adds on the way out (the request id, headers
+        // of the location) goes in as into any map.
+        h.insert("x-request-id", http::HeaderValue::from_static("id-1"));
+        h.append("x-b", http::HeaderValue::from_static("b"));
+        assert_eq!(h["x-request-id"], "id-1");
+        assert_eq!(h["x-b"], "b");
+        assert_eq!(h.get_all("x-a").iter().count(), 2);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -41,6 +41,12 @@ fn miss_then_hit_with_status_on_every_response() {
     assert_eq!(second.json()["id"], 3);
     assert!(second.header("age").is_some());
     assert!(second.header("x-request-id").is_some());
+    // Each once, and nothing of how the entry is kept.
+    for name in ["x-cache-status", "age", "x-request-id", "content-type"] {
+        assert_eq!(second.headers.get_all(name).iter().count(), 1, "{name}");
+    }
+    assert!(!second.headers.contains_key("x-tollgate-spare-slot"));
+    assert_ne!(first.header("x-request-id"), second.header("x-request-id"));
     assert_eq!(up.count(), 1);
     // POST is not a cached method: it goes upstream and says BYPASS.
     let post = c.request("POST", &gw.url("/api/products/3"), &[], "x");

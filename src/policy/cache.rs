@@ -95,6 +95,9 @@ pub type Fetch = Arc<
 
 /// The header every response of a cached location carries.
 pub const X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+/// A stored map's spare entry: removed from each answer's copy, which
+/// leaves room for one header added on the way out (`Stored::respond`).
+const SPARE_SLOT: HeaderName = HeaderName::from_static("x-tollgate-spare-slot");
 
 /// Statuses counted as upstream failure for `stale_if_error`.
 const ERROR_STATUSES: [u16; 4] = [500, 502, 503, 504];
@@ -274,12 +277,13 @@ impl Stored {
             full_body(self.body.clone())
         };
         // A clone of the stored map (its table copied, no name hashed
-        // again), with room in the table for what is added on the way out
-        // (`Age`, `X-Cache-Status`, the request id): the stored map kept
-        // the room the upstream response's was made with, so this reserve
-        // finds it there rather than growing the table.
+        // again). A clone's entries have no spare room, and `reserve`
+        // only grows the index table, so a new name would reallocate the
+        // entries: the stored map holds `Age` and `X-Cache-Status` already
+        // (their values replaced here and by `serve_with`), and one spare
+        // entry whose removal leaves room for the request id.
         let mut headers = self.headers.clone();
-        headers.reserve(3);
+        headers.remove(&SPARE_SLOT);
         let age = self.initial_age + now.saturating_duration_since(self.stored_at);
         headers.insert(header::AGE, age_value(age.as_secs()));
         let mut resp = Response::new(body);
@@ -711,24 +715,27 @@ impl Cache {
         req: &http::request::Parts,
         fetch: Fetch,
     ) -> Response<Body> {
-        self.serve_with(key, req, move || fetch).await
+        let (status, mut resp) = self.serve_with(key, req, move || fetch).await;
+        resp.extensions_mut().insert(status);
+        resp
     }
 
     /// [`Cache::serve`] with the fetch built only when it is needed: a
     /// fresh hit never builds it (preparing the upstream request is most
-    /// of a hit's cost otherwise).
+    /// of a hit's cost otherwise). The status comes back beside the
+    /// response (with `X-Cache-Status` set), not as an extension: an
+    /// extension is a map of its own, allocated and freed per response.
     pub async fn serve_with(
         self: &Arc<Self>,
         key: String,
         req: &http::request::Parts,
         make_fetch: impl FnOnce() -> Fetch,
-    ) -> Response<Body> {
+    ) -> (CacheStatus, Response<Body>) {
         let (status, mut resp) = self.decide(&key, req, make_fetch).await;
         self.counters[status.index()].inc();
         resp.headers_mut()
             .insert(X_CACHE_STATUS, HeaderValue::from_static(status.as_str()));
-        resp.extensions_mut().insert(status);
-        resp
+        (status, resp)
     }
 
     async fn decide(
@@ -1091,6 +1098,11 @@ impl Cache {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
+        // Placeholders that `Stored::respond` and `serve_with` replace or
+        // remove on every answer (see there).
+        headers.insert(header::AGE, HeaderValue::from_static("0"));
+        headers.insert(X_CACHE_STATUS, HeaderValue::from_static("HIT"));
+        headers.insert(SPARE_SLOT, HeaderValue::from_static(""));
         let vary_bytes: usize = plan
             .vary
             .iter()

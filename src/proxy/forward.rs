@@ -868,11 +868,8 @@ pub fn handle(
                                 }
                                 cache_fetch(gw.clone(), si, li, prep.into_owned(), id.to_string())
                             };
-                            let resp = cache.serve_with(key, &parts, make_fetch).await;
-                            out.cache = resp
-                                .extensions()
-                                .get::<crate::policy::cache::CacheStatus>()
-                                .map(|s| s.as_str());
+                            let (status, resp) = cache.serve_with(key, &parts, make_fetch).await;
+                            out.cache = Some(status.as_str());
                             resp
                         }
                         other => {
