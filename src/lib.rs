@@ -54,6 +54,8 @@
 //! assert!(matches!(router.lookup(s, "/docs/1.JPG"), Lookup::Found { location: 2, .. }));
 //! ```
 
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+pub mod alloc;
 pub mod compile;
 pub mod config;
 pub mod ctl;
