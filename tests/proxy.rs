@@ -511,6 +511,61 @@ fn hop_by_hop_headers_are_not_forwarded_either_way() {
     assert_eq!(r.header("x-kept").as_deref(), Some("yes"));
 }
 
+/// HTTP/1 clients get an upstream's header lines passed through as they
+/// came (not parsed into a map and written again); HTTP/2 clients get them
+/// from the map. Both see the same headers: the upstream's own, minus what
+/// the map would have lost (hop-by-hop, `Connection`-listed, hidden), with
+/// the gateway's request id and rate-limit headers replacing the
+/// upstream's and `add_header` appending.
+#[test]
+fn upstream_headers_reach_http1_and_http2_clients_alike() {
+    let up = TestUpstream::with("up", |_| {
+        Reply::text("ok")
+            .header("connection", "x-secret")
+            .header("x-secret", "s")
+            .header("x-request-id", "the-upstreams")
+            .header("ratelimit-limit", "999")
+            .header("x-powered-by", "php")
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .header("x-gw", "upstream")
+            .header("cache-control", "max-age=5")
+    });
+    let gw = Gateway::start(&format!(
+        "rate_limit roomy {{ key $remote_addr; rate 1000r/s; burst 1000; }}\n\
+         server {{\n    listen @PORT@;\n    location / {{\n        rate_limit roomy;\n        \
+         add_header X-Gw gateway;\n        proxy_hide_header X-Powered-By;\n        \
+         proxy_pass http://{};\n    }}\n}}\n",
+        up.addr()
+    ));
+    let h1 = Client::new().get(&gw.url("/x"));
+    let h2 = Client::h2().get(&gw.url("/x"));
+    for (proto, r) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        assert_eq!(r.status, 200, "{proto}: {}", r.text());
+        assert_eq!(r.text(), "ok", "{proto}");
+        let all = |n: &str| -> Vec<String> {
+            r.headers
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_string())
+                .collect()
+        };
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"], "{proto}");
+        assert_eq!(all("x-gw"), ["upstream", "gateway"], "{proto}");
+        assert_eq!(all("cache-control"), ["max-age=5"], "{proto}");
+        let id = all("x-request-id");
+        assert_eq!(id.len(), 1, "{proto}: {id:?}");
+        assert_ne!(id[0], "the-upstreams", "{proto}");
+        assert_eq!(all("ratelimit-limit").len(), 1, "{proto}");
+        assert_ne!(all("ratelimit-limit")[0], "999", "{proto}");
+        for gone in ["x-secret", "x-powered-by"] {
+            assert!(all(gone).is_empty(), "{proto}: {gone} reached the client");
+        }
+        assert_eq!(all("date").len(), 1, "{proto}");
+        assert_eq!(all("content-length"), ["2"], "{proto}");
+    }
+}
+
 #[test]
 fn proxy_set_header_sets_and_empty_removes_and_hide_header_drops() {
     let up = TestUpstream::with("up", |_| {

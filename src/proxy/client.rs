@@ -228,6 +228,8 @@ pub(crate) enum Chunk {
 pub struct Head {
     pub parts: http::response::Parts,
     pub body: ResponseBody,
+    /// The header lines, when they are passed through ([`Answer::raw`]).
+    pub raw: Option<RawHeaders>,
 }
 
 impl Conn {
@@ -280,26 +282,28 @@ impl Conn {
     /// (`proxy_send_timeout`, `proxy_read_timeout`): a slow client body is
     /// neither. Both run on the connection's one timer.
     ///
-    /// `room`: how many headers the caller will add to the response's map
-    /// (it is made that much larger at once instead of growing later).
+    /// `answer`: how the response's headers are kept (see [`Answer`]).
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
         pass: Option<Passthrough<'_>>,
         body: Body,
         (read_timeout, send_timeout): (Option<std::time::Duration>, Option<std::time::Duration>),
-        room: usize,
+        answer: Answer<'_>,
     ) -> Result<Head, ProtoError> {
         let phase = Phase::new(send_timeout);
         if read_timeout.is_none() && send_timeout.is_none() {
-            return self.exchange_untimed(parts, pass, body, &phase, room).await;
+            return self
+                .exchange_untimed(parts, pass, body, &phase, answer)
+                .await;
         }
         // The timer lives on the connection, which the exchange borrows:
         // taken out for the exchange and put back after.
         let mut timer = self.timer.take();
         let mut read_deadline = None;
         let r = {
-            let mut inner = std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase, room));
+            let mut inner =
+                std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase, answer));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
@@ -331,7 +335,7 @@ impl Conn {
         pass: Option<Passthrough<'_>>,
         body: Body,
         phase: &Phase,
-        room: usize,
+        answer: Answer<'_>,
     ) -> Result<Head, ProtoError> {
         let head_request = parts.method == Method::HEAD;
         let written = self.write_request(parts, pass, body, phase).await;
@@ -343,14 +347,14 @@ impl Conn {
             // is the better outcome.
             if (matches!(&e, ProtoError::AnsweredEarly)
                 || matches!(&e, ProtoError::Io(io) if gone(io)))
-                && let Ok(mut head) = self.read_head(head_request, room).await
+                && let Ok(mut head) = self.read_head(head_request, answer).await
             {
                 head.body.keep_alive = false;
                 return Ok(head);
             }
             return Err(e);
         }
-        self.read_head(head_request, room).await
+        self.read_head(head_request, answer).await
     }
 
     async fn write_request(
@@ -497,11 +501,15 @@ impl Conn {
         self.io.read_buf(&mut self.dec.buf).await
     }
 
-    async fn read_head(&mut self, head_request: bool, room: usize) -> Result<Head, ProtoError> {
+    async fn read_head(
+        &mut self,
+        head_request: bool,
+        answer: Answer<'_>,
+    ) -> Result<Head, ProtoError> {
         let mut received = !self.dec.buf.is_empty();
         loop {
             if !self.dec.buf.is_empty() {
-                if let Some(head) = self.dec.parse_head(head_request, room)? {
+                if let Some(head) = self.dec.parse_head(head_request, answer)? {
                     return Ok(head);
                 }
                 if self.dec.buf.len() >= MAX_HEAD {
@@ -592,7 +600,11 @@ fn poll_timer(
 impl Decoder {
     /// A complete head at the front of the buffer, taken off it; `None`
     /// when more bytes are needed. Interim (1xx) responses are dropped.
-    fn parse_head(&mut self, head_request: bool, room: usize) -> Result<Option<Head>, ProtoError> {
+    fn parse_head(
+        &mut self,
+        head_request: bool,
+        answer: Answer<'_>,
+    ) -> Result<Option<Head>, ProtoError> {
         loop {
             // Uninitialised slots (see the server's head parser).
             let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -622,26 +634,42 @@ impl Decoder {
                 Some(0) => Version::HTTP_10,
                 _ => Version::HTTP_11,
             };
-            // The head is copied once; every header value shares the copy.
-            let base = self.buf.as_ptr() as usize;
-            let shared = head_copy(&self.buf[..len]);
-            let mut map = super::headers::spare::take(r.headers.len() + room);
-            for (i, h) in r.headers.iter().enumerate() {
-                let name = super::headers::names::at(
-                    super::headers::names::Side::Response,
-                    i,
-                    h.name.as_bytes(),
-                )
-                .map_err(|_| ProtoError::Invalid("header name"))?;
-                let start = h.value.as_ptr() as usize - base;
-                let value =
-                    HeaderValue::from_maybe_shared(shared.slice(start..start + h.value.len()))
+            let head = &r.headers[..];
+            let said = Said::of(head);
+            let (framing, mut keep_alive) = framing(&said, status, head_request)?;
+            keep_alive &= keeps_alive(&said, version);
+            let mut map = super::headers::spare::take(answer.room + head.len());
+            let raw = match answer.raw {
+                // The lines as they came, filtered; the map gets only what
+                // the pipeline adds.
+                Some(filter) => Some(RawHeaders::of(head, &said, &filter)),
+                None => {
+                    // The head is copied once; every header value shares the copy.
+                    let base = self.buf.as_ptr() as usize;
+                    let shared = head_copy(&self.buf[..len]);
+                    for (i, h) in head.iter().enumerate() {
+                        // `Transfer-Encoding` wins over `Content-Length`:
+                        // the length is not passed on.
+                        if said.chunked_or_close && is(h.name, "content-length") {
+                            continue;
+                        }
+                        let name = super::headers::names::at(
+                            super::headers::names::Side::Response,
+                            i,
+                            h.name.as_bytes(),
+                        )
+                        .map_err(|_| ProtoError::Invalid("header name"))?;
+                        let start = h.value.as_ptr() as usize - base;
+                        let value = HeaderValue::from_maybe_shared(
+                            shared.slice(start..start + h.value.len()),
+                        )
                         .map_err(|_| ProtoError::Invalid("header value"))?;
-                map.append(name, value);
-            }
+                        map.append(name, value);
+                    }
+                    None
+                }
+            };
             self.buf.advance(len);
-            let (framing, mut keep_alive) = framing(&mut map, status, head_request)?;
-            keep_alive &= keeps_alive(&map, version);
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
@@ -649,6 +677,7 @@ impl Decoder {
             let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
             return Ok(Some(Head {
                 parts,
+                raw,
                 body: ResponseBody {
                     framing: if upgrade { Framing::Done } else { framing },
                     keep_alive: keep_alive && !upgrade,
@@ -918,10 +947,94 @@ fn chunk_size(line: &[u8]) -> Result<u64, ProtoError> {
     Ok(size)
 }
 
+/// What a response head says about its framing and its connection, read
+/// from its lines (no map needed).
+#[derive(Debug, PartialEq, Eq)]
+struct Said<'h> {
+    /// The last `Transfer-Encoding` coding, when there is one.
+    transfer_encoding: Option<&'h str>,
+    /// `Transfer-Encoding` is present: `Content-Length` is not passed on.
+    chunked_or_close: bool,
+    /// Every `Content-Length` value, checked (`Err`: invalid or conflicting).
+    length: Result<Option<u64>, &'static str>,
+    /// `Connection` tokens `close` and `keep-alive`; any other token names
+    /// a header to drop.
+    close: bool,
+    keep_alive: bool,
+    connection: bool,
+}
+
+/// A header name is `want` (lowercase), in any case.
+#[inline]
+fn is(name: &str, want: &str) -> bool {
+    name.len() == want.len() && name.eq_ignore_ascii_case(want)
+}
+
+/// A value as text when it is visible ASCII (what `HeaderValue::to_str`
+/// accepts), else `None`.
+fn text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
+impl<'h> Said<'h> {
+    fn of(head: &[httparse::Header<'h>]) -> Said<'h> {
+        let mut said = Said {
+            transfer_encoding: None,
+            chunked_or_close: false,
+            length: Ok(None),
+            close: false,
+            keep_alive: false,
+            connection: false,
+        };
+        for h in head {
+            let n = h.name;
+            if is(n, "transfer-encoding") {
+                said.chunked_or_close = true;
+                if let Some(last) = text(h.value)
+                    .into_iter()
+                    .flat_map(|v| v.rsplit(','))
+                    .map(str::trim)
+                    .find(|t| !t.is_empty())
+                {
+                    said.transfer_encoding = Some(last);
+                }
+            } else if is(n, "content-length") {
+                said.length = said.length.and_then(|have| {
+                    let mut have = have;
+                    for part in text(h.value).ok_or("content-length")?.split(',') {
+                        let part = part.trim();
+                        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                            return Err("content-length");
+                        }
+                        let n: u64 = part.parse().map_err(|_| "content-length")?;
+                        if have.is_some_and(|l| l != n) {
+                            return Err("conflicting content-length");
+                        }
+                        have = Some(n);
+                    }
+                    Ok(have)
+                });
+            } else if is(n, "connection") {
+                said.connection = true;
+                for t in text(h.value).into_iter().flat_map(|v| v.split(',')) {
+                    let t = t.trim();
+                    said.close |= t.eq_ignore_ascii_case("close");
+                    said.keep_alive |= t.eq_ignore_ascii_case("keep-alive");
+                }
+            }
+        }
+        said
+    }
+}
+
 /// The body's framing and whether it allows keep-alive (RFC 9112 §6.3).
-/// `Content-Length` is dropped when `Transfer-Encoding` overrides it.
+/// A `Content-Length` beside `Transfer-Encoding` is not passed on.
 fn framing(
-    h: &mut HeaderMap,
+    said: &Said<'_>,
     status: StatusCode,
     head_request: bool,
 ) -> Result<(Framing, bool), ProtoError> {
@@ -932,61 +1045,155 @@ fn framing(
     {
         return Ok((Framing::Done, true));
     }
-    if super::headers::contains(h, &header::TRANSFER_ENCODING) {
-        let last = super::headers::get_all(h, &header::TRANSFER_ENCODING)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .last();
-        let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+    if said.chunked_or_close {
+        let chunked = said
+            .transfer_encoding
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
         // Both framings on one message: the connection is not trusted again.
-        let both = h.remove(header::CONTENT_LENGTH).is_some();
+        let both = said.length != Ok(None);
         return Ok(if chunked {
             (Framing::Chunked(Chunk::Size), !both)
         } else {
             (Framing::Close, false)
         });
     }
-    let mut length: Option<u64> = None;
-    for v in super::headers::get_all(h, &header::CONTENT_LENGTH) {
-        for part in v
-            .to_str()
-            .map_err(|_| ProtoError::Invalid("content-length"))?
-            .split(',')
-        {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ProtoError::Invalid("content-length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| ProtoError::Invalid("content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ProtoError::Invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    Ok(match said.length.map_err(ProtoError::Invalid)? {
         Some(n) => (Framing::Length(n), true),
         None => (Framing::Close, false),
     })
 }
 
 /// Whether the response lets the connection be used again.
-fn keeps_alive(h: &HeaderMap, version: Version) -> bool {
-    let has = |token: &str| {
-        super::headers::get_all(h, &header::CONNECTION)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+fn keeps_alive(said: &Said<'_>, version: Version) -> bool {
     if version == Version::HTTP_10 {
-        has("keep-alive")
+        said.keep_alive
     } else {
-        !has("close")
+        !said.close
     }
+}
+
+/// How [`Conn::exchange`] keeps the response's headers.
+#[derive(Clone, Copy, Default)]
+pub struct Answer<'a> {
+    /// How many headers the caller will add to the response's map (made
+    /// that much larger at once instead of growing later).
+    pub room: usize,
+    /// Pass the upstream's header lines to the client as they came (see
+    /// [`RawHeaders`]) instead of parsing them into the response's map.
+    pub raw: Option<RawFilter<'a>>,
+}
+
+/// Which of an upstream response's header lines a passed-through head
+/// drops, besides the hop-by-hop ones, those its `Connection` lists and
+/// `Content-Length` beside `Transfer-Encoding` (what the map would have
+/// lost the same way).
+#[derive(Clone, Copy)]
+pub struct RawFilter<'a> {
+    /// `proxy_hide_header` names.
+    pub hide: &'a [String],
+    /// Names the pipeline sets on the response, replacing the upstream's
+    /// (the request-id header; the rate-limit headers when it sends them).
+    pub own: &'a [&'a str],
+}
+
+impl RawFilter<'_> {
+    fn drops(&self, name: &str) -> bool {
+        super::forward::hop_by_hop_name(name)
+            || self.own.iter().any(|o| is(name, o))
+            || self.hide.iter().any(|h| name.eq_ignore_ascii_case(h))
+    }
+}
+
+/// An upstream response's own header lines, passed to an HTTP/1 client
+/// as they came instead of being parsed into a `HeaderMap` and written
+/// from it again (that was ~2,500 instructions of a small proxied
+/// response's ~26,000). Carried beside the response, never in it (an
+/// extension cost ~700 instructions to insert and take): in the pooled
+/// body ([`crate::proxy::pool::PooledBody::raw`]), the upstream exchange's
+/// record and [`crate::proxy::forward::Answered`]; the HTTP/1 writer
+/// ([`crate::server::h1`]) writes them behind the status line and before
+/// the map's headers (what the pipeline added). Used only where nothing on
+/// the way reads the upstream's headers (no cache, no `wrap`, no upgrade)
+/// and the client speaks HTTP/1; any other writer gets them back in the
+/// map ([`RawHeaders::restore`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawHeaders {
+    /// `name: value\r\n` lines, names as the upstream wrote them.
+    pub lines: Vec<u8>,
+    /// The last `Content-Length` among them, when it is a number.
+    pub length: Option<u64>,
+    /// A `Date` is among them.
+    pub date: bool,
+}
+
+impl RawHeaders {
+    fn of(head: &[httparse::Header<'_>], said: &Said<'_>, filter: &RawFilter<'_>) -> RawHeaders {
+        let size: usize = head.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
+        let mut raw = RawHeaders {
+            lines: Vec::with_capacity(size),
+            length: None,
+            date: false,
+        };
+        for h in head {
+            let n = h.name;
+            if filter.drops(n)
+                || (said.chunked_or_close && is(n, "content-length"))
+                || (said.connection && connection_lists(head, n))
+            {
+                continue;
+            }
+            if is(n, "content-length") {
+                raw.length = text(h.value).and_then(|v| v.trim().parse().ok());
+            } else if is(n, "date") {
+                raw.date = true;
+            }
+            raw.lines.extend_from_slice(n.as_bytes());
+            raw.lines.extend_from_slice(b": ");
+            raw.lines.extend_from_slice(h.value);
+            raw.lines.extend_from_slice(b"\r\n");
+        }
+        raw
+    }
+
+    /// Put passed-through lines back into `resp`'s map (before what the
+    /// pipeline added), for a writer that only knows the map (HTTP/2).
+    pub fn restore<B>(self, resp: &mut http::Response<B>) {
+        let raw = self;
+        // The upstream's lines first, then what the pipeline added (the
+        // names it replaces were dropped from the lines already).
+        let added = std::mem::take(resp.headers_mut());
+        let map = resp.headers_mut();
+        for line in raw.lines.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+            ) {
+                map.append(n, v);
+            }
+        }
+        let mut last: Option<HeaderName> = None;
+        for (n, v) in added {
+            if n.is_some() {
+                last = n;
+            }
+            if let Some(n) = &last {
+                map.append(n.clone(), v);
+            }
+        }
+    }
+}
+
+/// Whether a `Connection` header of `head` lists `name`.
+fn connection_lists(head: &[httparse::Header<'_>], name: &str) -> bool {
+    head.iter()
+        .filter(|h| is(h.name, "connection"))
+        .filter_map(|h| text(h.value))
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name))
 }
 
 /// A response body, read from its connection as it is polled.
@@ -1117,7 +1324,10 @@ pub fn decode(input: &[u8], pieces: &[usize], head_request: bool) -> Result<Deco
     };
     let head = loop {
         if !dec.buf.is_empty() {
-            if let Some(h) = dec.parse_head(head_request, 0).map_err(|e| e.to_string())? {
+            if let Some(h) = dec
+                .parse_head(head_request, Answer::default())
+                .map_err(|e| e.to_string())?
+            {
                 break h;
             }
             if dec.buf.len() >= MAX_HEAD {
@@ -1275,43 +1485,63 @@ mod tests {
         assert!(chunk_size(b"1000000000000000").is_err());
     }
 
+    /// What a head of these lines says.
+    fn said<'h>(lines: &[(&'h str, &'h str)]) -> Said<'h> {
+        let head: Vec<httparse::Header<'h>> = lines
+            .iter()
+            .map(|&(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect();
+        Said::of(&head)
+    }
+
     #[test]
     fn framing_follows_rfc_9112() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let ok = |lines: &[(&str, &str)]| framing(&said(lines), StatusCode::OK, false).ok();
+        let five = [("Content-Length", "5")];
+        assert_eq!(ok(&five), Some((Framing::Length(5), true)));
         assert_eq!(
-            framing(&mut h, StatusCode::OK, false).ok(),
+            framing(&said(&five), StatusCode::OK, true).ok(),
+            Some((Framing::Done, true))
+        );
+        assert_eq!(
+            framing(&said(&five), StatusCode::NOT_MODIFIED, false).ok(),
+            Some((Framing::Done, true))
+        );
+        // The same length twice, in one line or two, is one length.
+        assert_eq!(
+            ok(&[("content-length", "5, 5")]),
             Some((Framing::Length(5), true))
         );
         assert_eq!(
-            framing(&mut h, StatusCode::OK, true).ok(),
-            Some((Framing::Done, true))
+            ok(&[("content-length", "5"), ("CONTENT-LENGTH", "5")]),
+            Some((Framing::Length(5), true))
+        );
+        let conflicting = [("Content-Length", "5"), ("content-length", "6")];
+        assert!(framing(&said(&conflicting), StatusCode::OK, false).is_err());
+        assert!(framing(&said(&[("content-length", "+5")]), StatusCode::OK, false).is_err());
+        // Transfer-Encoding wins; with both, the connection is not reused.
+        let both = [
+            ("Content-Length", "5"),
+            ("content-length", "6"),
+            ("Transfer-Encoding", "gzip, chunked"),
+        ];
+        assert_eq!(ok(&both), Some((Framing::Chunked(Chunk::Size), false)));
+        assert!(said(&both).chunked_or_close);
+        assert_eq!(
+            ok(&[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked, ")
+            ]),
+            Some((Framing::Chunked(Chunk::Size), true))
         );
         assert_eq!(
-            framing(&mut h, StatusCode::NOT_MODIFIED, false).ok(),
-            Some((Framing::Done, true))
-        );
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
-        assert!(framing(&mut h, StatusCode::OK, false).is_err());
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("gzip, chunked"),
-        );
-        assert_eq!(
-            framing(&mut h, StatusCode::OK, false).ok(),
-            Some((Framing::Chunked(Chunk::Size), false))
-        );
-        assert!(!h.contains_key(header::CONTENT_LENGTH));
-        let mut h = HeaderMap::new();
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
-        assert_eq!(
-            framing(&mut h, StatusCode::OK, false).ok(),
+            ok(&[("Transfer-Encoding", "gzip")]),
             Some((Framing::Close, false))
         );
-        assert_eq!(
-            framing(&mut HeaderMap::new(), StatusCode::OK, false).ok(),
-            Some((Framing::Close, false))
-        );
+        assert_eq!(ok(&[]), Some((Framing::Close, false)));
     }
 
     #[test]
@@ -1406,6 +1636,167 @@ mod tests {
         ]
     }
 
+    /// A head parsed both ways: the map as the pipeline sees it after
+    /// `upstream_response` (hop-by-hop and hidden names gone, then the
+    /// pipeline's own names replaced), and the passed-through lines put
+    /// back into a map; framing and keep-alive of each.
+    #[allow(clippy::type_complexity)]
+    fn both_ways(
+        input: &[u8],
+        hide: &[String],
+        own: &[&str],
+    ) -> Result<[(Vec<(String, Vec<u8>)>, Framing, bool); 2], String> {
+        let parse = |raw: Option<RawFilter<'_>>| {
+            let mut d = Decoder::default();
+            d.buf.extend_from_slice(input);
+            d.parse_head(false, Answer { room: 0, raw })
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "partial".to_string())
+        };
+        // By name (a map's removals reorder its other names; the values of
+        // one name keep their order).
+        let list = |h: &HeaderMap| {
+            let mut l = h
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect::<Vec<_>>();
+            l.sort_by(|a, b| a.0.cmp(&b.0));
+            l
+        };
+        let mapped = parse(None)?;
+        let mut h = mapped.parts.headers;
+        super::super::forward::strip_hop_by_hop(&mut h);
+        for n in hide.iter().map(String::as_str).chain(own.iter().copied()) {
+            h.remove(n);
+        }
+        let passed = parse(Some(RawFilter { hide, own }))?;
+        assert!(passed.parts.headers.is_empty());
+        let mut resp = http::Response::from_parts(passed.parts, ());
+        passed.raw.expect("lines").restore(&mut resp);
+        Ok([
+            (list(&h), mapped.body.framing, mapped.body.keep_alive),
+            (
+                list(resp.headers()),
+                passed.body.framing,
+                passed.body.keep_alive,
+            ),
+        ])
+    }
+
+    #[test]
+    fn passed_through_lines_drop_what_the_map_loses() {
+        let head = "HTTP/1.1 200 OK\r\n\
+            Server: up\r\n\
+            Connection: keep-alive, X-Private\r\n\
+            x-private: 1\r\n\
+            Keep-Alive: timeout=5\r\n\
+            Content-Length: 3\r\n\
+            X-Request-Id: from-upstream\r\n\
+            Secret: s\r\n\
+            RateLimit-Limit: 9\r\n\
+            Date: Sun, 29 Nov 2026 09:00:00 GMT\r\n\
+            Set-Cookie: a=1\r\n\
+            Set-Cookie: b=2\r\n\r\nabc";
+        let mut d = Decoder::default();
+        d.buf.extend_from_slice(head.as_bytes());
+        let hide = ["secret".to_string()];
+        let own = ["x-request-id", "ratelimit-limit"];
+        let got = d
+            .parse_head(
+                false,
+                Answer {
+                    room: 2,
+                    raw: Some(RawFilter {
+                        hide: &hide,
+                        own: &own,
+                    }),
+                },
+            )
+            .expect("a valid head")
+            .expect("a whole head");
+        let raw = got.raw.as_ref().expect("lines");
+        assert_eq!(
+            String::from_utf8_lossy(&raw.lines),
+            "Server: up\r\nContent-Length: 3\r\nDate: Sun, 29 Nov 2026 09:00:00 GMT\r\n\
+             Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        );
+        assert_eq!((raw.length, raw.date), (Some(3), true));
+        assert!(got.parts.headers.is_empty());
+        assert_eq!(got.body.framing, Framing::Length(3));
+        assert!(got.body.keep_alive);
+        // Back into a map: the upstream's lines first, then what the
+        // pipeline added, same names kept together in order.
+        let mut resp = http::Response::from_parts(got.parts, ());
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("mine"));
+        resp.headers_mut()
+            .append("set-cookie", HeaderValue::from_static("c=3"));
+        got.raw.expect("lines").restore(&mut resp);
+        let h = resp.headers();
+        assert_eq!(h.get_all("set-cookie").iter().count(), 3);
+        assert_eq!(h.get_all("x-request-id").iter().count(), 1);
+        assert_eq!(
+            h.get("x-request-id").map(HeaderValue::as_bytes),
+            Some(&b"mine"[..])
+        );
+        assert_eq!(h.len(), 7);
+        // With Transfer-Encoding the length is not passed on.
+        let chunked = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\
+                       Transfer-Encoding: chunked\r\nX: y\r\n\r\n";
+        let [map, raw] = both_ways(chunked.as_bytes(), &[], &[]).expect("parsed");
+        assert_eq!(map, raw);
+        assert_eq!(raw.0, vec![("x".to_string(), b"y".to_vec())]);
+    }
+
+    /// Heads of names and values from a small pool (framing, hop-by-hop,
+    /// `Connection` lists, the pipeline's own names, odd case and
+    /// whitespace, non-ASCII bytes), in any order.
+    fn heads() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let name = prop_oneof![
+            Just("Content-Length"),
+            Just("content-length"),
+            Just("Transfer-Encoding"),
+            Just("Connection"),
+            Just("Keep-Alive"),
+            Just("TE"),
+            Just("Upgrade"),
+            Just("Proxy-Authenticate"),
+            Just("X-Listed"),
+            Just("x-listed"),
+            Just("X-Request-Id"),
+            Just("Secret"),
+            Just("Date"),
+            Just("Set-Cookie"),
+            Just("X-A"),
+        ];
+        let value = prop_oneof![
+            Just("3"),
+            Just("4"),
+            Just("3, 3"),
+            Just(" 3 "),
+            Just("x3"),
+            Just("chunked"),
+            Just("gzip"),
+            Just("gzip, chunked"),
+            Just("close"),
+            Just("keep-alive, X-Listed"),
+            Just("x-listed , Secret"),
+            Just(""),
+            Just("caf\u{e9}"),
+            Just("a\tb"),
+        ];
+        let version = prop_oneof![Just("1.1"), Just("1.0")];
+        (version, proptest::collection::vec((name, value), 0..8)).prop_map(|(v, hs)| {
+            let mut out = format!("HTTP/{v} 200 OK\r\n");
+            for (n, val) in hs {
+                out.push_str(&format!("{n}: {val}\r\n"));
+            }
+            out.push_str("\r\nabc");
+            out.into_bytes()
+        })
+    }
+
     proptest::proptest! {
         /// However the bytes arrive, the decoded response (or the error)
         /// is the same, and nothing panics.
@@ -1418,6 +1809,18 @@ mod tests {
             let whole = decode(&input, &[], head);
             proptest::prop_assert_eq!(&decode(&input, &pieces, head), &whole);
             proptest::prop_assert_eq!(&decode(&input, &[1], head), &whole);
+        }
+
+        /// Passed through or parsed into the map, a head gives the client
+        /// the same headers, the same framing and the same keep-alive (or
+        /// the same error).
+        #[test]
+        fn passing_lines_through_keeps_what_the_map_keeps(input in heads()) {
+            let hide = ["secret".to_string()];
+            match both_ways(&input, &hide, &["x-request-id"]) {
+                Ok([map, raw]) => proptest::prop_assert_eq!(map, raw),
+                Err(e) => proptest::prop_assert!(!e.is_empty()),
+            }
         }
     }
 
@@ -1460,12 +1863,13 @@ mod tests {
 
     #[test]
     fn keep_alive_by_version_and_connection() {
-        let mut h = HeaderMap::new();
-        assert!(keeps_alive(&h, Version::HTTP_11));
-        assert!(!keeps_alive(&h, Version::HTTP_10));
-        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        assert!(keeps_alive(&h, Version::HTTP_10));
-        h.insert(header::CONNECTION, HeaderValue::from_static("x, close"));
-        assert!(!keeps_alive(&h, Version::HTTP_11));
+        assert!(keeps_alive(&said(&[]), Version::HTTP_11));
+        assert!(!keeps_alive(&said(&[]), Version::HTTP_10));
+        let ka = said(&[("Connection", "Keep-Alive")]);
+        assert!(keeps_alive(&ka, Version::HTTP_10));
+        assert!(!keeps_alive(
+            &said(&[("connection", "x, close")]),
+            Version::HTTP_11
+        ));
     }
 }

@@ -83,6 +83,7 @@ pub fn pool_target<'a>(
         send_timeout: None,
         now,
         response_room: response_room(settings),
+        raw_response: None,
     }
 }
 
@@ -373,6 +374,22 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Whether `name`, in any case, is one of [`HOP_BY_HOP`] (for header
+/// names not parsed into a [`HeaderName`]).
+pub(crate) fn hop_by_hop_name(name: &str) -> bool {
+    let any = |names: &[&str]| names.iter().any(|h| name.eq_ignore_ascii_case(h));
+    match name.len() {
+        2 => any(&["te"]),
+        7 => any(&["trailer", "upgrade"]),
+        10 => any(&["connection", "keep-alive"]),
+        16 => any(&["proxy-connection"]),
+        17 => any(&["transfer-encoding"]),
+        18 => any(&["proxy-authenticate"]),
+        19 => any(&["proxy-authorization"]),
+        _ => false,
+    }
+}
+
 /// Whether `name` is one of [`HOP_BY_HOP`].
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -454,6 +471,30 @@ pub struct UpstreamInfo {
     pub addr: Option<crate::proxy::pool::Endpoint>,
     pub status: Option<u16>,
     pub duration: Duration,
+    /// The response's header lines, when they are passed through: handed
+    /// on with the response ([`Answered`]).
+    pub raw: Option<crate::proxy::client::RawHeaders>,
+}
+
+/// What [`handle`] answers: the response and, when it is an upstream's
+/// whose header lines are passed through
+/// ([`crate::proxy::client::RawHeaders`]), those lines, which the HTTP/1
+/// writer writes before the response's map.
+pub struct Answered {
+    pub resp: Response<Body>,
+    pub raw: Option<crate::proxy::client::RawHeaders>,
+}
+
+impl Answered {
+    /// The response alone, the passed-through lines back in its map (for a
+    /// writer that only knows the map).
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = self.resp;
+        if let Some(raw) = self.raw {
+            raw.restore(&mut resp);
+        }
+        resp
+    }
 }
 
 thread_local! {
@@ -477,13 +518,13 @@ pub fn handle(
     conn: ConnInfo,
     mut req: Request<RequestBody>,
     guard: Option<crate::server::guard::GuardHandle>,
-) -> Pin<Box<impl std::future::Future<Output = Response<Body>>>> {
+) -> Pin<Box<impl std::future::Future<Output = Answered>>> {
     Box::into_pin(Box::write(Box::new_uninit(), async move {
         // The guard's own synthetic request, answered without a pipeline.
         if let Some(g) = &guard
             && let Some(r) = crate::server::guard::refused(g, &shared, conn, &req)
         {
-            return r;
+            return Answered { resp: r, raw: None };
         }
         // Told whether the connection was upgraded, once that is known.
         let upgrade_guard = guard.filter(|_| {
@@ -846,6 +887,7 @@ pub fn handle(
                         trace: &trace,
                         body_timeout: server.limits.body_timeout,
                         request_id: &out.request_id,
+                        limit_headers: limit_headers.is_some(),
                     };
                     let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
                     let resp = match cache {
@@ -931,6 +973,9 @@ pub fn handle(
             crate::proxy::headers::spare::give(std::mem::take(&mut parts.headers));
             resp
         };
+        // An upstream's passed-through lines go with its response (set
+        // only where the response is the upstream's, unchanged).
+        let raw = out.upstream.as_mut().and_then(|u| u.raw.take());
         let record = crate::observe::access_log::Record {
             start,
             time: None,
@@ -959,10 +1004,13 @@ pub fn handle(
             crate::server::guard::decided(g, resp.status());
         }
         let (parts, body) = resp.into_parts();
-        Response::from_parts(
-            parts,
-            crate::observe::access_log::LoggedBody::new(body, record).boxed(),
-        )
+        Answered {
+            resp: Response::from_parts(
+                parts,
+                crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+            ),
+            raw,
+        }
     }))
 }
 
@@ -1230,6 +1278,8 @@ struct ProxyCtx<'a> {
     trace: &'a crate::observe::trace::TraceContext,
     body_timeout: Duration,
     request_id: &'a HeaderValue,
+    /// The rate-limit headers will be set on the response.
+    limit_headers: bool,
 }
 
 /// The path and query sent upstream (LANGUAGE.md §4, §13.3).
@@ -1430,6 +1480,18 @@ pub struct Prepared<'a> {
     pub hash_key: Option<String>,
     pub client_ip: IpAddr,
     pub upgrade: Option<HeaderValue>,
+    /// The response's header lines go to the client as they came
+    /// ([`crate::proxy::client::RawHeaders`]): the client speaks HTTP/1
+    /// and nothing on the way reads the upstream's headers.
+    pub raw_response: Option<RawResponse>,
+}
+
+/// How a passed-through response head is filtered (see
+/// [`Prepared::raw_response`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RawResponse {
+    /// The pipeline sets the rate-limit headers: the upstream's are dropped.
+    pub limit_headers: bool,
 }
 
 impl Prepared<'_> {
@@ -1445,6 +1507,8 @@ impl Prepared<'_> {
             hash_key: self.hash_key,
             client_ip: self.client_ip,
             upgrade: self.upgrade,
+            // A fetch for a cache: the cache reads and stores the headers.
+            raw_response: None,
         }
     }
 }
@@ -1550,6 +1614,15 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         host_override,
         hash_key,
         client_ip: ctx.vars.remote_addr,
+        // What reads an upstream response's headers on the way: a cache,
+        // `wrap`, an upgrade, and HTTP/2's writer (which writes a map).
+        raw_response: (parts.version < http::Version::HTTP_2
+            && upgrade.is_none()
+            && settings.cache.is_none()
+            && !settings.wrap_response)
+            .then_some(RawResponse {
+                limit_headers: ctx.limit_headers,
+            }),
         upgrade,
     }
 }
@@ -1594,6 +1667,23 @@ async fn send(
     let read_timeout = settings.proxy_read_timeout;
     let next = settings.proxy_next_upstream;
     let can_resend = idempotent(&prep.method) || next.non_idempotent;
+    // The names the pipeline sets on the response itself: the upstream's
+    // of these are dropped from passed-through lines (a map's `insert`
+    // replaced them).
+    let own_names: [&str; 4] = [
+        settings.request_id_header.as_str(),
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+    ];
+    let raw_filter = prep.raw_response.map(|r| crate::proxy::client::RawFilter {
+        hide: &settings.proxy_hide_header,
+        own: if r.limit_headers {
+            &own_names[..]
+        } else {
+            &own_names[..1]
+        },
+    });
 
     // The peers to try.
     let pool = match &p.target {
@@ -1676,6 +1766,7 @@ async fn send(
             sent_at,
         );
         conn_target.fresh = fresh;
+        conn_target.raw_response = raw_filter;
         conn_target.read_timeout = Some(read_timeout);
         conn_target.send_timeout = Some(settings.proxy_send_timeout);
         // The last possible try takes the headers; earlier ones copy.
@@ -1726,6 +1817,7 @@ async fn send(
                 _ => None,
             },
             duration,
+            raw: None,
         });
         if let (Some(pool), Some(pk)) = (&pool, &pick) {
             crate::observe::metrics::count_upstream(
@@ -1782,7 +1874,11 @@ async fn send(
                 } else {
                     report(Outcome::Success);
                 }
-                return Ok(upstream_response(resp, settings));
+                let (resp, raw) = upstream_response(resp, settings);
+                if let Some(i) = info.as_mut() {
+                    i.raw = raw;
+                }
+                return Ok(resp);
             }
             Err(e) if e.is_stale() && !had_body && idempotent(&prep.method) => {
                 // Not the upstream's failure: its keep-alive ended as the
@@ -1849,16 +1945,22 @@ async fn tunnel(client: crate::server::h1::OnUpgrade, mut u: crate::proxy::clien
     }
 }
 
+/// The response as the pipeline goes on with it, and its header lines
+/// when they are passed through.
 fn upstream_response(
     resp: Response<crate::proxy::pool::PooledBody>,
     settings: &LocationSettings,
-) -> Response<Body> {
-    let (mut parts, body) = resp.into_parts();
+) -> (Response<Body>, Option<crate::proxy::client::RawHeaders>) {
+    let (mut parts, mut body) = resp.into_parts();
+    let raw = body.raw.take();
     strip_hop_by_hop(&mut parts.headers);
     for h in &settings.proxy_hide_header {
         parts.headers.remove(h.as_str());
     }
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+    (
+        Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed()),
+        raw,
+    )
 }
 
 /// An error with its causes (`client error (Connect): invalid peer

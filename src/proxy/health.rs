@@ -69,6 +69,7 @@ pub async fn probe(
             read_timeout: None,
             send_timeout: None,
             response_room: 0,
+            raw_response: None,
             now: std::time::Instant::now(),
         };
         let req = http::Request::get(uri)

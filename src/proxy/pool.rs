@@ -87,6 +87,9 @@ pub struct Target<'a> {
     /// Headers the pipeline adds to the response (request id, `add_header`,
     /// rate-limit and cache headers): room made in its map from the start.
     pub response_room: usize,
+    /// Pass the response's header lines through to an HTTP/1 client
+    /// ([`crate::proxy::client::RawHeaders`]), dropping what this filters.
+    pub raw_response: Option<crate::proxy::client::RawFilter<'a>>,
 }
 
 /// Why an upstream request failed.
@@ -282,12 +285,16 @@ pub fn request<'a>(
                 pass,
                 body,
                 (t.read_timeout, t.send_timeout),
-                t.response_room,
+                crate::proxy::client::Answer {
+                    room: t.response_room,
+                    raw: t.raw_response,
+                },
             )
             .await
         {
             Ok(head) => {
                 let mut body = PooledBody {
+                    raw: head.raw,
                     body: head.body,
                     conn: Some(conn),
                     failed: None,
@@ -367,6 +374,10 @@ pub struct PooledBody {
     /// a body fails, and a reset right behind the last bytes would
     /// otherwise cost the client all of them).
     failed: Option<ProtoError>,
+    /// The response's header lines, when they are passed through
+    /// ([`crate::proxy::client::RawHeaders`]): taken by the proxy before
+    /// the body goes on.
+    pub raw: Option<crate::proxy::client::RawHeaders>,
 }
 
 impl PooledBody {

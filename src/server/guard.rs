@@ -1578,7 +1578,7 @@ pub fn serve(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<RequestBody>,
-) -> impl std::future::Future<Output = Response<Body>> {
+) -> impl std::future::Future<Output = crate::proxy::forward::Answered> {
     handle(shared, conn, req, Some(guard))
 }
 

@@ -49,14 +49,14 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 
 use crate::proxy::body::RequestBody;
 use crate::proxy::client::{Chunk, Decoder, Framing, Progress};
-use crate::proxy::forward::{Body, BoxError};
+use crate::proxy::forward::BoxError;
 
 /// A client connection's byte stream: a guarded TCP or TLS stream.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -416,7 +416,7 @@ pub fn serve<F, Fut>(
 ) -> impl Future<Output = Option<Upgraded>>
 where
     F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<Body>>,
+    Fut: Future<Output = crate::proxy::forward::Answered>,
 {
     // Not an `async fn`: its arguments would sit in its state twice (the
     // argument and its binding); the block captures them once.
@@ -470,14 +470,14 @@ where
             else {
                 break;
             };
-            let resp = handler(req).await;
+            let answered = handler(req).await;
             let mut keep = keep_alive && !*peek.borrow();
             if let Some(tx) = upgrade_tx
-                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && answered.resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
                 wbuf.clear();
-                let (parts, _) = resp.into_parts();
-                let seen = status_and_headers(&mut wbuf, &parts);
+                let (parts, _) = answered.resp.into_parts();
+                let seen = status_and_headers(&mut wbuf, &parts, answered.raw.as_ref());
                 end_head(&mut wbuf, &seen, parts.status, version, false, None, false);
                 if let Err(e) = write_all(&conn, &[&wbuf]).await {
                     tracing::debug!(error = %e, "writing a 101 response failed");
@@ -502,7 +502,7 @@ where
                 keep = false;
             }
             if let Err(e) =
-                write_response(&conn, &mut wbuf, resp, version, head_request, &mut keep).await
+                write_response(&conn, &mut wbuf, answered, version, head_request, &mut keep).await
             {
                 tracing::debug!(error = %e, "writing a response failed");
                 break;
@@ -700,17 +700,19 @@ enum Out {
     Close,
 }
 
-/// Write `resp`; `keep` is cleared when the connection cannot carry
-/// another request after it.
+/// Write the response (and an upstream's header lines passed through
+/// with it); `keep` is cleared when the connection cannot carry another
+/// request after it.
 async fn write_response(
     conn: &Shared,
     wbuf: &mut Vec<u8>,
-    resp: Response<Body>,
+    answered: crate::proxy::forward::Answered,
     version: Version,
     head_request: bool,
     keep: &mut bool,
 ) -> io::Result<()> {
-    let (parts, mut body) = resp.into_parts();
+    let raw = answered.raw;
+    let (parts, mut body) = answered.resp.into_parts();
     let status = parts.status;
     wbuf.clear();
     // A first response on the connection: room for a usual head at once
@@ -719,7 +721,7 @@ async fn write_response(
     // One pass over the response's headers writes them and notes what
     // framing and connection handling need; the gateway's own framing,
     // `Date` and `Connection` headers follow them.
-    let seen = status_and_headers(wbuf, &parts);
+    let seen = status_and_headers(wbuf, &parts, raw.as_ref());
     if seen.close {
         *keep = false;
     }
@@ -894,8 +896,13 @@ struct Seen {
     keep_alive: bool,
 }
 
-/// The status line and the response's own headers.
-fn status_and_headers(wbuf: &mut Vec<u8>, parts: &http::response::Parts) -> Seen {
+/// The status line and the response's own headers: an upstream's lines
+/// passed through, then the map's.
+fn status_and_headers(
+    wbuf: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    raw: Option<&crate::proxy::client::RawHeaders>,
+) -> Seen {
     let status = parts.status;
     if status == StatusCode::OK {
         wbuf.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -907,6 +914,12 @@ fn status_and_headers(wbuf: &mut Vec<u8>, parts: &http::response::Parts) -> Seen
         wbuf.extend_from_slice(b"\r\n");
     }
     let mut seen = Seen::default();
+    if let Some(raw) = raw {
+        // Filtered when they were read: no hop-by-hop header among them.
+        wbuf.extend_from_slice(&raw.lines);
+        seen.length = raw.length;
+        seen.date = raw.date;
+    }
     for (name, value) in &parts.headers {
         let v = value.as_bytes();
         if *name == header::CONTENT_LENGTH {
@@ -1096,7 +1109,7 @@ mod tests {
 
     #[test]
     fn heads_say_close_and_keep_alive_only_when_they_must() {
-        let resp = Response::builder()
+        let resp = http::Response::builder()
             .status(404)
             .header("x-a", "1")
             .body(())
@@ -1105,7 +1118,7 @@ mod tests {
             .0;
         let head = |version, keep, length| {
             let mut v = Vec::new();
-            let seen = status_and_headers(&mut v, &resp);
+            let seen = status_and_headers(&mut v, &resp, None);
             end_head(&mut v, &seen, resp.status, version, keep, length, false);
             String::from_utf8(v).expect("ascii")
         };

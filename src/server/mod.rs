@@ -754,11 +754,13 @@ impl Conn {
             let (shared, guard) = (shared.clone(), guard.clone());
             let req = req.map(crate::proxy::body::RequestBody::Hyper);
             async move {
-                let resp = match guard {
+                let answered = match guard {
                     Some(gh) => guard::serve(gh, shared, info, req).await,
                     None => crate::proxy::forward::handle(shared, info, req, None).await,
                 };
-                Ok::<_, std::convert::Infallible>(resp)
+                // Passed-through header lines are for HTTP/1's writer (an
+                // HTTP/2 request never asks for them): back into the map.
+                Ok::<_, std::convert::Infallible>(answered.into_response())
             }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
