@@ -1120,7 +1120,7 @@ impl RawFilter<'_> {
 pub struct RawHeaders {
     /// `name: value\r\n` lines, names as the upstream wrote them.
     pub lines: Vec<u8>,
-    /// The last `Content-Length` among them, when it is a number.
+    /// The length their `Content-Length` lines say, when they say one.
     pub length: Option<u64>,
     /// A `Date` is among them.
     pub date: bool,
@@ -1131,7 +1131,12 @@ impl RawHeaders {
         let size: usize = head.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
         let mut raw = RawHeaders {
             lines: Vec::with_capacity(size),
-            length: None,
+            // Every `Content-Length` passed on says this (they were checked
+            // to agree); none is passed on beside `Transfer-Encoding`.
+            length: match said.length {
+                Ok(n) if !said.chunked_or_close => n,
+                _ => None,
+            },
             date: false,
         };
         for h in head {
@@ -1142,9 +1147,7 @@ impl RawHeaders {
             {
                 continue;
             }
-            if is(n, "content-length") {
-                raw.length = text(h.value).and_then(|v| v.trim().parse().ok());
-            } else if is(n, "date") {
+            if is(n, "date") {
                 raw.date = true;
             }
             raw.lines.extend_from_slice(n.as_bytes());
