@@ -92,6 +92,23 @@ unsafe fn raw_of(ptr: *mut u8) -> *mut u8 {
     }
 }
 
+/// A block of `layout` from `system` (the system allocator's `alloc` or
+/// `alloc_zeroed`): as it is, or carved out of a larger plain one.
+///
+/// # Safety
+/// `layout` has a non-zero size; `system` allocates the layout it is given.
+#[inline]
+unsafe fn get(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    if !carved(layout) {
+        return system(layout);
+    }
+    match outer(layout) {
+        // SAFETY: `outer` has a non-zero size; `carve` gets its block.
+        Some(o) => unsafe { carve(system(o), layout) },
+        None => std::ptr::null_mut(),
+    }
+}
+
 // SAFETY: every block is a block of the system allocator, or lies inside
 // one at least `size` bytes past its aligned start (see `carve`); `dealloc`
 // and `realloc` choose the path by the layout the block was allocated with,
@@ -100,29 +117,15 @@ unsafe fn raw_of(ptr: *mut u8) -> *mut u8 {
 unsafe impl GlobalAlloc for Carved {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !carved(layout) {
-            // SAFETY: the caller's guarantees, passed on.
-            return unsafe { System.alloc(layout) };
-        }
-        match outer(layout) {
-            // SAFETY: `outer` has a non-zero size; `carve` gets its block.
-            Some(o) => unsafe { carve(System.alloc(o), layout) },
-            None => std::ptr::null_mut(),
-        }
+        // SAFETY: the caller's guarantees, passed on to `System.alloc`.
+        unsafe { get(layout, |l| System.alloc(l)) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !carved(layout) {
-            // SAFETY: the caller's guarantees, passed on.
-            return unsafe { System.alloc_zeroed(layout) };
-        }
-        match outer(layout) {
-            // SAFETY: as in `alloc`; the whole block is zeroed, the carved
-            // part included (the address is written before it).
-            Some(o) => unsafe { carve(System.alloc_zeroed(o), layout) },
-            None => std::ptr::null_mut(),
-        }
+        // SAFETY: as in `alloc`; a carved block's whole plain block is
+        // zeroed, the carved part included (the address goes before it).
+        unsafe { get(layout, |l| System.alloc_zeroed(l)) }
     }
 
     #[inline]
