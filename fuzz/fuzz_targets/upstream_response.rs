@@ -6,11 +6,13 @@
 //! Input layout: byte 0 bit 0 says whether the request was a `HEAD`;
 //! bytes 1..9 seed the piece sizes; the rest is what the upstream sent.
 //! It is decoded in one piece, one byte at a time, and in pseudo-random
-//! pieces of 1..=64 bytes: the three results must be equal.
+//! pieces of 1..=64 bytes: the three results must be equal. Its head,
+//! passed through to an HTTP/1 client as lines, must give the client what
+//! parsing it into a header map gives (`pass_through_matches`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate::proxy::client::decode;
+use tollgate::proxy::client::{decode, pass_through_matches};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {
@@ -31,4 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let whole = decode(input, &[], head);
     assert_eq!(decode(input, &[1], head), whole, "one byte at a time");
     assert_eq!(decode(input, &pieces, head), whole, "pieces {pieces:?}");
+    if let Err(e) = pass_through_matches(input, head) {
+        panic!("{e}");
+    }
 });
