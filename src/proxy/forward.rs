@@ -375,19 +375,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// Whether `name`, in any case, is one of [`HOP_BY_HOP`] (for header
-/// names not parsed into a [`HeaderName`]).
+/// names not parsed into a [`HeaderName`]; most names differ in length
+/// from all nine, which the comparison checks first).
 pub(crate) fn hop_by_hop_name(name: &str) -> bool {
-    let any = |names: &[&str]| names.iter().any(|h| name.eq_ignore_ascii_case(h));
-    match name.len() {
-        2 => any(&["te"]),
-        7 => any(&["trailer", "upgrade"]),
-        10 => any(&["connection", "keep-alive"]),
-        16 => any(&["proxy-connection"]),
-        17 => any(&["transfer-encoding"]),
-        18 => any(&["proxy-authenticate"]),
-        19 => any(&["proxy-authorization"]),
-        _ => false,
-    }
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// Whether `name` is one of [`HOP_BY_HOP`].
@@ -2111,6 +2104,17 @@ mod tests {
         }
         for n in ["host", "content-length", "x-upgrade", "tee", "connections"] {
             assert!(!is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+            assert!(!hop_by_hop_name(n), "{n}");
+        }
+        // By name as written, in any case.
+        for n in [
+            "Connection",
+            "KEEP-ALIVE",
+            "Transfer-Encoding",
+            "te",
+            "Proxy-Authorization",
+        ] {
+            assert!(hop_by_hop_name(n), "{n}");
         }
     }
 
