@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 
 use crate::config::model::{Rate, RateLimitDef, RateStore, Template};
 
@@ -111,12 +111,17 @@ impl Verdict {
     /// Sets `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`
     /// (seconds, rounded up), and `Retry-After` (seconds, rounded up) on a
     /// refusal.
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_LIMIT.clone(), number(self.limit));
-        headers.insert(RATELIMIT_REMAINING.clone(), number(self.remaining));
-        headers.insert(RATELIMIT_RESET.clone(), number(ceil_secs(self.reset_after)));
+    pub fn write_headers(&self, headers: &mut http::HeaderMap) {
+        self.write_to(&mut crate::proxy::headers::Added::Map(headers));
+    }
+
+    /// [`Verdict::write_headers`], to a map or behind passed-through lines.
+    pub fn write_to(&self, out: &mut crate::proxy::headers::Added<'_>) {
+        out.insert_number(&RATELIMIT_LIMIT, self.limit, number);
+        out.insert_number(&RATELIMIT_REMAINING, self.remaining, number);
+        out.insert_number(&RATELIMIT_RESET, ceil_secs(self.reset_after), number);
         if let Some(r) = self.retry_after {
-            headers.insert(http::header::RETRY_AFTER, number(ceil_secs(r).max(1)));
+            out.insert_number(&http::header::RETRY_AFTER, ceil_secs(r).max(1), number);
         }
     }
 

@@ -1124,13 +1124,28 @@ pub struct RawHeaders {
     pub length: Option<u64>,
     /// A `Date` is among them.
     pub date: bool,
+    /// Where the lines the pipeline added ([`RawHeaders::add`]) begin.
+    pub ours: usize,
+    /// One bit per [`name_bit`] of the names among those lines: a name
+    /// whose bit is clear is not among them (nothing to replace).
+    pub our_names: u64,
+}
+
+/// A name's bit in [`RawHeaders::our_names`]: two names may share one
+/// (then a replacing add looks through the lines for nothing).
+fn name_bit(name: &[u8]) -> u64 {
+    let n = name.len();
+    let last = |k: usize| usize::from(name.get(n.wrapping_sub(k)).copied().unwrap_or(0));
+    1 << ((n * 7 + last(2) * 13 + last(1)) & 63)
 }
 
 impl RawHeaders {
     fn of(head: &[httparse::Header<'_>], said: &Said<'_>, filter: &RawFilter<'_>) -> RawHeaders {
         let size: usize = head.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
         let mut raw = RawHeaders {
-            lines: Vec::with_capacity(size),
+            // And room for what the pipeline usually adds (a request id,
+            // a few headers of its own) without growing.
+            lines: Vec::with_capacity(size + ROOM_FOR_OURS),
             // Every `Content-Length` passed on says this (they were checked
             // to agree); none is passed on beside `Transfer-Encoding`.
             length: match said.length {
@@ -1138,6 +1153,8 @@ impl RawHeaders {
                 _ => None,
             },
             date: false,
+            ours: 0,
+            our_names: 0,
         };
         for h in head {
             let n = h.name;
@@ -1155,7 +1172,44 @@ impl RawHeaders {
             raw.lines.extend_from_slice(h.value);
             raw.lines.extend_from_slice(b"\r\n");
         }
+        raw.ours = raw.lines.len();
         raw
+    }
+
+    /// A header of the pipeline's own behind the upstream's lines, as
+    /// [`http::HeaderMap::append`] would add it to the map; with
+    /// `replace`, as [`http::HeaderMap::insert`] would: the pipeline's
+    /// earlier lines of that name go (the upstream's were filtered out
+    /// already, [`RawFilter::own`]).
+    pub fn add(&mut self, name: &HeaderName, value: &[u8], replace: bool) {
+        let name = name.as_str().as_bytes();
+        let bit = name_bit(name);
+        if replace && self.our_names & bit != 0 {
+            self.remove_ours(name);
+        }
+        self.our_names |= bit;
+        self.lines.extend_from_slice(name);
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
+    /// Drops the pipeline's lines named `name` (lowercase, as a
+    /// `HeaderName` is).
+    fn remove_ours(&mut self, name: &[u8]) {
+        let mut at = self.ours;
+        while at < self.lines.len() {
+            let rest = &self.lines[at..];
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| i + 1);
+            if rest.len() > name.len() && rest.starts_with(name) && rest[name.len()] == b':' {
+                self.lines.drain(at..at + end);
+            } else {
+                at += end;
+            }
+        }
     }
 
     /// Put passed-through lines back into `resp`'s map (before what the
@@ -1189,6 +1243,10 @@ impl RawHeaders {
         }
     }
 }
+
+/// Bytes of line room a passed-through head is made with beyond the
+/// upstream's own lines, for the pipeline's.
+const ROOM_FOR_OURS: usize = 256;
 
 /// Whether a `Connection` header of `head` lists `name`.
 fn connection_lists(head: &[httparse::Header<'_>], name: &str) -> bool {
@@ -1704,6 +1762,94 @@ mod tests {
                 v
             }),
         ]
+    }
+
+    #[test]
+    fn headers_added_behind_lines_are_what_the_map_would_hold() {
+        use crate::proxy::headers::Added;
+        // Names that share a bit of `our_names` with others (a replacing
+        // add then looks through the lines) and some that do not.
+        let names: Vec<HeaderName> = [
+            "x-request-id",
+            "ratelimit-limit",
+            "ratelimit-reset",
+            "ratelimit-remaining",
+            "x-gateway",
+            "set-cookie",
+            "a",
+            "ab",
+            "x-request-ie",
+            "x-bw",
+            "r-ai",
+        ]
+        .iter()
+        .map(|n| HeaderName::from_static(n))
+        .collect();
+        // What the pipeline replaces rather than adds to: the names the
+        // filter drops from the upstream's lines.
+        let own = [
+            "x-request-id",
+            "ratelimit-limit",
+            "ratelimit-reset",
+            "a",
+            "x-request-ie",
+            "x-bw",
+            "r-ai",
+        ];
+        assert_eq!(name_bit(b"x-bw"), name_bit(b"x-request-id"));
+        assert_eq!(name_bit(b"r-ai"), name_bit(b"ratelimit-limit"));
+        let head = "HTTP/1.1 200 OK\r\nServer: up\r\nSet-Cookie: u=1\r\n\
+                    X-Request-Id: up\r\nContent-Length: 0\r\n\r\n";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..500 {
+            let mut d = Decoder::default();
+            d.buf.extend_from_slice(head.as_bytes());
+            let got = d
+                .parse_head(
+                    false,
+                    Answer {
+                        room: 0,
+                        raw: Some(RawFilter {
+                            hide: &[],
+                            own: &own,
+                        }),
+                    },
+                )
+                .expect("a valid head")
+                .expect("a whole head");
+            let mut raw = got.raw.expect("lines");
+            let mut map = HeaderMap::new();
+            map.append("server", HeaderValue::from_static("up"));
+            map.append("set-cookie", HeaderValue::from_static("u=1"));
+            map.append("content-length", HeaderValue::from_static("0"));
+            for _ in 0..(next() % 8) {
+                let name = &names[(next() % names.len() as u64) as usize];
+                let n = next() % 1000;
+                let v = HeaderValue::from(n);
+                let replaces = own.contains(&name.as_str());
+                for out in [&mut Added::Map(&mut map), &mut Added::Lines(&mut raw)] {
+                    match n % 3 {
+                        _ if !replaces => out.append(name, v.clone()),
+                        0 => out.append(name, v.clone()),
+                        1 => out.insert(name, &v),
+                        _ => out.insert_number(name, n, HeaderValue::from),
+                    }
+                }
+            }
+            let mut resp = http::Response::new(());
+            raw.restore(&mut resp);
+            for name in &names {
+                let all = |h: &HeaderMap| h.get_all(name).iter().cloned().collect::<Vec<_>>();
+                assert_eq!(all(resp.headers()), all(&map), "{name}");
+            }
+            assert_eq!(resp.headers().len(), map.len());
+        }
     }
 
     #[test]

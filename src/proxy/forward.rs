@@ -655,7 +655,14 @@ pub fn handle(
                     claims: None,
                 };
                 let mut resp = return_response(r, &vars);
-                finish_response(&mut resp, settings, &vars, &out.request_id);
+                let status = resp.status();
+                finish_response(
+                    status,
+                    &mut crate::proxy::headers::Added::Map(resp.headers_mut()),
+                    settings,
+                    &vars,
+                    &out.request_id,
+                );
                 break 'serve resp;
             }
             let (li, captures, named) = match gw.router.lookup(si, &path) {
@@ -957,10 +964,25 @@ pub fn handle(
             // made with it (`Target::response_room`); others (cached, local,
             // aggregated) grow once here, not once per insert that crosses
             // their capacity.
-            resp.headers_mut().reserve(response_room(settings));
-            finish_response(&mut resp, settings, &vars, &out.request_id);
+            //
+            // Behind an upstream's passed-through lines instead, when they
+            // are: written out with them, never in a map. They go back
+            // where they were found, and on with the response below.
+            let status = resp.status();
+            let mut raw = out.upstream.as_mut().and_then(|u| u.raw.take());
+            let mut added = match &mut raw {
+                Some(lines) => crate::proxy::headers::Added::Lines(lines),
+                None => {
+                    resp.headers_mut().reserve(response_room(settings));
+                    crate::proxy::headers::Added::Map(resp.headers_mut())
+                }
+            };
+            finish_response(status, &mut added, settings, &vars, &out.request_id);
             if let Some(v) = limit_headers {
-                v.write_headers(resp.headers_mut());
+                v.write_to(&mut added);
+            }
+            if let (Some(lines), Some(u)) = (raw, out.upstream.as_mut()) {
+                u.raw = Some(lines);
             }
             // The request's map, done with, for the next head on this thread.
             crate::proxy::headers::spare::give(std::mem::take(&mut parts.headers));
@@ -1217,22 +1239,22 @@ fn built_value(
 /// Response headers every answer of a location gets: `add_header`, the
 /// request id.
 fn finish_response(
-    resp: &mut Response<Body>,
+    status: StatusCode,
+    out: &mut crate::proxy::headers::Added<'_>,
     settings: &LocationSettings,
     vars: &RequestVars<'_>,
     id: &HeaderValue,
 ) {
-    let status = resp.status().as_u16();
-    let ok_status = (200..400).contains(&status);
+    let ok_status = (200..400).contains(&status.as_u16());
     for h in &settings.add_header {
         if (h.always || ok_status)
             && let (Some(n), Some(Ok(v))) = (&h.built.name, built_value(vars, &h.value, &h.built))
         {
-            resp.headers_mut().append(n.clone(), v);
+            out.append(n, v);
         }
     }
     if let Some(n) = request_id_name(&settings.request_id_header) {
-        resp.headers_mut().insert(n, id.clone());
+        out.insert(&n, id);
     }
 }
 

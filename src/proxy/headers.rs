@@ -57,6 +57,53 @@ impl<'a> Iterator for All<'a> {
     }
 }
 
+/// Where the pipeline puts the headers it adds to a response (`add_header`,
+/// the request id, the rate-limit headers): the response's map, or, for an
+/// upstream's head passed through to an HTTP/1 client, behind its lines
+/// (no map insert, no value made for a number).
+pub enum Added<'a> {
+    Map(&'a mut HeaderMap),
+    Lines(&'a mut crate::proxy::client::RawHeaders),
+}
+
+impl Added<'_> {
+    /// As [`HeaderMap::append`].
+    pub fn append(&mut self, name: &HeaderName, value: HeaderValue) {
+        match self {
+            Added::Map(m) => {
+                m.append(name.clone(), value);
+            }
+            Added::Lines(l) => l.add(name, value.as_bytes(), false),
+        }
+    }
+
+    /// As [`HeaderMap::insert`].
+    pub fn insert(&mut self, name: &HeaderName, value: &HeaderValue) {
+        match self {
+            Added::Map(m) => {
+                m.insert(name.clone(), value.clone());
+            }
+            Added::Lines(l) => l.add(name, value.as_bytes(), true),
+        }
+    }
+
+    /// As [`HeaderMap::insert`] of a number's digits; `made` makes the value
+    /// a map needs.
+    pub fn insert_number(
+        &mut self,
+        name: &HeaderName,
+        n: u64,
+        made: impl FnOnce(u64) -> HeaderValue,
+    ) {
+        match self {
+            Added::Map(m) => {
+                m.insert(name.clone(), made(n));
+            }
+            Added::Lines(l) => l.add(name, itoa::Buffer::new().format(n).as_bytes(), true),
+        }
+    }
+}
+
 /// Header maps kept per thread for the next message's head: a response's
 /// map, once its head is written, and a request's, once its response is
 /// made, take the place of the next request's or upstream response's (two
