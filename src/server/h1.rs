@@ -810,15 +810,7 @@ async fn write_response(
         };
         match frame {
             None => {
-                match out {
-                    Out::Chunked => wbuf.extend_from_slice(b"0\r\n\r\n"),
-                    Out::Length(_) if left > 0 => {
-                        // The body ended short of its length: the client
-                        // can only tell by the connection closing.
-                        *keep = false;
-                    }
-                    _ => {}
-                }
+                end_body(wbuf, out, left, keep);
                 return write_all(conn, &[wbuf]).await;
             }
             Some(Err(e)) => {
@@ -857,8 +849,25 @@ async fn write_response(
                 if out != Out::Chunked {
                     left -= len as u64;
                 }
+                if body.is_end_stream() {
+                    // The last frame (the body says so): ended without
+                    // asking it once more only to hear that.
+                    end_body(wbuf, out, left, keep);
+                    return write_all(conn, &[wbuf]).await;
+                }
             }
         }
+    }
+}
+
+/// What follows a response body's last frame: the last chunk, or, for a
+/// body that ended short of its length, the connection's end (the client
+/// can only tell by the connection closing).
+fn end_body(wbuf: &mut Vec<u8>, out: Out, left: u64, keep: &mut bool) {
+    match out {
+        Out::Chunked => wbuf.extend_from_slice(b"0\r\n\r\n"),
+        Out::Length(_) if left > 0 => *keep = false,
+        _ => {}
     }
 }
 
