@@ -177,6 +177,10 @@ impl Workers {
                 std::thread::Builder::new()
                     .name(format!("tollgate-worker-{i}"))
                     .spawn(move || {
+                        // A request's and a connection's state, freed
+                        // and made again all the time, kept here for the
+                        // next (`tollgate::alloc`).
+                        crate::alloc::keep_on_this_thread();
                         rt.block_on(async {
                             let _ = rx.await;
                         });
