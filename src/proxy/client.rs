@@ -880,11 +880,9 @@ pub fn encode_head(
         w.extend_from_slice(b"\r\n");
     };
     if let Some(p) = pass {
-        let listed = if super::headers::contains(p.headers, &header::CONNECTION) {
-            super::forward::connection_listed(p.headers)
-        } else {
-            Vec::new()
-        };
+        // No list made (it allocated): the usual options are known at
+        // once, others scanned for the few headers passed otherwise.
+        let listed = super::forward::Listed::of(p.headers);
         for (name, value) in p.headers {
             if *name == header::HOST
                 || *name == header::CONTENT_LENGTH

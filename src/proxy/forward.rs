@@ -357,6 +357,70 @@ pub(crate) fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Whether a message's `Connection` headers list `name` (what
+/// `connection_listed(h).contains(name)` says, without collecting the
+/// list: no allocation, and nothing at all when no header is asked about).
+pub(crate) fn connection_lists(h: &HeaderMap, name: &HeaderName) -> bool {
+    let name = name.as_str();
+    super::headers::get_all(h, &header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name))
+}
+
+/// A message's `Connection` options, looked at once for asking about many
+/// names ([`Listed::contains`] is `connection_listed(h).contains(name)`).
+pub(crate) enum Listed<'a> {
+    /// No `Connection` header.
+    Nothing,
+    /// Only `close` and `keep-alive` (the usual): which of them.
+    Usual { close: bool, keep_alive: bool },
+    /// Anything else: each question scans the values.
+    Scan(&'a HeaderMap),
+}
+
+impl<'a> Listed<'a> {
+    pub(crate) fn of(h: &'a HeaderMap) -> Listed<'a> {
+        if !super::headers::contains(h, &header::CONNECTION) {
+            return Listed::Nothing;
+        }
+        let (mut close, mut keep_alive) = (false, false);
+        let usual = super::headers::get_all(h, &header::CONNECTION).all(|v| {
+            // A value that is not text lists nothing (`connection_listed`).
+            let Ok(v) = v.to_str() else { return true };
+            v.split(',').all(|t| {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("close") {
+                    close = true;
+                    true
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                    true
+                } else {
+                    t.is_empty()
+                }
+            })
+        });
+        if usual {
+            Listed::Usual { close, keep_alive }
+        } else {
+            Listed::Scan(h)
+        }
+    }
+
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
+        match self {
+            Listed::Nothing => false,
+            Listed::Usual { close, keep_alive } => match name.as_str() {
+                "close" => *close,
+                "keep-alive" => *keep_alive,
+                _ => false,
+            },
+            Listed::Scan(h) => connection_lists(h, name),
+        }
+    }
+}
+
 /// Remove hop-by-hop headers and those listed in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names first: most responses carry none, and a
@@ -1554,10 +1618,8 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
     // The client's, unless its `Connection` made it hop-by-hop.
-    let client_xff = super::headers::get(&parts.headers, &X_FORWARDED_FOR).filter(|_| {
-        !super::headers::contains(&parts.headers, &header::CONNECTION)
-            || !connection_listed(&parts.headers).contains(&X_FORWARDED_FOR)
-    });
+    let client_xff = super::headers::get(&parts.headers, &X_FORWARDED_FOR)
+        .filter(|_| !connection_lists(&parts.headers, &X_FORWARDED_FOR));
     let xff = match client_xff.and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             let mut v = Vec::with_capacity(prev.len() + 2 + peer_value.len());
@@ -2048,6 +2110,53 @@ mod tests {
                 raw
             );
         });
+    }
+
+    #[test]
+    fn connection_options_asked_one_by_one_are_the_list() {
+        let values: &[&[&[u8]]] = &[
+            &[],
+            &[b"close"],
+            &[b"Keep-Alive"],
+            &[b"close, keep-alive"],
+            &[b" CLOSE ,, "],
+            &[b"close", b"x-foo"],
+            &[b"close, x-foo"],
+            &[b"keep-alive, close, x-foo, te"],
+            &[b"upgrade"],
+            &[b"x-forwarded-for, close"],
+            &[b"bad name, X-Forwarded-For"],
+            &[b"close", b"caf\xc3\xa9, x-foo"],
+            &[b"keep-alive, te"],
+        ];
+        let names: Vec<HeaderName> = [
+            "close",
+            "keep-alive",
+            "x-foo",
+            "x-forwarded-for",
+            "upgrade",
+            "te",
+            "host",
+            "closed",
+        ]
+        .iter()
+        .map(|n| HeaderName::from_static(n))
+        .collect();
+        for vs in values {
+            let mut h = HeaderMap::new();
+            for v in *vs {
+                h.append(
+                    header::CONNECTION,
+                    HeaderValue::from_bytes(v).expect("a value"),
+                );
+            }
+            let list = connection_listed(&h);
+            let listed = Listed::of(&h);
+            for n in &names {
+                assert_eq!(listed.contains(n), list.contains(n), "{vs:?} {n}");
+                assert_eq!(connection_lists(&h, n), list.contains(n), "{vs:?} {n}");
+            }
+        }
     }
 
     #[test]
