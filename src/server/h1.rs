@@ -70,6 +70,9 @@ const MAX_HEAD: usize = 256 * 1024;
 /// this small comes from the allocator's per-thread cache (a head that
 /// does not fit grows it).
 const HEAD_CHUNK: usize = 1024;
+/// Room left in the read buffer that a head is read into without a
+/// reserve first (see `Inner::poll_head`).
+const HEAD_ROOM: usize = 512;
 /// What a body read asks for at least.
 const READ_CHUNK: usize = 4 * 1024;
 /// What a body read asks for at most.
@@ -151,7 +154,14 @@ impl Inner {
                 }
             }
             let received = !self.dec.buf.is_empty();
-            match self.poll_fill(cx, HEAD_CHUNK) {
+            // The room behind the last head takes the next one when it is
+            // this much (most heads fit; a longer one reserves on the next
+            // turn): reserving a whole chunk would allocate anew while that
+            // head still shares the buffer, and on a keep-alive connection
+            // the read usually finds nothing yet and the buffer is let go.
+            let room = self.dec.buf.capacity() - self.dec.buf.len();
+            let want = if room >= HEAD_ROOM { 0 } else { HEAD_CHUNK };
+            match self.poll_fill(cx, want) {
                 Poll::Ready(Ok(0)) if received => {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }

@@ -599,7 +599,12 @@ async fn accept_loop(
             watcher: graceful.watcher(),
         };
         METRICS.connections_active.inc();
-        tokio::spawn(async move {
+        // The connection's future goes into a box of its own first (written
+        // there, not built on the stack and copied): the task then holds a
+        // pointer, and tokio's moves of the task's stage (into its cell, and
+        // over it when it finishes: a copy of the stage's whole size each)
+        // move eight bytes instead of the ~700 of the serving state.
+        tokio::spawn(Box::into_pin(Box::write(Box::new_uninit(), async move {
             match tls_config {
                 None => {
                     // Served at once: HTTP/1 framing is checked below the
@@ -621,7 +626,7 @@ async fn accept_loop(
             }
             METRICS.connections_active.dec();
             drop(permit);
-        });
+        })));
     }
 }
 
