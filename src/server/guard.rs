@@ -1198,9 +1198,21 @@ impl<S> Guard<S> {
     /// Wrap a connection accepted at `accepted`: the first head's
     /// `client_header_timeout` runs from then.
     pub fn new_since(io: S, limits: &ClientLimits, accepted: Instant) -> (Guard<S>, GuardHandle) {
+        let (guard, handle) = Guard::boxed_since(io, limits, accepted);
+        (*guard, handle)
+    }
+
+    /// [`Guard::new`], boxed: written into its box, not built and then
+    /// copied there (the guard is ~460 bytes; the connection's reader
+    /// takes it boxed).
+    pub fn boxed(io: S, limits: &ClientLimits) -> (Box<Guard<S>>, GuardHandle) {
+        Guard::boxed_since(io, limits, Instant::now())
+    }
+
+    fn boxed_since(io: S, limits: &ClientLimits, accepted: Instant) -> (Box<Guard<S>>, GuardHandle) {
         let limits = GuardLimits::new(limits);
         let shared = Arc::new(ConnShared::default());
-        let guard = Guard {
+        let guard = Box::write(Box::new_uninit(), Guard {
             io,
             scan: Scanner::new(limits),
             mode: Mode::Scan,
@@ -1214,7 +1226,7 @@ impl<S> Guard<S> {
             deadline: accepted + limits.header_timeout,
             sleep: Box::pin(tokio::time::sleep_until(accepted + limits.header_timeout)),
             limits,
-        };
+        });
         (guard, GuardHandle(shared))
     }
 

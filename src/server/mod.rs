@@ -616,8 +616,8 @@ async fn accept_loop(
                     // does not help: tokio reports a new socket readable
                     // at once. So a silent connection holds its serving
                     // state (~6 KiB, no buffers) from the accept on.
-                    let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-                    conn.serve_h1(Box::new(stream), gh).await
+                    let (stream, gh) = guard::Guard::boxed(stream, &conn.limits);
+                    conn.serve_h1(stream, gh).await
                 }
                 // The handshake runs here, in the connection's own task;
                 // boxed, so that plain connections' tasks are not sized
@@ -640,8 +640,8 @@ async fn serve_tls(
     match Box::pin(tls::handshake(stream, cfg, conn.limits.header_timeout)).await {
         Ok((stream, tls::Alpn::H2)) => Box::pin(conn.serve_h2(TokioIo::new(stream), None)).await,
         Ok((stream, _)) => {
-            let (stream, gh) = guard::Guard::new(stream, &conn.limits);
-            Box::pin(conn.serve_h1(Box::new(stream), gh)).await
+            let (stream, gh) = guard::Guard::boxed(stream, &conn.limits);
+            Box::pin(conn.serve_h1(stream, gh)).await
         }
         Err(e) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
     }
