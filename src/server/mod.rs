@@ -739,8 +739,13 @@ impl Conn {
     async fn serve_h1(self, io: Box<dyn h1::Stream>, guard: guard::GuardHandle) {
         let (shared, info, gh) = (self.shared.clone(), self.info, guard.clone());
         let handler = move |req| guard::serve(gh.clone(), shared.clone(), info, req);
-        // Boxed here: the connection's state at its own size.
-        let h2c = Box::pin(h1::serve(io, handler, self.watcher.clone(), info.tls)).await;
+        // Boxed here: the connection's state at its own size (written into
+        // its box, not built and then copied there).
+        let h2c = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            h1::serve(io, handler, self.watcher.clone(), info.tls),
+        ))
+        .await;
         if let Some(up) = h2c {
             // h2c with prior knowledge: hyper's HTTP/2 from the preface on.
             let io = TokioIo::new(h1::Rewind::new(up));
