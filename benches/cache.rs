@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use tollgate::config::model::{CacheDef, Template};
 use tollgate::config::source::Span;
 use tollgate::policy::cache::{Cache, Fetch, FetchError};
+use tollgate::proxy::forward::Body;
 
 fn def() -> CacheDef {
     CacheDef {
@@ -47,9 +48,8 @@ fn hit(c: &mut Criterion) {
     let key = "http://shop.example/api/products/42".to_string();
     let fill: Fetch = Arc::new(|| {
         Box::pin(async {
-            let body = Full::new(Bytes::from(vec![b'x'; 1024]))
-                .map_err(|never| match never {})
-                .boxed();
+            let body =
+                Body::new(Full::new(Bytes::from(vec![b'x'; 1024])).map_err(|never| match never {}));
             Ok(Response::builder()
                 .header("content-type", "application/json")
                 .header("cache-control", "max-age=600")

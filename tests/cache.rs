@@ -43,7 +43,7 @@ fn get() -> http::request::Parts {
 }
 
 fn body(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    Body::new(Full::new(b.into()).map_err(|never| match never {}))
 }
 
 fn resp(status: u16, headers: &[(&str, &str)], b: &str) -> Response<Body> {
@@ -775,7 +775,7 @@ impl http_body::Body for ChannelBody {
 
 fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    (tx, ChannelBody(rx).boxed())
+    (tx, Body::new(ChannelBody(rx)))
 }
 
 #[tokio::test(start_paused = true)]

@@ -22,11 +22,9 @@ fn resp(content_type: Option<&str>, body: &'static [u8], with_length: bool) -> R
     if with_length {
         r = r.header("content-length", body.len());
     }
-    r.body(
-        Full::new(Bytes::from_static(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    )
+    r.body(Body::new(
+        Full::new(Bytes::from_static(body)).map_err(|never| match never {}),
+    ))
     .expect("response")
 }
 
@@ -162,7 +160,7 @@ fn streaming(with_length: Option<usize>) -> (tokio::sync::mpsc::Sender<Bytes>, R
     if let Some(n) = with_length {
         r = r.header("content-length", n);
     }
-    (tx, r.body(ChannelBody(rx).boxed()).expect("response"))
+    (tx, r.body(Body::new(ChannelBody(rx))).expect("response"))
 }
 
 #[tokio::test]

@@ -272,7 +272,7 @@ impl Stored {
 
     fn respond(&self, now: Instant, head: bool) -> Response<Body> {
         let body = if head || self.body.is_empty() {
-            Empty::new().map_err(|never| match never {}).boxed()
+            Body::new(Empty::new().map_err(|never| match never {}))
         } else {
             full_body(self.body.clone())
         };
@@ -1077,11 +1077,10 @@ impl Cache {
         };
         Response::from_parts(
             parts,
-            Tee {
+            Body::new(Tee {
                 inner: body,
                 sink: Some(sink),
-            }
-            .boxed(),
+            }),
         )
     }
 

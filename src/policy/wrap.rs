@@ -136,21 +136,19 @@ struct Prefixed {
 
 impl Prefixed {
     fn chain(prefix: VecDeque<Frame<Bytes>>, rest: Body) -> Body {
-        Prefixed {
+        Body::new(Prefixed {
             prefix,
             rest: Some(rest),
             error: None,
-        }
-        .boxed()
+        })
     }
 
     fn failed(prefix: VecDeque<Frame<Bytes>>, error: BoxError) -> Body {
-        Prefixed {
+        Body::new(Prefixed {
             prefix,
             rest: None,
             error: Some(error),
-        }
-        .boxed()
+        })
     }
 }
 

@@ -15,6 +15,58 @@ use tokio::time::Sleep;
 
 use crate::proxy::forward::{Body, BoxError};
 
+/// A body of any kind behind one pointer, as `http_body_util`'s `BoxBody`;
+/// one already in a box becomes one without a second box ([`Boxed::from_box`]:
+/// an upstream's response body is boxed where it is made, so that the
+/// response moves through the proxy at a pointer's size).
+pub struct Boxed(Pin<Box<dyn HttpBody<Data = Bytes, Error = BoxError> + Send + Sync>>);
+
+impl Boxed {
+    pub fn new<B>(body: B) -> Boxed
+    where
+        B: HttpBody<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        Boxed(Box::pin(body))
+    }
+
+    /// The box becomes the body's (no allocation, no copy).
+    pub fn from_box<B>(body: Box<B>) -> Boxed
+    where
+        B: HttpBody<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        Boxed(Box::into_pin(body))
+    }
+}
+
+impl std::fmt::Debug for Boxed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Boxed").finish_non_exhaustive()
+    }
+}
+
+impl HttpBody for Boxed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.as_mut().poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// Why reading the client body failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -99,9 +151,9 @@ impl ClientBody {
         timeout: Duration,
     ) -> Result<ClientBody, BodyError> {
         let mut rest: Body = if limit > 0 {
-            http_body_util::Limited::new(incoming, limit as usize).boxed()
+            Body::new(http_body_util::Limited::new(incoming, limit as usize))
         } else {
-            incoming.boxed()
+            Body::new(incoming)
         };
         let first = match tokio::time::timeout(timeout, rest.frame()).await {
             Err(_) => return Err(BodyError::Timeout),
@@ -118,7 +170,7 @@ impl ClientBody {
     }
 
     pub fn boxed(self) -> Body {
-        BodyExt::boxed(self)
+        Body::new(self)
     }
 }
 

@@ -15,7 +15,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
 use crate::compile::normalize::normalize_path;
@@ -28,7 +27,7 @@ use crate::proxy::balance::{Outcome, PickContext, Tried};
 use crate::proxy::vars::RequestVars;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+pub type Body = crate::proxy::body::Boxed;
 
 /// What every request handler shares: the current snapshot. (Upstream
 /// connections live per worker thread in [`crate::proxy::pool`].)
@@ -156,11 +155,11 @@ impl ProxyError {
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    Body::new(Full::new(b.into()).map_err(|never| match never {}))
 }
 
 fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Body::new(Empty::new().map_err(|never| match never {}))
 }
 
 /// `{"error": "...", "status": N, "request_id": "..."}`
@@ -1055,39 +1054,46 @@ pub fn handle(
         // An upstream's passed-through lines go with its response (set
         // only where the response is the upstream's, unchanged).
         let raw = out.upstream.as_mut().and_then(|u| u.raw.take());
-        let record = crate::observe::access_log::Record {
-            start,
-            time: None,
-            request_id: out.request_id,
-            remote_addr: out.remote_addr,
-            method,
-            uri: Some(uri),
-            status: resp.status().as_u16(),
-            route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
-            server: out.server,
-            #[cfg(feature = "otlp")]
-            span: crate::observe::otlp::SpanIds::of(&trace),
-            trace_id: trace.trace_id,
-            upstream_addr: out.upstream.as_ref().and_then(|u| u.addr.clone()),
-            upstream_status: out.upstream.as_ref().and_then(|u| u.status),
-            upstream_duration: out.upstream.as_ref().map(|u| u.duration),
-            auth: out.auth,
-            rate_limit: out.rate_limit,
-            cache: out.cache,
-            user_agent,
-            referer,
-            log: out.log,
-            in_flight,
-        };
         if let Some(g) = &upgrade_guard {
             crate::server::guard::decided(g, resp.status());
         }
+        let status = resp.status().as_u16();
         let (parts, body) = resp.into_parts();
-        Answered {
-            resp: Response::from_parts(
-                parts,
-                crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+        // The record is written into the body's box where it is made (it
+        // is ~480 bytes: built first and then moved in, it was copied
+        // twice).
+        let logged = Box::write(
+            Box::new_uninit(),
+            crate::observe::access_log::LoggedBody::new(
+                body,
+                crate::observe::access_log::Record {
+                    start,
+                    time: None,
+                    request_id: out.request_id,
+                    remote_addr: out.remote_addr,
+                    method,
+                    uri: Some(uri),
+                    status,
+                    route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
+                    server: out.server,
+                    #[cfg(feature = "otlp")]
+                    span: crate::observe::otlp::SpanIds::of(&trace),
+                    trace_id: trace.trace_id,
+                    upstream_addr: out.upstream.as_ref().and_then(|u| u.addr.clone()),
+                    upstream_status: out.upstream.as_ref().and_then(|u| u.status),
+                    upstream_duration: out.upstream.as_ref().map(|u| u.duration),
+                    auth: out.auth,
+                    rate_limit: out.rate_limit,
+                    cache: out.cache,
+                    user_agent,
+                    referer,
+                    log: out.log,
+                    in_flight,
+                },
             ),
+        );
+        Answered {
+            resp: Response::from_parts(parts, Body::from_box(logged)),
             raw,
         }
     }))
@@ -1136,7 +1142,7 @@ pub fn logged_refusal(
     let (parts, body) = resp.into_parts();
     Response::from_parts(
         parts,
-        crate::observe::access_log::LoggedBody::new(body, record).boxed(),
+        Body::new(crate::observe::access_log::LoggedBody::new(body, record)),
     )
 }
 
@@ -2025,7 +2031,7 @@ async fn tunnel(client: crate::server::h1::OnUpgrade, mut u: crate::proxy::clien
 /// The response as the pipeline goes on with it, and its header lines
 /// when they are passed through.
 fn upstream_response(
-    resp: Response<crate::proxy::pool::PooledBody>,
+    resp: Response<Box<crate::proxy::pool::PooledBody>>,
     settings: &LocationSettings,
 ) -> (Response<Body>, Option<crate::proxy::client::RawHeaders>) {
     let (mut parts, mut body) = resp.into_parts();
@@ -2034,10 +2040,7 @@ fn upstream_response(
     for h in &settings.proxy_hide_header {
         parts.headers.remove(h.as_str());
     }
-    (
-        Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed()),
-        raw,
-    )
+    (Response::from_parts(parts, Body::from_box(body)), raw)
 }
 
 /// An error with its causes (`client error (Connect): invalid peer

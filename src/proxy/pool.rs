@@ -254,7 +254,7 @@ pub fn request<'a>(
     t: &'a Target<'_>,
     req: Request<Body>,
     pass: Option<Passthrough<'a>>,
-) -> impl std::future::Future<Output = Result<Response<PooledBody>, ClientError>> + 'a {
+) -> impl std::future::Future<Output = Result<Response<Box<PooledBody>>, ClientError>> + 'a {
     async move {
         let pooled = if t.fresh {
             None
@@ -293,17 +293,23 @@ pub fn request<'a>(
             .await
         {
             Ok(head) => {
-                let mut body = PooledBody {
-                    raw: head.raw,
-                    body: head.body,
-                    conn: Some(conn),
-                    failed: None,
-                    ret: Some(Return {
-                        key: t.key.clone(),
-                        keepalive: t.keepalive,
-                        since: t.now,
-                    }),
-                };
+                // Boxed where it is made: the response then moves through
+                // the proxy's layers (and its retries) at the size of a
+                // pointer, not of the body's ~330 bytes, copied at each.
+                let mut body = Box::write(
+                    Box::new_uninit(),
+                    PooledBody {
+                        raw: head.raw,
+                        body: head.body,
+                        conn: Some(conn),
+                        failed: None,
+                        ret: Some(Return {
+                            key: t.key.clone(),
+                            keepalive: t.keepalive,
+                            since: t.now,
+                        }),
+                    },
+                );
                 if body.body.is_upgrade() {
                     body.ret = None;
                 } else if body.body.is_done() {
@@ -401,15 +407,16 @@ impl PooledBody {
 
 impl HttpBody for PooledBody {
     type Data = Bytes;
-    type Error = ProtoError;
+    // The proxy's body error: the body becomes a response's as it is.
+    type Error = crate::proxy::forward::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ProtoError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if let Some(e) = this.failed.take() {
-            return Poll::Ready(Some(Err(e)));
+            return Poll::Ready(Some(Err(Box::new(e))));
         }
         let Some(conn) = this.conn.as_mut() else {
             return Poll::Ready(None);

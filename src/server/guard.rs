@@ -1209,24 +1209,31 @@ impl<S> Guard<S> {
         Guard::boxed_since(io, limits, Instant::now())
     }
 
-    fn boxed_since(io: S, limits: &ClientLimits, accepted: Instant) -> (Box<Guard<S>>, GuardHandle) {
+    fn boxed_since(
+        io: S,
+        limits: &ClientLimits,
+        accepted: Instant,
+    ) -> (Box<Guard<S>>, GuardHandle) {
         let limits = GuardLimits::new(limits);
         let shared = Arc::new(ConnShared::default());
-        let guard = Box::write(Box::new_uninit(), Guard {
-            io,
-            scan: Scanner::new(limits),
-            mode: Mode::Scan,
-            stash: Vec::new(),
-            start: 0,
-            ready: 0,
-            scanned: 0,
-            delivered: 0,
-            shared: shared.clone(),
-            timer: Timer::Header,
-            deadline: accepted + limits.header_timeout,
-            sleep: Box::pin(tokio::time::sleep_until(accepted + limits.header_timeout)),
-            limits,
-        });
+        let guard = Box::write(
+            Box::new_uninit(),
+            Guard {
+                io,
+                scan: Scanner::new(limits),
+                mode: Mode::Scan,
+                stash: Vec::new(),
+                start: 0,
+                ready: 0,
+                scanned: 0,
+                delivered: 0,
+                shared: shared.clone(),
+                timer: Timer::Header,
+                deadline: accepted + limits.header_timeout,
+                sleep: Box::pin(tokio::time::sleep_until(accepted + limits.header_timeout)),
+                limits,
+            },
+        );
         (guard, GuardHandle(shared))
     }
 
