@@ -1295,7 +1295,7 @@ fn built_value(
     vars: &RequestVars<'_>,
     value: &crate::config::model::Template,
     built: &crate::config::model::HeaderBuilt,
-) -> Option<Result<HeaderValue, http::header::InvalidHeaderValue>> {
+) -> Option<Result<HeaderValue, InvalidValue>> {
     if let Some(v) = &built.value {
         return Some(Ok(v.clone()));
     }
@@ -1303,8 +1303,16 @@ fn built_value(
     if v.is_empty() {
         return None;
     }
-    Some(HeaderValue::try_from(v))
+    // Cut from the thread's block of made values: a value of the rendered
+    // `String` itself would take a second allocation (its capacity is
+    // rarely its length) and free both when the request is done.
+    Some(crate::proxy::headers::made::value(v.as_bytes()).ok_or(InvalidValue))
 }
+
+/// A rendered header value that is not a valid one (a control character
+/// from a variable): the header is left out.
+#[derive(Debug)]
+struct InvalidValue;
 
 /// Response headers every answer of a location gets: `add_header`, the
 /// request id.
