@@ -660,10 +660,9 @@ impl Decoder {
                         )
                         .map_err(|_| ProtoError::Invalid("header name"))?;
                         let start = h.value.as_ptr() as usize - base;
-                        let value = HeaderValue::from_maybe_shared(
+                        let value = super::headers::parsed_value(
                             shared.slice(start..start + h.value.len()),
-                        )
-                        .map_err(|_| ProtoError::Invalid("header value"))?;
+                        );
                         map.append(name, value);
                     }
                     None
@@ -1968,6 +1967,30 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Header values of a response parsed into a map are taken as
+        /// httparse accepted them (`headers::parsed_value`): each is one
+        /// `HeaderValue`'s own check accepts.
+        #[test]
+        fn parsed_values_are_valid_values(
+            values in proptest::collection::vec(
+                proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..4),
+        ) {
+            let mut input = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n".to_vec();
+            for v in &values {
+                input.extend_from_slice(b"X-V: ");
+                input.extend_from_slice(v);
+                input.extend_from_slice(b"\r\n");
+            }
+            input.extend_from_slice(b"\r\n");
+            let mut d = Decoder::default();
+            d.buf.extend_from_slice(&input);
+            if let Ok(Some(h)) = d.parse_head(false, Answer::default()) {
+                for v in h.parts.headers.values() {
+                    proptest::prop_assert!(HeaderValue::from_bytes(v.as_bytes()).is_ok(), "{v:?}");
+                }
+            }
+        }
+
         /// However the bytes arrive, the decoded response (or the error)
         /// is the same, and nothing panics.
         #[test]

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -308,7 +308,7 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
             h.name.as_bytes(),
         )
         .map_err(invalid)?;
-        let value = HeaderValue::from_maybe_shared(slice(h.value)).map_err(invalid)?;
+        let value = crate::proxy::headers::parsed_value(slice(h.value));
         if name == header::TRANSFER_ENCODING {
             framing = Framing::Chunked(Chunk::Size);
         } else if name == header::CONTENT_LENGTH {
@@ -1072,6 +1072,40 @@ mod tests {
 
     fn parse(s: &str) -> io::Result<Option<Head>> {
         parse_head(&mut BytesMut::from(s.as_bytes()))
+    }
+
+    proptest::proptest! {
+        /// Header values are taken as httparse accepted them, unchecked
+        /// (`headers::parsed_value`): whatever bytes a head carries, each
+        /// value it yields is one `HeaderValue`'s own check accepts, and
+        /// a head with a byte no value may hold is refused.
+        #[test]
+        fn parsed_values_are_valid_values(
+            values in proptest::collection::vec(
+                proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..4),
+        ) {
+            let mut head = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+            for v in &values {
+                head.extend_from_slice(b"X-V: ");
+                head.extend_from_slice(v);
+                head.extend_from_slice(b"\r\n");
+            }
+            head.extend_from_slice(b"\r\n");
+            if let Ok(Some(h)) = parse_head(&mut BytesMut::from(&head[..])) {
+                for v in h.parts.headers.values() {
+                    proptest::prop_assert!(http::HeaderValue::from_bytes(v.as_bytes()).is_ok(), "{v:?}");
+                }
+            }
+            // A value with a byte no value may hold (and no CR or LF, which
+            // would end its line and leave the rest to be read as more).
+            let forbidden = |b: u8| (b < b' ' && b != b'\t') || b == 0x7f;
+            let line_ends = |b: u8| b == b'\r' || b == b'\n';
+            if !values.iter().flatten().copied().any(line_ends)
+                && values.iter().flatten().copied().any(forbidden)
+            {
+                proptest::prop_assert!(parse_head(&mut BytesMut::from(&head[..])).is_err());
+            }
+        }
     }
 
     #[test]
