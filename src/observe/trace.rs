@@ -130,8 +130,9 @@ impl TraceContext {
         buf[36..52].copy_from_slice(&self.span_id.0);
         buf[52] = b'-';
         buf[53..55].copy_from_slice(&self.flags.0);
-        crate::proxy::headers::made::value(&buf)
-            .unwrap_or_else(|| http::HeaderValue::from_static(""))
+        // Hex digits and `-` only (`HexId`s are made of hex digits, or
+        // parsed as them from a caller's `traceparent`).
+        crate::proxy::headers::made::generated(&buf)
     }
 
     /// Whether the caller asked for this trace to be recorded (the

@@ -85,8 +85,7 @@ fn number(n: u64) -> HeaderValue {
     }
     let made = || {
         // Cut from the thread's block of made values: no allocation each.
-        crate::proxy::headers::made::value(itoa::Buffer::new().format(n).as_bytes())
-            .unwrap_or_else(|| HeaderValue::from_static("0"))
+        crate::proxy::headers::made::generated(itoa::Buffer::new().format(n).as_bytes())
     };
     RECENT
         .try_with(|r| {

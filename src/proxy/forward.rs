@@ -204,7 +204,7 @@ pub fn new_request_id_value() -> HeaderValue {
     let mut buf = [0u8; 32];
     buf[..16].copy_from_slice(&crate::observe::trace::hex16((x >> 64) as u64));
     buf[16..].copy_from_slice(&crate::observe::trace::hex16(x as u64));
-    crate::proxy::headers::made::value(&buf).unwrap_or_else(|| HeaderValue::from_static("-"))
+    crate::proxy::headers::made::generated(&buf)
 }
 
 /// A header value as text (empty if it is not visible ASCII; request ids

@@ -159,17 +159,24 @@ pub mod spare {
 /// a 200-byte bearer token), finds nothing. Tested against that check on
 /// parsed heads of random bytes (`parsed_values_are_valid_values` in
 /// `server::h1` and `proxy::client`); debug builds check every value.
-#[allow(unsafe_code)] // one call, audited here
 #[inline]
 pub fn parsed_value(b: bytes::Bytes) -> HeaderValue {
     debug_assert!(
         HeaderValue::from_bytes(&b).is_ok(),
         "httparse accepted a value HeaderValue refuses: {b:?}"
     );
+    unchecked_value(b)
+}
+
+/// `b` as a header value, its bytes not checked: only for bytes known to
+/// be valid in one ([`parsed_value`], [`made::generated`]).
+#[allow(unsafe_code)] // one call, audited here
+#[inline]
+fn unchecked_value(b: bytes::Bytes) -> HeaderValue {
     // SAFETY: `from_maybe_shared_unchecked` is `unsafe` only in that it
     // skips the byte check; http keeps no memory-safety invariant on a
-    // value's bytes (`to_str` checks them again). The bytes are a value
-    // httparse accepted, which is a valid one (above).
+    // value's bytes (`to_str` checks them again). Both callers pass bytes
+    // that are valid in a value (see them).
     unsafe { HeaderValue::from_maybe_shared_unchecked(b) }
 }
 
@@ -194,7 +201,25 @@ pub mod made {
 
     /// `bytes` as a header value; `None` when they are not a valid one.
     pub fn value(bytes: &[u8]) -> Option<HeaderValue> {
-        let shared = BLOCK_LEFT
+        HeaderValue::from_maybe_shared(cut(bytes)).ok()
+    }
+
+    /// A value the gateway generated from hex digits, decimal digits and
+    /// `-` only (request ids, `traceparent`, rate-limit numbers), cut from
+    /// the block like [`value`] but not checked byte by byte: every one of
+    /// those bytes is valid in a value. Debug builds check the alphabet.
+    pub fn generated(bytes: &[u8]) -> HeaderValue {
+        debug_assert!(
+            bytes.iter().all(|b| b.is_ascii_hexdigit() || *b == b'-'),
+            "not a generated value: {bytes:?}"
+        );
+        super::unchecked_value(cut(bytes))
+    }
+
+    /// A copy of `bytes` cut from this thread's block (a fresh allocation
+    /// while the thread is being torn down).
+    fn cut(bytes: &[u8]) -> bytes::Bytes {
+        BLOCK_LEFT
             .try_with(|b| {
                 let mut b = b.borrow_mut();
                 if b.capacity() - b.len() < bytes.len() {
@@ -203,8 +228,7 @@ pub mod made {
                 b.extend_from_slice(bytes);
                 b.split().freeze()
             })
-            .ok()?;
-        HeaderValue::from_maybe_shared(shared).ok()
+            .unwrap_or_else(|_| bytes::Bytes::copy_from_slice(bytes))
     }
 }
 
@@ -366,5 +390,25 @@ mod tests {
             long.as_bytes()
         );
         assert!(made::value(b"bad\nvalue").is_none());
+    }
+
+    #[test]
+    fn generated_values_are_valid_values() {
+        let valid = |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).is_ok();
+        for _ in 0..2000 {
+            assert!(valid(&crate::proxy::forward::new_request_id_value()));
+            let fresh = crate::observe::trace::TraceContext::from_header(None);
+            assert!(valid(&fresh.header_value()));
+            // A caller's trace continued: its ids as they came.
+            let header = fresh.header();
+            let continued = crate::observe::trace::TraceContext::from_header(Some(&header));
+            assert!(valid(&continued.header_value()));
+        }
+        for n in [0, 1, 9, 10, 99, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let digits = n.to_string();
+            let v = made::generated(digits.as_bytes());
+            assert!(valid(&v));
+            assert_eq!(v.as_bytes(), digits.as_bytes());
+        }
     }
 }
