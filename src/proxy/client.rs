@@ -1975,13 +1975,10 @@ mod tests {
             values in proptest::collection::vec(
                 proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..4),
         ) {
-            let mut input = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n".to_vec();
-            for v in &values {
-                input.extend_from_slice(b"X-V: ");
-                input.extend_from_slice(v);
-                input.extend_from_slice(b"\r\n");
-            }
-            input.extend_from_slice(b"\r\n");
+            let input = crate::proxy::headers::head_with_values(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n",
+                &values,
+            );
             let mut d = Decoder::default();
             d.buf.extend_from_slice(&input);
             if let Ok(Some(h)) = d.parse_head(false, Answer::default()) {

@@ -168,6 +168,21 @@ pub fn parsed_value(b: bytes::Bytes) -> HeaderValue {
     unchecked_value(b)
 }
 
+/// A head for the parsers' tests: `first` (the start line and any fixed
+/// headers, each line ending in CRLF), an `X-V` header per value, the
+/// empty line.
+#[cfg(test)]
+pub(crate) fn head_with_values(first: &[u8], values: &[Vec<u8>]) -> Vec<u8> {
+    let mut head = first.to_vec();
+    for v in values {
+        head.extend_from_slice(b"X-V: ");
+        head.extend_from_slice(v);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
 /// `b` as a header value, its bytes not checked: only for bytes known to
 /// be valid in one ([`parsed_value`], [`made::generated`]).
 #[allow(unsafe_code)] // one call, audited here

@@ -1084,13 +1084,10 @@ mod tests {
             values in proptest::collection::vec(
                 proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..4),
         ) {
-            let mut head = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
-            for v in &values {
-                head.extend_from_slice(b"X-V: ");
-                head.extend_from_slice(v);
-                head.extend_from_slice(b"\r\n");
-            }
-            head.extend_from_slice(b"\r\n");
+            let head = crate::proxy::headers::head_with_values(
+                b"GET / HTTP/1.1\r\nHost: x\r\n",
+                &values,
+            );
             if let Ok(Some(h)) = parse_head(&mut BytesMut::from(&head[..])) {
                 for v in h.parts.headers.values() {
                     proptest::prop_assert!(http::HeaderValue::from_bytes(v.as_bytes()).is_ok(), "{v:?}");
