@@ -168,6 +168,22 @@ pub fn parsed_value(b: bytes::Bytes) -> HeaderValue {
     unchecked_value(b)
 }
 
+/// Values of any bytes, one to three, for the parsers' tests.
+#[cfg(test)]
+pub(crate) fn random_values() -> impl proptest::strategy::Strategy<Value = Vec<Vec<u8>>> {
+    proptest::collection::vec(
+        proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+        1..4,
+    )
+}
+
+/// The first value of `map` that `HeaderValue`'s own check refuses.
+#[cfg(test)]
+pub(crate) fn invalid_value(map: &http::HeaderMap) -> Option<&HeaderValue> {
+    map.values()
+        .find(|v| HeaderValue::from_bytes(v.as_bytes()).is_err())
+}
+
 /// A head for the parsers' tests: `first` (the start line and any fixed
 /// headers, each line ending in CRLF), an `X-V` header per value, the
 /// empty line.
