@@ -2,7 +2,8 @@
 //! variable expansion (templates of `proxy_set_header`, `add_header`,
 //! cache and rate-limit keys) and the upstream request head written from
 //! the client's headers (hop-by-hop and `Connection`-listed ones dropped,
-//! the gateway's own replacing the client's).
+//! the gateway's own replacing the client's), and the header lookups the
+//! path makes (a scan for small maps, `HeaderMap`'s hash for larger ones).
 //!
 //! `cargo bench --bench pipeline -- --warm-up-time 1 --measurement-time 3`
 
@@ -120,6 +121,45 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    g.finish();
+
+    // The names the request path looks up (most absent), in wrk's one-field
+    // head and in the browser-like one above (`headers::get` scans up to
+    // its threshold and hashes above it; `HeaderMap::get` always hashes).
+    let names = [
+        http::header::HOST,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("traceparent"),
+        HeaderName::from_static("x-request-id"),
+        http::header::CONNECTION,
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ];
+    let mut one = HeaderMap::new();
+    one.insert(
+        http::header::HOST,
+        HeaderValue::from_static("api.example.com"),
+    );
+    let mut g = c.benchmark_group("lookup_8_names");
+    for (label, map) in [("1_field", &one), ("8_fields", &headers)] {
+        g.bench_function(format!("headers_get_{label}"), |b| {
+            b.iter(|| {
+                names
+                    .iter()
+                    .filter(|n| tollgate::proxy::headers::get(black_box(map), n).is_some())
+                    .count()
+            })
+        });
+        g.bench_function(format!("map_get_{label}"), |b| {
+            b.iter(|| {
+                names
+                    .iter()
+                    .filter(|n| black_box(map).get(*n).is_some())
+                    .count()
+            })
+        });
+    }
     g.finish();
 }
 

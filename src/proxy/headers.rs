@@ -4,12 +4,18 @@
 //! twelve), and the path looks up a dozen names per request, most of them
 //! absent. `HeaderMap` hashes the name on every lookup; for so few fields a
 //! scan is cheaper, and a standard name compares as one byte. Larger maps
-//! are looked up by hash as before.
+//! are looked up by hash as before. Where a scan stops paying was measured
+//! (lookups of eight names, six of them absent, in maps of 1 to 10 fields):
+//! a scan of the fields with their values costs about as much as hashing
+//! at four fields and twice as much at ten; a scan of the names alone
+//! (`contains`) breaks even at about nine.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// Maps with more values than this are looked up by hash.
-const SCAN_UP_TO: usize = 16;
+/// Maps with more values than this are looked up by hash ...
+const SCAN_UP_TO: usize = 4;
+/// ... or, to learn whether a name is there, than this.
+const SCAN_KEYS_UP_TO: usize = 8;
 
 /// The first value of `name`, as [`HeaderMap::get`].
 #[inline]
@@ -23,7 +29,7 @@ pub fn get<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
 /// Whether `name` is present, as [`HeaderMap::contains_key`].
 #[inline]
 pub fn contains(h: &HeaderMap, name: &HeaderName) -> bool {
-    if h.len() > SCAN_UP_TO {
+    if h.len() > SCAN_KEYS_UP_TO {
         return h.contains_key(name);
     }
     h.keys().any(|n| n == name)
@@ -349,7 +355,15 @@ mod tests {
     #[test]
     fn scans_and_hashes_find_the_same() {
         // Below, at and above the size where lookups switch to hashing.
-        for n in [0, 3, SCAN_UP_TO - 3, SCAN_UP_TO, SCAN_UP_TO + 5] {
+        for n in [
+            0,
+            3,
+            SCAN_UP_TO,
+            SCAN_UP_TO + 1,
+            SCAN_KEYS_UP_TO,
+            SCAN_KEYS_UP_TO + 1,
+            SCAN_KEYS_UP_TO + 5,
+        ] {
             let h = map(n);
             for name in [
                 header::HOST,
