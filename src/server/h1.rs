@@ -88,6 +88,55 @@ const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 /// body (what it grew to from empty, in five reallocations).
 const FIRST_WRITE_BUFFER: usize = 256;
 
+/// Read buffers that idle connections let go, kept per thread for the
+/// next head that arrives on any of them: its read then needs no fresh
+/// allocation, and the head split off it shares a buffer that already
+/// counts references (a fresh one allocates its count on the first split).
+/// A few per thread, none per connection.
+mod spare_buf {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// A buffer with more room than this is not kept (grown by a body).
+    const KEEP: usize = super::HEAD_CHUNK;
+    /// How many a thread keeps.
+    const BUFS: usize = 16;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A kept buffer (empty; its room reclaimed when nothing else shares
+    /// it), else a new empty one.
+    pub fn take() -> BytesMut {
+        let mut b = SPARE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if b.capacity() < super::HEAD_ROOM && b.capacity() > 0 {
+            // Unique again (the heads read into it are gone): back to its
+            // start, no allocation. Still shared: a new buffer.
+            b.reserve(super::HEAD_CHUNK);
+        }
+        b
+    }
+
+    /// Keep `b` (empty) for a later [`take`].
+    pub fn give(b: BytesMut) {
+        if b.capacity() == 0 || b.capacity() > KEEP || !b.is_empty() {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < BUFS {
+                s.push(b);
+            }
+        });
+    }
+}
+
 /// The connection as its request loop and the request body in flight share
 /// it (the body is read while the handler runs; the loop writes the
 /// response and reads the next head).
@@ -154,6 +203,9 @@ impl Inner {
                 }
             }
             let received = !self.dec.buf.is_empty();
+            if self.dec.buf.capacity() == 0 {
+                self.dec.buf = spare_buf::take();
+            }
             // The room behind the last head takes the next one when it is
             // this much (most heads fit; a longer one reserves on the next
             // turn): reserving a whole chunk would allocate anew while that
@@ -169,9 +221,10 @@ impl Inner {
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Waiting: an idle connection holds no read buffer.
+                    // Waiting: an idle connection holds no read buffer
+                    // (the thread keeps it for the next head that comes).
                     if self.dec.buf.is_empty() {
-                        self.dec.buf = BytesMut::new();
+                        spare_buf::give(std::mem::take(&mut self.dec.buf));
                     }
                     return Poll::Pending;
                 }
@@ -261,8 +314,8 @@ struct Head {
 /// bytes are needed.
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     // The target and every header value share the head's bytes, taken off
-    // the read buffer without a copy (the buffer is let go when the
-    // connection next waits, so they do not keep a large one alive).
+    // the read buffer without a copy (the connection lets the buffer go
+    // when it next waits, to the thread's spares: see `spare_buf`).
     let all = buf.split().freeze();
     // Uninitialised slots: filling 100 empty headers first cost more than
     // parsing a usual head.
@@ -1069,6 +1122,43 @@ mod date {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_read_buffers_are_kept_per_thread_and_reclaimed() {
+        let head = |fill: usize| {
+            let mut b = BytesMut::with_capacity(HEAD_CHUNK);
+            b.extend_from_slice(&vec![b'a'; fill]);
+            let start = b.as_ptr();
+            let head = b.split().freeze();
+            (b, head, start)
+        };
+        // Its heads gone, a buffer with little room left comes back whole,
+        // in place.
+        let (b, h, start) = head(HEAD_CHUNK - 100);
+        drop(h);
+        spare_buf::give(b);
+        let again = spare_buf::take();
+        assert_eq!(again.as_ptr(), start);
+        assert!(again.capacity() >= HEAD_CHUNK, "{}", again.capacity());
+        // Still shared with a head: a new buffer, the head untouched.
+        let (b, h, start) = head(HEAD_CHUNK - 100);
+        spare_buf::give(b);
+        let mut fresh = spare_buf::take();
+        assert_ne!(fresh.as_ptr(), start);
+        assert!(fresh.capacity() >= HEAD_CHUNK);
+        fresh.extend_from_slice(b"bbbb");
+        assert!(h.iter().all(|&c| c == b'a'));
+        // Room enough for a head: taken as it is.
+        let (b, _h, start) = head(10);
+        spare_buf::give(b);
+        assert_eq!(spare_buf::take().as_ptr(), start.wrapping_add(10));
+        // Grown by a body, or holding bytes: not kept.
+        spare_buf::give(BytesMut::with_capacity(64 * 1024));
+        let mut holding = BytesMut::with_capacity(HEAD_CHUNK);
+        holding.extend_from_slice(b"x");
+        spare_buf::give(holding);
+        assert_eq!(spare_buf::take().capacity(), 0);
+    }
 
     fn parse(s: &str) -> io::Result<Option<Head>> {
         parse_head(&mut BytesMut::from(s.as_bytes()))
