@@ -1128,6 +1128,13 @@ pub struct RawHeaders {
     pub our_names: u64,
 }
 
+/// The lines' buffer goes back to the thread's spares.
+impl Drop for RawHeaders {
+    fn drop(&mut self) {
+        super::headers::spare::give_lines(std::mem::take(&mut self.lines));
+    }
+}
+
 /// A name's bit in [`RawHeaders::our_names`]: two names may share one
 /// (then a replacing add looks through the lines for nothing).
 fn name_bit(name: &[u8]) -> u64 {
@@ -1142,7 +1149,7 @@ impl RawHeaders {
         let mut raw = RawHeaders {
             // And room for what the pipeline usually adds (a request id,
             // a few headers of its own) without growing.
-            lines: Vec::with_capacity(size + ROOM_FOR_OURS),
+            lines: super::headers::spare::take_lines(size + ROOM_FOR_OURS),
             // Every `Content-Length` passed on says this (they were checked
             // to agree); none is passed on beside `Transfer-Encoding`.
             length: match said.length {

@@ -1621,7 +1621,7 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         Uri::from_maybe_shared(Bytes::from(upstream_target(ctx, p))).ok()
     };
     // Only the gateway's own: the client's are written from its map.
-    let mut headers = Vec::with_capacity(8 + settings.proxy_set_header.len());
+    let mut headers = super::headers::spare::take_list(8 + settings.proxy_set_header.len());
     let mut skip = Vec::new();
     let upgrade = upgrade_protocol(&parts.headers);
     if let Some(proto) = &upgrade {
@@ -1899,6 +1899,7 @@ async fn send(
             }),
         )
         .await;
+        super::headers::spare::give_list(own);
         let authority = &conn_target.key.endpoint;
         let duration = sent_at.elapsed();
         let answered_at = sent_at + duration;

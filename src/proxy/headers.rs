@@ -117,8 +117,9 @@ impl Added<'_> {
 /// per connection).
 pub mod spare {
     use std::cell::RefCell;
+    use std::thread::LocalKey;
 
-    use http::HeaderMap;
+    use http::{HeaderMap, HeaderName, HeaderValue};
 
     /// A map with room for more than this is not kept.
     const KEEP: usize = 64;
@@ -126,14 +127,42 @@ pub mod spare {
     /// end together (each holds two, its own and its response's), ~1 KiB
     /// each.
     const MAPS: usize = 64;
+    /// The same for the gateway's own header lists of upstream requests
+    /// (one per request in flight, ~70 bytes an entry) ...
+    const LISTS: usize = 64;
+    const KEEP_LIST: usize = 32;
+    /// ... and for the header lines of responses passed through.
+    const LINES: usize = 64;
+    const KEEP_LINES: usize = 4096;
+
+    /// A gateway's own header list of an upstream request.
+    pub type List = Vec<(HeaderName, HeaderValue)>;
 
     thread_local! {
         static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+        static SPARE_LISTS: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
+        static SPARE_LINES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The last `T` a thread kept in `stack` (none while the thread is
+    /// being torn down).
+    pub(crate) fn pop<T: 'static>(stack: &'static LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+        stack.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+    }
+
+    /// Keep `v` in `stack`, unless it holds `most` already.
+    pub(crate) fn push<T: 'static>(stack: &'static LocalKey<RefCell<Vec<T>>>, v: T, most: usize) {
+        let _ = stack.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < most {
+                s.push(v);
+            }
+        });
     }
 
     /// An empty map with room for `n` values.
     pub fn take(n: usize) -> HeaderMap {
-        match SPARE.with(|s| s.borrow_mut().pop()) {
+        match pop(&SPARE) {
             Some(mut m) => {
                 m.reserve(n);
                 m
@@ -148,12 +177,47 @@ pub mod spare {
             return;
         }
         m.clear();
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < MAPS {
-                s.push(m);
+        push(&SPARE, m, MAPS);
+    }
+
+    /// An empty list with room for `n` entries.
+    pub fn take_list(n: usize) -> List {
+        match pop(&SPARE_LISTS) {
+            Some(mut l) => {
+                l.reserve(n);
+                l
             }
-        });
+            None => Vec::with_capacity(n),
+        }
+    }
+
+    /// Keep `l` (cleared) for a later [`take_list`].
+    pub fn give_list(mut l: List) {
+        if l.capacity() == 0 || l.capacity() > KEEP_LIST {
+            return;
+        }
+        l.clear();
+        push(&SPARE_LISTS, l, LISTS);
+    }
+
+    /// An empty buffer for header lines with room for `n` bytes.
+    pub fn take_lines(n: usize) -> Vec<u8> {
+        match pop(&SPARE_LINES) {
+            Some(mut l) => {
+                l.reserve(n);
+                l
+            }
+            None => Vec::with_capacity(n),
+        }
+    }
+
+    /// Keep `l` (cleared) for a later [`take_lines`].
+    pub fn give_lines(mut l: Vec<u8>) {
+        if l.capacity() == 0 || l.capacity() > KEEP_LINES {
+            return;
+        }
+        l.clear();
+        push(&SPARE_LINES, l, LINES);
     }
 }
 
@@ -394,6 +458,29 @@ mod tests {
         big.reserve(1000);
         spare::give(big);
         assert!(spare::take(1).capacity() < 1000);
+    }
+
+    #[test]
+    fn spare_lists_and_lines_come_back_empty_in_place() {
+        let mut l = spare::take_list(8);
+        l.push((header::HOST, HeaderValue::from_static("a")));
+        let at = l.as_ptr();
+        spare::give_list(l);
+        let l = spare::take_list(4);
+        assert!(l.is_empty());
+        assert_eq!(l.as_ptr(), at);
+        let mut lines = spare::take_lines(100);
+        lines.extend_from_slice(b"date: x\r\n");
+        let at = lines.as_ptr();
+        spare::give_lines(lines);
+        let lines = spare::take_lines(50);
+        assert!(lines.is_empty());
+        assert_eq!(lines.as_ptr(), at);
+        // Too large to keep: fresh ones come instead.
+        spare::give_list(Vec::with_capacity(1000));
+        assert!(spare::take_list(1).capacity() < 1000);
+        spare::give_lines(Vec::with_capacity(100_000));
+        assert!(spare::take_lines(1).capacity() < 100_000);
     }
 
     proptest::proptest! {

@@ -98,6 +98,8 @@ mod spare_buf {
 
     use bytes::BytesMut;
 
+    use crate::proxy::headers::spare::{pop, push};
+
     /// A buffer with more room than this is not kept (grown by a body).
     const KEEP: usize = super::HEAD_CHUNK;
     /// How many a thread keeps.
@@ -110,11 +112,7 @@ mod spare_buf {
     /// A kept buffer (empty; its room reclaimed when nothing else shares
     /// it), else a new empty one.
     pub fn take() -> BytesMut {
-        let mut b = SPARE
-            .try_with(|s| s.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let mut b = pop(&SPARE).unwrap_or_default();
         if b.capacity() < super::HEAD_ROOM && b.capacity() > 0 {
             // Unique again (the heads read into it are gone): back to its
             // start, no allocation. Still shared: a new buffer.
@@ -128,12 +126,7 @@ mod spare_buf {
         if b.capacity() == 0 || b.capacity() > KEEP || !b.is_empty() {
             return;
         }
-        let _ = SPARE.try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < BUFS {
-                s.push(b);
-            }
-        });
+        push(&SPARE, b, BUFS);
     }
 }
 
