@@ -491,6 +491,9 @@ where
         // the task's waker changed (as `drive` does): registering a waker
         // takes a lock, and the connection waits for a head on every request.
         let peek = stop.clone();
+        // Per request, the drain is read only when its watch moved since
+        // (an atomic load; reading the value takes the watch's lock).
+        let stopped_before = *peek.borrow();
         let mut signal = std::pin::pin!(stopping(&mut stop));
         let mut registered: Option<std::task::Waker> = None;
         loop {
@@ -527,7 +530,9 @@ where
                 break;
             };
             let answered = handler(req).await;
-            let mut keep = keep_alive && !*peek.borrow();
+            let mut keep = keep_alive
+                && !stopped_before
+                && !(peek.has_changed().unwrap_or(true) && *peek.borrow());
             if let Some(tx) = upgrade_tx
                 && answered.resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
@@ -563,7 +568,9 @@ where
                 tracing::debug!(error = %e, "writing a response failed");
                 break;
             }
-            if !keep || lock(&conn).broken {
+            // Only a body still unread when the handler answered can have
+            // failed since (skipping it); a done one reads no more.
+            if !keep || (unread && lock(&conn).broken) {
                 break;
             }
             if wbuf.capacity() > KEEP_WRITE_BUFFER {
