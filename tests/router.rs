@@ -441,6 +441,27 @@ fn first_server_when_no_default() {
 }
 
 #[test]
+fn the_one_server_of_an_address_takes_every_host() {
+    let mut b = RouterBuilder::new();
+    let only = b.server(&[(addr("0.0.0.0:80"), false)], &[exact("only.test")]);
+    let other = b.server(&[(addr("0.0.0.0:81"), false)], &[exact("other.test")]);
+    // Many addresses, each with its own server: each found by its own.
+    let many: Vec<usize> = (0..50)
+        .map(|i| b.server(&[(addr(&format!("10.0.1.{i}:8000")), false)], &[]))
+        .collect();
+    let r = b.build().expect("build");
+    for host in [Some("only.test"), Some("other.test"), Some("x.test"), None] {
+        assert_eq!(r.select_server(addr("10.0.0.1:80"), host), Some(only));
+        assert_eq!(r.select_server(addr("10.0.0.1:81"), host), Some(other));
+    }
+    for (i, s) in many.iter().enumerate() {
+        let local = addr(&format!("10.0.1.{i}:8000"));
+        assert_eq!(r.select_server(local, Some("any.test")), Some(*s));
+    }
+    assert_eq!(r.select_server(addr("10.0.1.99:8000"), None), None);
+}
+
+#[test]
 fn empty_server_name_catches_requests_without_host() {
     let mut b = RouterBuilder::new();
     let main = b.server(&[(addr("0.0.0.0:80"), true)], &[exact("main.test")]);

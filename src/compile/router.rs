@@ -257,10 +257,11 @@ impl RouterBuilder {
                 }
             }
         }
-        let addrs = addr_drafts
+        let mut addrs: Vec<(SocketAddr, AddrTable)> = addr_drafts
             .into_iter()
             .map(|(addr, draft)| (addr, AddrTable::build(&draft, &self.servers)))
             .collect();
+        addrs.sort_by_key(|(addr, _)| *addr);
         let servers = self
             .servers
             .into_iter()
@@ -276,7 +277,10 @@ impl RouterBuilder {
 #[derive(Debug)]
 pub struct Router {
     servers: Vec<ServerRoutes>,
-    addrs: crate::FastMap<SocketAddr, AddrTable>,
+    /// Sorted by address, found by binary search: a config listens on a
+    /// few addresses, and hashing a `SocketAddr` cost ~90 instructions a
+    /// lookup, more than the comparisons.
+    addrs: Vec<(SocketAddr, AddrTable)>,
 }
 
 /// The outcome of [`Router::lookup`].
@@ -379,15 +383,20 @@ impl Router {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
-        self.addrs
-            .get(&canon)
-            .or_else(|| self.addrs.get(&SocketAddr::new(wildcard, port)))
+        let find = |key: SocketAddr| {
+            self.addrs
+                .binary_search_by(|(addr, _)| addr.cmp(&key))
+                .ok()
+                .map(|i| &self.addrs[i].1)
+        };
+        find(canon)
+            .or_else(|| find(SocketAddr::new(wildcard, port)))
             // An IPv4 client on a dual-stack `[::]` socket shows up as a
             // mapped address; it still belongs to that socket's servers.
             .or_else(|| match local.ip() {
-                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => self
-                    .addrs
-                    .get(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                    find(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+                }
                 _ => None,
             })
     }
@@ -422,6 +431,9 @@ struct AddrTable {
     /// the caller's `Regex` may carry builder flags a `RegexSet` would lose.
     regexes: Vec<(Regex, usize)>,
     default: usize,
+    /// The one server on this address, whatever the `Host` says (most
+    /// configs): no name looked up.
+    only: Option<usize>,
 }
 
 impl AddrTable {
@@ -435,7 +447,13 @@ impl AddrTable {
                 .default
                 .or_else(|| draft.servers.first().copied())
                 .unwrap_or_default(),
+            only: None,
         };
+        if let Some(&first) = draft.servers.first()
+            && draft.servers.iter().all(|&s| s == first)
+        {
+            table.only = Some(first);
+        }
         for &idx in &draft.servers {
             let Some(server) = servers.get(idx) else {
                 continue;
@@ -471,6 +489,9 @@ impl AddrTable {
     }
 
     fn select(&self, host: &str) -> usize {
+        if let Some(s) = self.only {
+            return s;
+        }
         if let Some(&s) = self.exact.get(host) {
             return s;
         }
