@@ -569,16 +569,16 @@ thread_local! {
 // built on the stack and copied (kilobytes, most of them unused yet). The
 // pipeline is in the same block, not a future of its own awaited here
 // (that future would be built and then moved into this one's state).
-pub fn handle(
-    shared: Arc<Shared>,
+pub fn handle<'a>(
+    shared: &'a Shared,
     conn: ConnInfo,
     mut req: Request<RequestBody>,
-    guard: Option<crate::server::guard::GuardHandle>,
-) -> Pin<Box<impl std::future::Future<Output = Answered>>> {
+    guard: Option<&'a crate::server::guard::GuardHandle>,
+) -> Pin<Box<impl std::future::Future<Output = Answered> + 'a>> {
     Box::into_pin(Box::write(Box::new_uninit(), async move {
         // The guard's own synthetic request, answered without a pipeline.
         if let Some(g) = &guard
-            && let Some(r) = crate::server::guard::refused(g, &shared, conn, &req)
+            && let Some(r) = crate::server::guard::refused(g, shared, conn, &req)
         {
             return Answered { resp: r, raw: None };
         }
@@ -1055,7 +1055,7 @@ pub fn handle(
         // An upstream's passed-through lines go with its response (set
         // only where the response is the upstream's, unchanged).
         let raw = out.upstream.as_mut().and_then(|u| u.raw.take());
-        if let Some(g) = &upgrade_guard {
+        if let Some(g) = upgrade_guard {
             crate::server::guard::decided(g, resp.status());
         }
         let status = resp.status().as_u16();

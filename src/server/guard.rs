@@ -1592,12 +1592,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 /// the guard whether an upgrade happened (the request path calls
 /// [`refused`] first and [`decided`] at the end; no future of its own
 /// wraps it, so a connection keeps no slot for one).
-pub fn serve(
-    guard: GuardHandle,
-    shared: Arc<Shared>,
+pub fn serve<'a>(
+    guard: &'a GuardHandle,
+    shared: &'a Shared,
     conn: ConnInfo,
     req: Request<RequestBody>,
-) -> impl std::future::Future<Output = crate::proxy::forward::Answered> {
+) -> impl std::future::Future<Output = crate::proxy::forward::Answered> + 'a {
     handle(shared, conn, req, Some(guard))
 }
 

@@ -458,22 +458,29 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
     super::stopping(stop).await
 }
 
+/// What answers the requests of a connection. A request's future borrows
+/// the handler (the gateway's state, the connection's guard) for its
+/// time: no reference counts taken and dropped per request, and no
+/// closure's future around the pipeline's.
+pub trait Handler {
+    fn call(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> impl Future<Output = crate::proxy::forward::Answered> + '_;
+}
+
 /// Serve HTTP/1 on `io` until the client closes, a response ends the
 /// connection, or the drain closes it between requests. `close_notify`:
 /// shut the stream down before closing it (TLS: its close_notify alert).
 /// A connection that starts with the HTTP/2 preface is handed back
 /// (with the bytes read) for hyper's HTTP/2.
 #[allow(clippy::manual_async_fn)] // on purpose, see the first comment inside
-pub fn serve<F, Fut>(
+pub fn serve<H: Handler>(
     io: Box<dyn Stream>,
-    mut handler: F,
+    mut handler: H,
     mut stop: watch::Receiver<bool>,
     close_notify: bool,
-) -> impl Future<Output = Option<Upgraded>>
-where
-    F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = crate::proxy::forward::Answered>,
-{
+) -> impl Future<Output = Option<Upgraded>> {
     // Not an `async fn`: its arguments would sit in its state twice (the
     // argument and its binding); the block captures them once.
     async move {
@@ -529,7 +536,7 @@ where
             else {
                 break;
             };
-            let answered = handler(req).await;
+            let answered = handler.call(req).await;
             let mut keep = keep_alive
                 && !stopped_before
                 && !(peek.has_changed().unwrap_or(true) && *peek.borrow());

@@ -725,6 +725,22 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// An HTTP/1 connection's requests go through the guard to the pipeline.
+struct Pipeline {
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    guard: guard::GuardHandle,
+}
+
+impl h1::Handler for Pipeline {
+    fn call(
+        &mut self,
+        req: hyper::Request<crate::proxy::body::RequestBody>,
+    ) -> impl std::future::Future<Output = crate::proxy::forward::Answered> + '_ {
+        guard::serve(&self.guard, &self.shared, self.info, req)
+    }
+}
+
 /// One accepted connection, served over a plain or TLS stream.
 struct Conn {
     shared: Arc<Shared>,
@@ -737,13 +753,16 @@ impl Conn {
     /// Serve HTTP/1 on a guarded stream with tollgate's own connection
     /// ([`h1`]) until it closes.
     async fn serve_h1(self, io: Box<dyn h1::Stream>, guard: guard::GuardHandle) {
-        let (shared, info, gh) = (self.shared.clone(), self.info, guard.clone());
-        let handler = move |req| guard::serve(gh.clone(), shared.clone(), info, req);
+        let handler = Pipeline {
+            shared: self.shared.clone(),
+            info: self.info,
+            guard: guard.clone(),
+        };
         // Boxed here: the connection's state at its own size (written into
         // its box, not built and then copied there).
         let h2c = Box::into_pin(Box::write(
             Box::new_uninit(),
-            h1::serve(io, handler, self.watcher.clone(), info.tls),
+            h1::serve(io, handler, self.watcher.clone(), self.info.tls),
         ))
         .await;
         if let Some(up) = h2c {
@@ -768,9 +787,9 @@ impl Conn {
             let (shared, guard) = (shared.clone(), guard.clone());
             let req = req.map(crate::proxy::body::RequestBody::Hyper);
             async move {
-                let answered = match guard {
-                    Some(gh) => guard::serve(gh, shared, info, req).await,
-                    None => crate::proxy::forward::handle(shared, info, req, None).await,
+                let answered = match &guard {
+                    Some(gh) => guard::serve(gh, &shared, info, req).await,
+                    None => crate::proxy::forward::handle(&shared, info, req, None).await,
                 };
                 // Passed-through header lines are for HTTP/1's writer (an
                 // HTTP/2 request never asks for them): back into the map.
