@@ -182,42 +182,48 @@ pub mod spare {
 
     /// An empty list with room for `n` entries.
     pub fn take_list(n: usize) -> List {
-        match pop(&SPARE_LISTS) {
-            Some(mut l) => {
-                l.reserve(n);
-                l
-            }
-            None => Vec::with_capacity(n),
-        }
+        take_vec(&SPARE_LISTS, n)
     }
 
     /// Keep `l` (cleared) for a later [`take_list`].
-    pub fn give_list(mut l: List) {
-        if l.capacity() == 0 || l.capacity() > KEEP_LIST {
-            return;
-        }
-        l.clear();
-        push(&SPARE_LISTS, l, LISTS);
+    pub fn give_list(l: List) {
+        give_vec(&SPARE_LISTS, l, KEEP_LIST, LISTS);
     }
 
     /// An empty buffer for header lines with room for `n` bytes.
     pub fn take_lines(n: usize) -> Vec<u8> {
-        match pop(&SPARE_LINES) {
-            Some(mut l) => {
-                l.reserve(n);
-                l
+        take_vec(&SPARE_LINES, n)
+    }
+
+    /// Keep `l` (cleared) for a later [`take_lines`].
+    pub fn give_lines(l: Vec<u8>) {
+        give_vec(&SPARE_LINES, l, KEEP_LINES, LINES);
+    }
+
+    /// An empty vector from `stack` with room for `n`, else a new one.
+    fn take_vec<T: 'static>(stack: &'static LocalKey<RefCell<Vec<Vec<T>>>>, n: usize) -> Vec<T> {
+        match pop(stack) {
+            Some(mut v) => {
+                v.reserve(n);
+                v
             }
             None => Vec::with_capacity(n),
         }
     }
 
-    /// Keep `l` (cleared) for a later [`take_lines`].
-    pub fn give_lines(mut l: Vec<u8>) {
-        if l.capacity() == 0 || l.capacity() > KEEP_LINES {
+    /// Keep `v` (cleared) in `stack`, unless it has room for more than
+    /// `keep` or `stack` holds `most` already.
+    fn give_vec<T: 'static>(
+        stack: &'static LocalKey<RefCell<Vec<Vec<T>>>>,
+        mut v: Vec<T>,
+        keep: usize,
+        most: usize,
+    ) {
+        if v.capacity() == 0 || v.capacity() > keep {
             return;
         }
-        l.clear();
-        push(&SPARE_LINES, l, LINES);
+        v.clear();
+        push(stack, v, most);
     }
 }
 
