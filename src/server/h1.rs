@@ -101,7 +101,7 @@ mod spare_buf {
     use crate::proxy::headers::spare::{pop, push};
 
     /// A buffer with more room than this is not kept (grown by a body).
-    const KEEP: usize = super::HEAD_CHUNK;
+    const KEEP: usize = 4 * super::HEAD_CHUNK;
     /// How many a thread keeps.
     const BUFS: usize = 16;
 
@@ -117,12 +117,19 @@ mod spare_buf {
             // Unique again (the heads read into it are gone): back to its
             // start, no allocation. Still shared: a new buffer.
             b.reserve(super::HEAD_CHUNK);
+            if b.capacity() > KEEP {
+                // Back whole, and large: let go.
+                return BytesMut::new();
+            }
         }
         b
     }
 
     /// Keep `b` (empty) for a later [`take`].
     pub fn give(b: BytesMut) {
+        // Its room is what shows here: one grown by a body and then
+        // nearly filled is kept all the same (and let go when taken), so a
+        // thread holds at most 16 buffers of the largest body read size.
         if b.capacity() == 0 || b.capacity() > KEEP || !b.is_empty() {
             return;
         }
@@ -1159,7 +1166,15 @@ mod tests {
         let (b, _h, start) = head(10);
         spare_buf::give(b);
         assert_eq!(spare_buf::take().as_ptr(), start.wrapping_add(10));
-        // Grown by a body, or holding bytes: not kept.
+        // Grown by a body and nearly filled: kept, but let go when taken
+        // (a fresh buffer comes instead).
+        let mut grown = BytesMut::with_capacity(64 * 1024);
+        grown.extend_from_slice(&vec![b'a'; 64 * 1024 - 100]);
+        drop(grown.split());
+        assert!(grown.capacity() < HEAD_ROOM);
+        spare_buf::give(grown);
+        assert_eq!(spare_buf::take().capacity(), 0);
+        // Grown by a body with its room, or holding bytes: not kept.
         spare_buf::give(BytesMut::with_capacity(64 * 1024));
         let mut holding = BytesMut::with_capacity(HEAD_CHUNK);
         holding.extend_from_slice(b"x");
