@@ -1739,6 +1739,16 @@ fn set_own(headers: &mut Vec<(HeaderName, HeaderValue)>, name: HeaderName, value
     }
 }
 
+/// The gateway's header list of a request being sent; given back to the
+/// thread's spares however the sending ends.
+struct SpareList(super::headers::spare::List);
+
+impl Drop for SpareList {
+    fn drop(&mut self) {
+        super::headers::spare::give_list(std::mem::take(&mut self.0));
+    }
+}
+
 /// Send a prepared request, trying servers per `proxy_next_upstream`.
 #[allow(clippy::too_many_arguments)]
 async fn send(
@@ -1753,7 +1763,9 @@ async fn send(
     info: &mut Option<UpstreamInfo>,
     fresh: bool,
 ) -> Result<Response<Body>, ProxyError> {
-    let mut headers = std::mem::take(&mut prep.headers);
+    // Every try sends this list with its own `Host` behind it (pushed,
+    // then taken off): no copy per try; back to the spares at the end.
+    let mut headers = SpareList(std::mem::take(&mut prep.headers));
     let host_override = &prep.host_override;
     let upgrade = &prep.upgrade;
     let read_timeout = settings.proxy_read_timeout;
@@ -1861,12 +1873,8 @@ async fn send(
         conn_target.raw_response = raw_filter;
         conn_target.read_timeout = Some(read_timeout);
         conn_target.send_timeout = Some(settings.proxy_send_timeout);
-        // The last possible try takes the headers; earlier ones copy.
-        let mut own = if attempt + 1 < max_tries {
-            headers.clone()
-        } else {
-            std::mem::take(&mut headers)
-        };
+        let own = &mut headers.0;
+        let ours = own.len();
         let host_value = match host_override {
             Some(o) => HeaderValue::try_from(o.as_str()).ok(),
             None => host_value,
@@ -1895,11 +1903,11 @@ async fn send(
             Some(crate::proxy::client::Passthrough {
                 headers: &prep.client,
                 skip: &prep.skip,
-                own: &own,
+                own,
             }),
         )
         .await;
-        super::headers::spare::give_list(own);
+        own.truncate(ours);
         let authority = &conn_target.key.endpoint;
         let duration = sent_at.elapsed();
         let answered_at = sent_at + duration;
