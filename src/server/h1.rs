@@ -158,6 +158,15 @@ struct Inner {
     h2c: bool,
 }
 
+impl Drop for Inner {
+    /// A connection that ends keeps no buffer either: the next one to
+    /// arrive reads its first head into it (no allocation, and a buffer
+    /// that already counts its references).
+    fn drop(&mut self) {
+        spare_buf::give(std::mem::take(&mut self.dec.buf));
+    }
+}
+
 /// The HTTP/2 connection preface (the guard lets it through whole).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -1179,6 +1188,32 @@ mod tests {
         let mut holding = BytesMut::with_capacity(HEAD_CHUNK);
         holding.extend_from_slice(b"x");
         spare_buf::give(holding);
+        assert_eq!(spare_buf::take().capacity(), 0);
+    }
+
+    #[test]
+    fn an_ended_connection_leaves_its_read_buffer_to_the_next() {
+        while spare_buf::take().capacity() > 0 {}
+        let ended = |buf: BytesMut| Inner {
+            io: Some(Box::new(tokio::io::duplex(64).0)),
+            dec: Decoder { buf },
+            body: Framing::Done,
+            expect: None,
+            broken: false,
+            first: false,
+            h2c: false,
+        };
+        // Its last head read and gone: the buffer is the next one's.
+        let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        drop(buf.split());
+        let start = buf.as_ptr();
+        drop(ended(buf));
+        assert_eq!(spare_buf::take().as_ptr(), start);
+        // Bytes left unread (a pipelined request it never answered): let go.
+        let mut buf = BytesMut::with_capacity(HEAD_CHUNK);
+        buf.extend_from_slice(b"GET /");
+        drop(ended(buf));
         assert_eq!(spare_buf::take().capacity(), 0);
     }
 
