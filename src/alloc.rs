@@ -24,18 +24,18 @@
 //!
 //! Blocks past that cache (over 1,024 bytes, up to [`KEEP_UP_TO`]) are
 //! kept for the next block of the same layout on threads that ask for it
-//! ([`keep_on_this_thread`]: the workers): up to [`DEPTH`] blocks of each
-//! of [`CLASSES`] layouts and [`KEEP_BYTES`] in all per thread, given back
+//! ([`keep_on_this_thread`]: the workers): up to `DEPTH` (64) blocks of each
+//! of `CLASSES` (4) layouts and [`KEEP_BYTES`] in all per thread, given back
 //! to `malloc` when the thread ends. Two such blocks are made and freed
 //! over and over here: each request's state (~5.4 KiB) and each
 //! connection's (~1.3 KiB), and glibc serves both from its bins, not its
 //! cache (~400 instructions for the pair of calls, callgrind).
 //!
-//! Small blocks (up to [`SMALL_UP_TO`] bytes, aligned to at most 16, and
+//! Small blocks (up to `SMALL_UP_TO` (1,024) bytes, aligned to at most 16, and
 //! the plain blocks carved ones are cut from) are asked of `malloc` with
 //! their size rounded up to a multiple of 16, so that any block of a
 //! rounded size serves any request that rounds to it, and worker threads
-//! keep up to [`SMALL_DEPTH`] freed blocks of each such size
+//! keep up to `SMALL_DEPTH` (64) freed blocks of each such size
 //! ([`SMALL_BYTES`] in all), in a list threaded through the blocks
 //! themselves. glibc's per-thread cache does the same with 7 blocks a
 //! size: a worker answering 64 clients at once frees and then allocates
@@ -380,7 +380,8 @@ unsafe fn plain_realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u
     unsafe { System.realloc(ptr, layout, new_size) }
 }
 
-/// Frees a block of `layout` (never keeps it).
+/// Frees a block of `layout`: never kept among the larger blocks (small
+/// ones are, by [`plain_dealloc`], on a thread that keeps blocks).
 ///
 /// # Safety
 /// `ptr` came from `Carved`'s `alloc`, `alloc_zeroed` or `realloc` with
