@@ -672,7 +672,7 @@ impl Decoder {
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
-            parts.headers = map;
+            super::over_default(&mut parts.headers, map);
             let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
             return Ok(Some(Head {
                 parts,

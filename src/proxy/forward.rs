@@ -1896,7 +1896,7 @@ async fn send(
         } else {
             target.take()
         };
-        *up_req.uri_mut() = uri.ok_or(ProxyError::BadRequest)?;
+        super::over_default(up_req.uri_mut(), uri.ok_or(ProxyError::BadRequest)?);
         let result = crate::proxy::pool::request(
             &conn_target,
             up_req,

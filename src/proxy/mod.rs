@@ -9,3 +9,14 @@ pub mod headers;
 pub mod health;
 pub mod pool;
 pub mod vars;
+
+/// Put `value` in `slot`, over a value the `http` crate made as a default
+/// (`Request::new`'s and `Response::new`'s map and URI) without running its
+/// drop: those defaults own no memory (`HeaderMap::new` does not allocate;
+/// the default URI is `/`, static bytes), and their drop code is an
+/// out-of-line call a request otherwise makes for nothing. Anything else
+/// put over this way would leak.
+#[inline]
+pub(crate) fn over_default<T>(slot: &mut T, value: T) {
+    std::mem::forget(std::mem::replace(slot, value));
+}

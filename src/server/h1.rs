@@ -400,9 +400,9 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
     let http11 = version == Version::HTTP_11;
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
-    parts.uri = uri;
+    crate::proxy::over_default(&mut parts.uri, uri);
     parts.version = version;
-    parts.headers = map;
+    crate::proxy::over_default(&mut parts.headers, map);
     Ok(Some(Head {
         parts,
         framing,
