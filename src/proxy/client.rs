@@ -1002,12 +1002,16 @@ impl<'h> Said<'h> {
             } else if is(n, "content-length") {
                 said.length = said.length.and_then(|have| {
                     let mut have = have;
-                    for part in text(h.value).ok_or("content-length")?.split(',') {
-                        let part = part.trim();
-                        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    for part in super::headers::items(text(h.value).ok_or("content-length")?) {
+                        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                             return Err("content-length");
                         }
-                        let n: u64 = part.parse().map_err(|_| "content-length")?;
+                        let n = part
+                            .iter()
+                            .try_fold(0u64, |n, &d| {
+                                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                            })
+                            .ok_or("content-length")?;
                         if have.is_some_and(|l| l != n) {
                             return Err("conflicting content-length");
                         }
@@ -1017,10 +1021,9 @@ impl<'h> Said<'h> {
                 });
             } else if is(n, "connection") {
                 said.connection = true;
-                for t in text(h.value).into_iter().flat_map(|v| v.split(',')) {
-                    let t = t.trim();
-                    said.close |= t.eq_ignore_ascii_case("close");
-                    said.keep_alive |= t.eq_ignore_ascii_case("keep-alive");
+                for t in text(h.value).into_iter().flat_map(super::headers::items) {
+                    said.close |= t.eq_ignore_ascii_case(b"close");
+                    said.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
         }
@@ -1257,8 +1260,8 @@ fn connection_lists(head: &[httparse::Header<'_>], name: &str) -> bool {
     head.iter()
         .filter(|h| is(h.name, "connection"))
         .filter_map(|h| text(h.value))
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(name))
+        .flat_map(super::headers::items)
+        .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// A response body, read from its connection as it is polled.

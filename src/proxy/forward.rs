@@ -360,11 +360,11 @@ pub(crate) fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
 /// `connection_listed(h).contains(name)` says, without collecting the
 /// list: no allocation, and nothing at all when no header is asked about).
 pub(crate) fn connection_lists(h: &HeaderMap, name: &HeaderName) -> bool {
-    let name = name.as_str();
+    let name = name.as_str().as_bytes();
     super::headers::get_all(h, &header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(name))
+        .flat_map(super::headers::items)
+        .any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// A message's `Connection` options, looked at once for asking about many
@@ -387,12 +387,11 @@ impl<'a> Listed<'a> {
         let usual = super::headers::get_all(h, &header::CONNECTION).all(|v| {
             // A value that is not text lists nothing (`connection_listed`).
             let Ok(v) = v.to_str() else { return true };
-            v.split(',').all(|t| {
-                let t = t.trim();
-                if t.eq_ignore_ascii_case("close") {
+            super::headers::items(v).all(|t| {
+                if t.eq_ignore_ascii_case(b"close") {
                     close = true;
                     true
-                } else if t.eq_ignore_ascii_case("keep-alive") {
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
                     true
                 } else {
@@ -1211,10 +1210,27 @@ fn cache_fetch(
 /// else is a 400 and the connection is closed.
 fn framing_ok(h: &HeaderMap) -> bool {
     use super::headers::get_all;
-    let cl = get_all(h, &header::CONTENT_LENGTH).count();
-    let mut te = get_all(h, &header::TRANSFER_ENCODING);
-    let (first_te, more_te) = (te.next(), te.next().is_some());
-    let te_count = usize::from(first_te.is_some()) + usize::from(more_te);
+    let (cl, first_te, te_count) = if h.len() > super::headers::SCAN_UP_TO {
+        let mut te = get_all(h, &header::TRANSFER_ENCODING);
+        let (first_te, more_te) = (te.next(), te.next().is_some());
+        (
+            get_all(h, &header::CONTENT_LENGTH).count(),
+            first_te,
+            usize::from(first_te.is_some()) + usize::from(more_te),
+        )
+    } else {
+        // A few fields: one pass over them, not one per name.
+        let (mut cl, mut first_te, mut te_count) = (0, None, 0);
+        for (n, v) in h {
+            if n == header::CONTENT_LENGTH {
+                cl += 1;
+            } else if n == header::TRANSFER_ENCODING {
+                first_te = first_te.or(Some(v));
+                te_count += 1;
+            }
+        }
+        (cl, first_te, te_count)
+    };
     if cl > 1 || (cl == 1 && te_count > 0) || te_count > 1 {
         return false;
     }
@@ -2017,8 +2033,8 @@ async fn send(
 fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     let asks = super::headers::get_all(h, &header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .flat_map(super::headers::items)
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     if asks {
         super::headers::get(h, &header::UPGRADE).cloned()
     } else {

@@ -13,7 +13,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Maps with more values than this are looked up by hash ...
-const SCAN_UP_TO: usize = 4;
+pub(crate) const SCAN_UP_TO: usize = 4;
 /// ... or, to learn whether a name is there, than this.
 const SCAN_KEYS_UP_TO: usize = 8;
 
@@ -61,6 +61,18 @@ impl<'a> Iterator for All<'a> {
             All::Scan(it, name) => it.find(|(n, _)| n == name).map(|(_, v)| v),
         }
     }
+}
+
+/// The elements of a comma-separated list value (RFC 9110 §5.6.1), each
+/// with the spaces around it trimmed: `v.split(',').map(str::trim)`, split
+/// and trimmed as bytes. `str::split` by a `char` and `str::trim` by
+/// Unicode whitespace cost ~100 instructions for a one-word `Connection:
+/// close` or `Content-Length: 3`, and the request path reads such lists a
+/// few times a request. `v` is a header value's text (visible ASCII and
+/// tabs, as `HeaderValue::to_str` gives it), where both trims agree.
+#[inline]
+pub fn items(v: &str) -> impl DoubleEndedIterator<Item = &[u8]> {
+    v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// Where the pipeline puts the headers it adds to a response (`add_header`,
@@ -547,6 +559,26 @@ mod tests {
             let v = made::generated(digits.as_bytes());
             assert!(valid(&v));
             assert_eq!(v.as_bytes(), digits.as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        /// `items` is `split(',')` and `trim` for any text a value gives.
+        #[test]
+        fn list_items_are_split_and_trimmed_as_str_does(
+            v in proptest::collection::vec(
+                proptest::sample::select(&[b'a', b'Z', b'0', b',', b' ', b'\t', b'-', b';', b'='][..]),
+                0..24,
+            )
+        ) {
+            let v = String::from_utf8(v).expect("ASCII");
+            let want: Vec<&[u8]> = v.split(',').map(|t| t.trim().as_bytes()).collect();
+            let got: Vec<&[u8]> = items(&v).collect();
+            proptest::prop_assert_eq!(&got, &want);
+            let back: Vec<&[u8]> = items(&v).rev().collect();
+            let mut want_back = want.clone();
+            want_back.reverse();
+            proptest::prop_assert_eq!(back, want_back);
         }
     }
 }
