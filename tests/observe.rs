@@ -98,6 +98,24 @@ fn access_log_json_lines_have_every_key() {
 }
 
 #[test]
+fn a_log_turned_on_in_one_location_has_its_path() {
+    // Off everywhere else: the gateway keeps a request's URI only where some
+    // log may write it, and this location's may.
+    let up = TestUpstream::start("up");
+    let gw = Gateway::start(&format!(
+        "access_log off;\nserver {{ listen @PORT@; location /quiet/ {{ proxy_pass http://{0}; }} location /loud/ {{ access_log access.log json; proxy_pass http://{0}; }} }}\n",
+        up.addr()
+    ));
+    assert_eq!(get(&gw.url("/quiet/a")).status, 200);
+    assert_eq!(get(&gw.url("/loud/b?c=d")).status, 200);
+    let lines = wait_lines(&gw.dir().join("access.log"), 1);
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("json line");
+    assert_eq!(line["path"], "/loud/b");
+    assert_eq!(line["query"], "c=d");
+    assert_eq!(line["route"], "/loud/");
+}
+
+#[test]
 fn combined_format_and_a_new_trace_when_none_came() {
     let up = TestUpstream::start("up");
     let gw = Gateway::start(&format!(

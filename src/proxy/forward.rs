@@ -592,7 +592,12 @@ pub fn handle<'a>(
         let gw = shared.gateway.load_full();
         // Cheap clones (reference counts), formatted only if a line is written.
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        // Only for a log line or an exported span.
+        #[cfg(feature = "otlp")]
+        let keep_uri = gw.logs_requests || crate::observe::otlp::enabled();
+        #[cfg(not(feature = "otlp"))]
+        let keep_uri = gw.logs_requests;
+        let uri = keep_uri.then(|| req.uri().clone());
         let (user_agent, referer) = if gw.logs_client_headers {
             (
                 req.headers().get(header::USER_AGENT).cloned(),
@@ -1072,7 +1077,7 @@ pub fn handle<'a>(
                     request_id: out.request_id,
                     remote_addr: out.remote_addr,
                     method,
-                    uri: Some(uri),
+                    uri,
                     status,
                     route: out.route.unwrap_or_else(|| NONE_ROUTE.with(Arc::clone)),
                     server: out.server,
