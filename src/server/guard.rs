@@ -313,11 +313,12 @@ fn plain(b: u8, value: bool) -> bool {
     }
 }
 
-/// How many bytes at the start of `data` are [`plain`], looked at eight
-/// at a time (a long `Authorization` value or target cost ~9 instructions
-/// a byte one by one). In each 64-bit word, a mask marks the bytes that
-/// end the run; the lowest marked byte is exact (a borrow from a marked
-/// byte can only mark bytes above it), so it is the run's end.
+/// How many bytes at the start of `data` are [`plain`], looked at sixteen
+/// at a time ([`plain_blocks`]), then eight (a long `Authorization` value
+/// or target cost ~9 instructions a byte one by one, ~1.8 eight at a
+/// time). In each 64-bit word, a mask marks the bytes that end the run;
+/// the lowest marked byte is exact (a borrow from a marked byte can only
+/// mark bytes above it), so it is the run's end.
 fn plain_run(data: &[u8], value: bool) -> usize {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
@@ -327,7 +328,10 @@ fn plain_run(data: &[u8], value: bool) -> usize {
         let v = x ^ (LO * u64::from(c));
         v.wrapping_sub(LO) & !v & HI
     };
-    let mut i = 0;
+    let mut i = match plain_blocks(data, value) {
+        Ok(i) => i,
+        Err(end) => return end,
+    };
     while let Some(word) = data.get(i..i + 8) {
         let Ok(word) = <[u8; 8]>::try_from(word) else {
             break;
@@ -348,6 +352,60 @@ fn plain_run(data: &[u8], value: bool) -> usize {
         .iter()
         .position(|&b| !plain(b, value))
         .unwrap_or(tail.len())
+}
+
+/// [`plain_run`] over whole 16-byte blocks, with SSE2 (part of every
+/// x86-64 CPU): `Err` with the run's end when a block holds a byte that is
+/// not [`plain`], else `Ok` with where the blocks stopped (fewer than 16
+/// bytes left). Each block is three or four compares and a mask.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // unaligned loads from inside a slice, audited here
+#[inline]
+fn plain_blocks(data: &[u8], value: bool) -> Result<usize, usize> {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_min_epu8, _mm_movemask_epi8,
+        _mm_or_si128, _mm_set1_epi8,
+    };
+    let mut i = 0;
+    while let Some(block) = data.get(i..i + 16) {
+        // SAFETY: `block` is 16 bytes of `data`; `_mm_loadu_si128` reads
+        // exactly 16 bytes and needs no alignment. The other intrinsics
+        // only compute on registers (SSE2 is baseline on x86-64).
+        let end = unsafe {
+            let x = _mm_loadu_si128(block.as_ptr().cast());
+            // Unsigned: x <= n exactly where max(x, n) == n, x >= n where
+            // min(x, n) == n.
+            let at_most = |n: u8| {
+                _mm_cmpeq_epi8(
+                    _mm_max_epu8(x, _mm_set1_epi8(n as i8)),
+                    _mm_set1_epi8(n as i8),
+                )
+            };
+            let equal = |c: u8| _mm_cmpeq_epi8(x, _mm_set1_epi8(c as i8));
+            let end = if value {
+                // Controls, and DEL.
+                _mm_or_si128(at_most(0x1f), equal(0x7f))
+            } else {
+                // Controls and space, DEL and above, and `#`.
+                let high =
+                    _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
+                _mm_or_si128(_mm_or_si128(at_most(0x20), high), equal(b'#'))
+            };
+            _mm_movemask_epi8(end) as u32
+        };
+        if end != 0 {
+            return Err(i + end.trailing_zeros() as usize);
+        }
+        i += 16;
+    }
+    Ok(i)
+}
+
+/// Elsewhere the eight-byte words do it all.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn plain_blocks(_data: &[u8], _value: bool) -> Result<usize, usize> {
+    Ok(0)
 }
 
 #[inline]
@@ -1863,7 +1921,8 @@ mod tests {
     #[test]
     fn plain_runs_end_at_the_first_byte_that_is_not_plain() {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
-        for len in 0..40 {
+        // Past 48 bytes: three 16-byte blocks, then words and bytes.
+        for len in 0..72 {
             for _ in 0..400 {
                 let data: Vec<u8> = (0..len)
                     .map(|_| {
@@ -1888,12 +1947,19 @@ mod tests {
                 }
             }
         }
+        // Every byte, at every place of a block, a word and the tail.
         for b in 0..=255u8 {
-            let mut data = vec![b'a'; 20];
-            data[11] = b;
-            for value in [true, false] {
-                let want = if plain(b, value) { 20 } else { 11 };
-                assert_eq!(plain_run(&data, value), want, "byte {b:#x} value={value}");
+            for at in 0..40 {
+                let mut data = vec![b'a'; 40];
+                data[at] = b;
+                for value in [true, false] {
+                    let want = if plain(b, value) { 40 } else { at };
+                    assert_eq!(
+                        plain_run(&data, value),
+                        want,
+                        "byte {b:#x} at {at} value={value}"
+                    );
+                }
             }
         }
     }
