@@ -105,6 +105,8 @@ fn bench(c: &mut Criterion) {
     .collect();
     let mut g = c.benchmark_group("upstream_head");
     let mut w = Vec::with_capacity(1024);
+    // Learned once per request on the way in, as the handler does.
+    let seen = tollgate::proxy::headers::Seen::of(&headers, None);
     g.bench_function("encode_8_client_headers", |b| {
         b.iter(|| {
             w.clear();
@@ -113,6 +115,7 @@ fn bench(c: &mut Criterion) {
                 black_box(&own),
                 Some(Passthrough {
                     headers: black_box(&headers),
+                    seen,
                     skip: &[],
                     own: black_box(&list),
                 }),

@@ -824,6 +824,8 @@ impl Decoder {
 #[derive(Clone, Copy)]
 pub struct Passthrough<'a> {
     pub headers: &'a HeaderMap,
+    /// Which names `headers` may hold.
+    pub seen: super::headers::Seen,
     pub skip: &'a [HeaderName],
     /// The gateway's own headers (forwarding, trace, request id,
     /// `proxy_set_header`, `Host`), written after the request's map; the
@@ -852,7 +854,10 @@ pub fn encode_head(
                 .find(|(n, _)| n == header::CONTENT_LENGTH)
                 .map(|(_, v)| v)
         })
-        .or_else(|| pass.and_then(|p| super::headers::get(p.headers, &header::CONTENT_LENGTH)))
+        .or_else(|| {
+            pass.filter(|p| p.seen.has(super::headers::Seen::CONTENT_LENGTH))
+                .and_then(|p| super::headers::get(p.headers, &header::CONTENT_LENGTH))
+        })
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
     let length: Option<u64> = match (has_body, declared) {
@@ -881,7 +886,11 @@ pub fn encode_head(
     if let Some(p) = pass {
         // No list made (it allocated): the usual options are known at
         // once, others scanned for the few headers passed otherwise.
-        let listed = super::forward::Listed::of(p.headers);
+        let listed = if p.seen.has(super::headers::Seen::CONNECTION) {
+            super::forward::Listed::of(p.headers)
+        } else {
+            super::forward::Listed::Nothing
+        };
         for (name, value) in p.headers {
             if *name == header::HOST
                 || *name == header::CONTENT_LENGTH
@@ -1710,6 +1719,7 @@ mod tests {
         )];
         let pass = Some(Passthrough {
             headers: &client.headers,
+            seen: crate::proxy::headers::Seen::ANY,
             skip: &skip,
             own: &list,
         });

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::proxy::body::RequestBody;
+use crate::proxy::headers::Seen;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -575,8 +576,12 @@ pub fn handle<'a>(
     guard: Option<&'a crate::server::guard::GuardHandle>,
 ) -> Pin<Box<impl std::future::Future<Output = Answered> + 'a>> {
     Box::into_pin(Box::write(Box::new_uninit(), async move {
+        let gw = shared.gateway.load_full();
+        // Which of the names asked about below the request has (one pass).
+        let mut seen = Seen::of(req.headers(), gw.request_id_name.as_ref());
         // The guard's own synthetic request, answered without a pipeline.
         if let Some(g) = &guard
+            && seen.has(Seen::MARKER)
             && let Some(r) = crate::server::guard::refused(g, shared, conn, &req)
         {
             return Answered { resp: r, raw: None };
@@ -589,7 +594,6 @@ pub fn handle<'a>(
         });
         let start = Instant::now();
         let in_flight = crate::server::memory::InFlight::begin();
-        let gw = shared.gateway.load_full();
         // Cheap clones (reference counts), formatted only if a line is written.
         let method = req.method().clone();
         // Only for a log line or an exported span.
@@ -607,7 +611,10 @@ pub fn handle<'a>(
             (None, None)
         };
         let trace = crate::observe::trace::TraceContext::from_header(
-            super::headers::get(req.headers(), &TRACEPARENT).and_then(|v| v.to_str().ok()),
+            seen.has(Seen::TRACEPARENT)
+                .then(|| super::headers::get(req.headers(), &TRACEPARENT))
+                .flatten()
+                .and_then(|v| v.to_str().ok()),
         );
         let mut out = Outcome_ {
             route: None,
@@ -628,12 +635,17 @@ pub fn handle<'a>(
             let default_id_header = gw.config.defaults.request_id_header.as_str();
             // The Host: exactly one on HTTP/1.1; the authority of an absolute-form
             // target wins over it (RFC 9112 §3.2.2, as NGINX), and is h2's host.
-            let mut host_values = super::headers::get_all(req.headers(), &header::HOST);
-            let first_host = host_values.next();
-            let host_count = match (first_host, host_values.next()) {
-                (None, _) => 0,
-                (Some(_), None) => 1,
-                (Some(_), Some(_)) => 2,
+            let (first_host, host_count) = if seen.has(Seen::HOST) {
+                let mut host_values = super::headers::get_all(req.headers(), &header::HOST);
+                let first_host = host_values.next();
+                let host_count = match (first_host, host_values.next()) {
+                    (None, _) => 0,
+                    (Some(_), None) => 1,
+                    (Some(_), Some(_)) => 2,
+                };
+                (first_host, host_count)
+            } else {
+                (None, 0)
             };
             // A header value: the Host header's is shared with the request, not copied.
             let host_value: Option<HeaderValue> = match (req.uri().authority(), host_count) {
@@ -645,6 +657,7 @@ pub fn handle<'a>(
             out.request_id = gw
                 .request_id_name
                 .as_ref()
+                .filter(|_| seen.has(Seen::REQUEST_ID))
                 .and_then(|n| super::headers::get(req.headers(), n))
                 .filter(|v| sane_id(v).is_some())
                 .cloned()
@@ -660,7 +673,9 @@ pub fn handle<'a>(
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 r
             };
-            if !framing_ok(req.headers()) {
+            if (seen.has(Seen::CONTENT_LENGTH) || seen.has(Seen::TRANSFER_ENCODING))
+                && !framing_ok(req.headers())
+            {
                 break 'serve bad(header_text(&out.request_id));
             }
             if host_count > 1
@@ -826,6 +841,10 @@ pub fn handle<'a>(
                                     req.headers_mut().insert(n, val);
                                 }
                             }
+                            if !def.forward_claims.is_empty() {
+                                // The names changed: learned again.
+                                seen = Seen::of(req.headers(), gw.request_id_name.as_ref());
+                            }
                             Some(c)
                         }
                         Err(r) => {
@@ -956,6 +975,7 @@ pub fn handle<'a>(
                         body_timeout: server.limits.body_timeout,
                         request_id: &out.request_id,
                         limit_headers: limit_headers.is_some(),
+                        seen,
                     };
                     let cache = settings.cache.and_then(|i| gw.caches.get(i).cloned());
                     let resp = match cache {
@@ -1395,6 +1415,8 @@ struct ProxyCtx<'a> {
     request_id: &'a HeaderValue,
     /// The rate-limit headers will be set on the response.
     limit_headers: bool,
+    /// Which names the request's map may hold.
+    seen: Seen,
 }
 
 /// The path and query sent upstream (LANGUAGE.md §4, §13.3).
@@ -1518,13 +1540,18 @@ async fn proxy(
     let settings = &ctx.loc.settings;
     // Body size: refuse up front when announced, cut when streamed.
     let limit = settings.client_max_body_size;
-    let content_length: Option<u64> = super::headers::get(&parts.headers, &header::CONTENT_LENGTH)
+    let content_length: Option<u64> = ctx
+        .seen
+        .has(Seen::CONTENT_LENGTH)
+        .then(|| super::headers::get(&parts.headers, &header::CONTENT_LENGTH))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     if limit > 0 && content_length.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge);
     }
-    let chunked = super::headers::contains(&parts.headers, &header::TRANSFER_ENCODING);
+    let chunked = ctx.seen.has(Seen::TRANSFER_ENCODING)
+        && super::headers::contains(&parts.headers, &header::TRANSFER_ENCODING);
     let has_body = chunked || content_length.is_some_and(|n| n > 0);
     let body: Option<Body> = if has_body {
         let b = crate::proxy::body::ClientBody::start(body, limit, ctx.body_timeout)
@@ -1588,6 +1615,8 @@ pub struct Prepared<'a> {
     /// ([`crate::proxy::client::Passthrough`]): borrowed while the client's
     /// request is alive, owned for a cache's later fetches.
     pub client: std::borrow::Cow<'a, HeaderMap>,
+    /// Which names `client` may hold.
+    pub seen: Seen,
     /// Client headers dropped besides those the filter always drops
     /// (`proxy_set_header NAME ""`, a cache's validators).
     pub skip: Vec<HeaderName>,
@@ -1617,6 +1646,7 @@ impl Prepared<'_> {
             target: self.target,
             headers: self.headers,
             client: std::borrow::Cow::Owned(self.client.into_owned()),
+            seen: self.seen,
             skip: self.skip,
             host_override: self.host_override,
             hash_key: self.hash_key,
@@ -1644,7 +1674,11 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     // Only the gateway's own: the client's are written from its map.
     let mut headers = super::headers::spare::take_list(8 + settings.proxy_set_header.len());
     let mut skip = Vec::new();
-    let upgrade = upgrade_protocol(&parts.headers);
+    let upgrade = if ctx.seen.has(Seen::CONNECTION) {
+        upgrade_protocol(&parts.headers)
+    } else {
+        None
+    };
     if let Some(proto) = &upgrade {
         // A protocol upgrade (WebSocket) is the one hop-by-hop exchange that
         // must cross: it is re-added and the tunnel set up on 101.
@@ -1654,7 +1688,11 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     let peer_ip = ctx.conn.peer.ip();
     let peer_value = ip_value(peer_ip);
     // The client's, unless its `Connection` made it hop-by-hop.
-    let client_xff = super::headers::get(&parts.headers, &X_FORWARDED_FOR)
+    let client_xff = ctx
+        .seen
+        .has(Seen::X_FORWARDED_FOR)
+        .then(|| super::headers::get(&parts.headers, &X_FORWARDED_FOR))
+        .flatten()
         .filter(|_| !connection_lists(&parts.headers, &X_FORWARDED_FOR));
     let xff = match client_xff.and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
@@ -1673,7 +1711,12 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
     ));
-    let host_value = match super::headers::get(&parts.headers, &header::HOST) {
+    let client_host = ctx
+        .seen
+        .has(Seen::HOST)
+        .then(|| super::headers::get(&parts.headers, &header::HOST))
+        .flatten();
+    let host_value = match client_host {
         Some(h) if h.as_bytes() == ctx.host_raw.as_bytes() => Some(h.clone()),
         _ => HeaderValue::try_from(ctx.host_raw).ok(),
     };
@@ -1723,6 +1766,7 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         target,
         headers,
         client: std::borrow::Cow::Borrowed(&parts.headers),
+        seen: ctx.seen,
         skip,
         host_override,
         hash_key,
@@ -1923,6 +1967,7 @@ async fn send(
             up_req,
             Some(crate::proxy::client::Passthrough {
                 headers: &prep.client,
+                seen: prep.seen,
                 skip: &prep.skip,
                 own,
             }),

@@ -63,6 +63,77 @@ impl<'a> Iterator for All<'a> {
     }
 }
 
+/// Which of the names the request path asks about are in a request's map,
+/// learned in one pass over its names. The path asks a dozen questions a
+/// request (`Host`, the framing, `Connection`, `traceparent`, the request
+/// id, `X-Forwarded-For`, the guard's marker), each a scan of the map or a
+/// hash of the name (~40-60 instructions), and most of them about a name
+/// that is not there: one not seen is answered without the map. A map
+/// with more than [`Seen::OF_UP_TO`] names is not looked through
+/// ([`Seen::ANY`]: every question goes to the map). Whoever changes the
+/// map's names afterwards learns them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen(u16);
+
+impl Seen {
+    pub const HOST: Seen = Seen(1);
+    pub const CONTENT_LENGTH: Seen = Seen(1 << 1);
+    pub const TRANSFER_ENCODING: Seen = Seen(1 << 2);
+    pub const CONNECTION: Seen = Seen(1 << 3);
+    pub const UPGRADE: Seen = Seen(1 << 4);
+    pub const TRACEPARENT: Seen = Seen(1 << 5);
+    pub const X_FORWARDED_FOR: Seen = Seen(1 << 6);
+    /// The configured request id header.
+    pub const REQUEST_ID: Seen = Seen(1 << 7);
+    /// The guard's synthetic-request marker.
+    pub const MARKER: Seen = Seen(1 << 8);
+    /// As if every name were there: each question goes to the map.
+    pub const ANY: Seen = Seen(u16::MAX);
+    /// Maps with more names than this are not looked through.
+    pub const OF_UP_TO: usize = 16;
+
+    /// What `h` holds of the names above; `request_id` is the configured
+    /// request id header, when there is one.
+    pub fn of(h: &HeaderMap, request_id: Option<&HeaderName>) -> Seen {
+        use http::header;
+        if h.keys_len() > Seen::OF_UP_TO {
+            return Seen::ANY;
+        }
+        let mut bits = 0;
+        for n in h.keys() {
+            bits |= if n == header::HOST {
+                Seen::HOST.0
+            } else if n == header::CONTENT_LENGTH {
+                Seen::CONTENT_LENGTH.0
+            } else if n == header::TRANSFER_ENCODING {
+                Seen::TRANSFER_ENCODING.0
+            } else if n == header::CONNECTION {
+                Seen::CONNECTION.0
+            } else if n == header::UPGRADE {
+                Seen::UPGRADE.0
+            } else if n == crate::proxy::forward::TRACEPARENT {
+                Seen::TRACEPARENT.0
+            } else if n == crate::proxy::forward::X_FORWARDED_FOR {
+                Seen::X_FORWARDED_FOR.0
+            } else if n == crate::server::guard::MARKER_NAME {
+                Seen::MARKER.0
+            } else {
+                0
+            };
+            if request_id.is_some_and(|r| r == n) {
+                bits |= Seen::REQUEST_ID.0;
+            }
+        }
+        Seen(bits)
+    }
+
+    /// Whether the map may hold `name` (`false`: it does not).
+    #[inline]
+    pub fn has(self, name: Seen) -> bool {
+        self.0 & name.0 != 0
+    }
+}
+
 /// The elements of a comma-separated list value (RFC 9110 §5.6.1), each
 /// with the spaces around it trimmed: `v.split(',').map(str::trim)`, split
 /// and trimmed as bytes. `str::split` by a `char` and `str::trim` by
@@ -418,6 +489,73 @@ pub mod names {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// `Seen` says a name is not there only when the map lacks it, and
+        /// sees every one of its names that is.
+        #[test]
+        fn seen_agrees_with_the_map(
+            picks in proptest::collection::vec(0usize..14, 0..20),
+            with_id in proptest::bool::ANY,
+        ) {
+            use http::header;
+            let id = HeaderName::from_static("x-correlation-id");
+            let names = [
+                header::HOST,
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::CONNECTION,
+                header::UPGRADE,
+                crate::proxy::forward::TRACEPARENT,
+                crate::proxy::forward::X_FORWARDED_FOR,
+                crate::server::guard::MARKER_NAME,
+                id.clone(),
+                header::ACCEPT,
+                header::USER_AGENT,
+                HeaderName::from_static("x-other"),
+                HeaderName::from_static("traceparentx"),
+                header::COOKIE,
+            ];
+            let mut h = HeaderMap::new();
+            for &i in &picks {
+                h.append(names[i].clone(), HeaderValue::from_static("v"));
+            }
+            let seen = Seen::of(&h, with_id.then_some(&id));
+            let asked = [
+                (Seen::HOST, &names[0]),
+                (Seen::CONTENT_LENGTH, &names[1]),
+                (Seen::TRANSFER_ENCODING, &names[2]),
+                (Seen::CONNECTION, &names[3]),
+                (Seen::UPGRADE, &names[4]),
+                (Seen::TRACEPARENT, &names[5]),
+                (Seen::X_FORWARDED_FOR, &names[6]),
+                (Seen::MARKER, &names[7]),
+            ];
+            for (bit, name) in asked {
+                if h.keys_len() <= Seen::OF_UP_TO {
+                    proptest::prop_assert_eq!(seen.has(bit), h.contains_key(name), "{}", name);
+                } else {
+                    proptest::prop_assert!(seen.has(bit));
+                }
+            }
+            proptest::prop_assert_eq!(seen.has(Seen::REQUEST_ID), with_id && h.contains_key(&id));
+        }
+    }
+
+    /// A map of many names is not looked through: every question goes to it.
+    #[test]
+    fn seen_of_a_large_map_is_any() {
+        let mut h = HeaderMap::new();
+        for i in 0..=Seen::OF_UP_TO {
+            h.append(
+                HeaderName::try_from(format!("x-n{i}")).expect("a valid name"),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert_eq!(Seen::of(&h, None), Seen::ANY);
+        h.remove("x-n0");
+        assert_eq!(Seen::of(&h, None), Seen(0));
+    }
     use http::header;
 
     fn map(n: usize) -> HeaderMap {

@@ -118,7 +118,7 @@ const MAX_CHUNK_EXT: u32 = 4096;
 /// The header that marks the guard's synthetic request (see the module doc).
 const MARKER: &str = "x-tollgate-guard-reject";
 /// [`MARKER`] as a name (a lookup by text parses the name each time).
-const MARKER_NAME: header::HeaderName = header::HeaderName::from_static(MARKER);
+pub(crate) const MARKER_NAME: header::HeaderName = header::HeaderName::from_static(MARKER);
 /// What hyper reads instead of a rejected head.
 const SYNTHETIC: &[u8] = b"GET / HTTP/1.1\r\nhost: guard.invalid\r\nconnection: close\r\nx-tollgate-guard-reject: 1\r\n\r\n";
 /// A partial head up to this size is put back into hyper's buffer and the
