@@ -848,7 +848,11 @@ pub fn encode_head(
     exact_size: Option<u64>,
 ) -> Option<u64> {
     let own: &[(HeaderName, HeaderValue)] = pass.map_or(&[], |p| p.own);
-    let declared: Option<u64> = super::headers::get(&parts.headers, &header::CONTENT_LENGTH)
+    // The request's own map is most often empty (the gateway's headers
+    // are `own`, the client's `pass`).
+    let declared: Option<u64> = (!parts.headers.is_empty())
+        .then(|| super::headers::get(&parts.headers, &header::CONTENT_LENGTH))
+        .flatten()
         .or_else(|| {
             own.iter()
                 .find(|(n, _)| n == header::CONTENT_LENGTH)

@@ -969,6 +969,7 @@ pub fn handle<'a>(
                         loc,
                         vars: &vars,
                         host_raw,
+                        host_value: host_value.as_ref(),
                         conn,
                         path: &path,
                         trace: &trace,
@@ -1408,6 +1409,8 @@ struct ProxyCtx<'a> {
     loc: &'a Location,
     vars: &'a RequestVars<'a>,
     host_raw: &'a str,
+    /// The value `host_raw` is the text of, when there is one.
+    host_value: Option<&'a HeaderValue>,
     conn: ConnInfo,
     path: &'a str,
     trace: &'a crate::observe::trace::TraceContext,
@@ -1711,14 +1714,10 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
     ));
-    let client_host = ctx
-        .seen
-        .has(Seen::HOST)
-        .then(|| super::headers::get(&parts.headers, &header::HOST))
-        .flatten();
-    let host_value = match client_host {
-        Some(h) if h.as_bytes() == ctx.host_raw.as_bytes() => Some(h.clone()),
-        _ => HeaderValue::try_from(ctx.host_raw).ok(),
+    // The value `host_raw` is the text of (the client's `Host`, shared).
+    let host_value = match ctx.host_value {
+        Some(h) => Some(h.clone()),
+        None => HeaderValue::try_from(ctx.host_raw).ok(),
     };
     if let Some(h) = host_value {
         headers.push((X_FORWARDED_HOST, h));
