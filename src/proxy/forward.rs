@@ -1342,15 +1342,34 @@ fn built_value(
     if let Some(v) = &built.value {
         return Some(Ok(v.clone()));
     }
-    let v = vars.render(value);
-    if v.is_empty() {
-        return None;
-    }
-    // Cut from the thread's block of made values: a value of the rendered
-    // `String` itself would take a second allocation (its capacity is
-    // rarely its length) and free both when the request is done.
-    Some(crate::proxy::headers::made::value(v.as_bytes()).ok_or(InvalidValue))
+    // Rendered into the thread's scratch text (no allocation and free per
+    // value), then cut from the thread's block of made values: a value of
+    // a rendered `String` itself would take a second allocation (its
+    // capacity is rarely its length).
+    let made = |v: &str| {
+        (!v.is_empty())
+            .then(|| crate::proxy::headers::made::value(v.as_bytes()).ok_or(InvalidValue))
+    };
+    RENDERED
+        .try_with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            vars.render_to(value, &mut scratch);
+            let v = made(&scratch);
+            if scratch.capacity() > SCRATCH_KEPT {
+                *scratch = String::new();
+            }
+            v
+        })
+        .unwrap_or_else(|_| made(&vars.render(value)))
 }
+
+thread_local! {
+    /// [`built_value`]'s scratch text.
+    static RENDERED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+/// A scratch text grown past this (a long claim) is let go after its use.
+const SCRATCH_KEPT: usize = 1024;
 
 /// A rendered header value that is not a valid one (a control character
 /// from a variable): the header is left out.

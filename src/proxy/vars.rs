@@ -43,15 +43,20 @@ impl RequestVars<'_> {
             })
             .sum();
         let mut out = String::with_capacity(size);
+        self.render_to(t, &mut out);
+        out
+    }
+
+    /// [`RequestVars::render`] appended to `out`.
+    pub fn render_to(&self, t: &Template, out: &mut String) {
         for p in &t.pieces {
             match p {
                 Piece::Lit(s) => out.push_str(s),
-                Piece::Var(v) => self.push_var(v, &mut out),
+                Piece::Var(v) => self.push_var(v, out),
                 // Aggregate call references are rendered by the aggregator.
                 Piece::CallRef { .. } => {}
             }
         }
-        out
     }
 
     /// About how long `v`'s value is: exact for the request's own strings.
