@@ -552,8 +552,22 @@ async fn accept_loop(
             return;
         }
     };
+    // The listener's settings as last loaded: each accept compares one
+    // pointer with the current one (a reload swaps them) instead of a
+    // full load of each.
+    let mut limits_now = arc_swap::Cache::new(limits_now);
+    let mut tls_now = arc_swap::Cache::new(tls_now);
+    let mut permits_now = arc_swap::Cache::new(permits_now);
     loop {
+        // Told to stop: asked here (a version compare), so that the select
+        // below can poll the accept first and set up no wait on the stop
+        // signal while connections are ready (it did on every other accept,
+        // its polling order being random).
+        if stopped.has_changed().unwrap_or(true) {
+            return;
+        }
         let accepted = tokio::select! {
+            biased;
             a = listener.accept() => a,
             _ = stopped.changed() => return,
         };
@@ -569,7 +583,7 @@ async fn accept_loop(
         // and this worker accepts nothing more meanwhile: the rest wait in
         // the kernel's accept queue. (Taking the permit after `accept`
         // keeps workers from hoarding permits while idle.)
-        let permit = match permits_now.load_full() {
+        let permit = match permits_now.load().clone() {
             Some(p) => tokio::select! {
                 p = p.acquire_owned() => match p {
                     Ok(p) => Some(p),
@@ -581,7 +595,7 @@ async fn accept_loop(
         };
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
-        let tls_config = tls_now.load_full();
+        let tls_config = tls_now.load().clone();
         let conn = Conn {
             shared: shared.clone(),
             info: ConnInfo {
@@ -595,7 +609,7 @@ async fn accept_loop(
                 peer,
                 tls: tls_config.is_some(),
             },
-            limits: ClientLimits::clone(&limits_now.load()),
+            limits: ClientLimits::clone(limits_now.load()),
             watcher: graceful.watcher(),
         };
         METRICS.connections_active.inc();
