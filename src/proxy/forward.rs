@@ -1696,7 +1696,8 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     // Only the gateway's own: the client's are written from its map.
     let mut headers = super::headers::spare::take_list(8 + settings.proxy_set_header.len());
     let mut skip = Vec::new();
-    let upgrade = if ctx.seen.has(Seen::CONNECTION) {
+    // Only with both `Connection` (listing `upgrade`) and `Upgrade`.
+    let upgrade = if ctx.seen.has(Seen::CONNECTION) && ctx.seen.has(Seen::UPGRADE) {
         upgrade_protocol(&parts.headers)
     } else {
         None
