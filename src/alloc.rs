@@ -35,9 +35,12 @@
 //! the plain blocks carved ones are cut from) are asked of `malloc` with
 //! their size rounded up to a multiple of 16, so that any block of a
 //! rounded size serves any request that rounds to it, and worker threads
-//! keep up to `SMALL_DEPTH` (64) freed blocks of each such size
+//! keep up to `SMALL_DEPTH` (128) freed blocks of each such size
 //! ([`SMALL_BYTES`] in all), in a list threaded through the blocks
-//! themselves. glibc's per-thread cache does the same with 7 blocks a
+//! themselves (64 a size and 256 KiB in all left a tenth of the blocks
+//! of new connections to glibc's slow path at 64 clients: more than 64
+//! connections' tasks and registrations end together there, the new ones
+//! accepted before the old ones' tasks are freed). glibc's per-thread cache does the same with 7 blocks a
 //! size: a worker answering 64 clients at once frees and then allocates
 //! 64 blocks of a size in a row, and past the 7th glibc takes its slow
 //! path both ways (`_int_free`, `_int_malloc`: 3,400 instructions per
@@ -73,10 +76,11 @@ const SMALL_UP_TO: usize = 1024;
 /// The number of small sizes (16, 32, ..., [`SMALL_UP_TO`]).
 const SMALL_CLASSES: usize = SMALL_UP_TO / 16;
 /// How many blocks of one small size a thread keeps (glibc's per-thread
-/// cache keeps 7).
-const SMALL_DEPTH: u32 = 64;
+/// cache keeps 7; 64 here still sent ~400 instructions per new connection
+/// at 64 clients to glibc's slow path).
+const SMALL_DEPTH: u32 = 128;
 /// The most a thread keeps in small blocks, in bytes.
-pub const SMALL_BYTES: usize = 256 * 1024;
+pub const SMALL_BYTES: usize = 512 * 1024;
 /// How many layouts a thread keeps blocks of at once.
 const CLASSES: usize = 4;
 /// How many blocks of one layout a thread keeps: as many as requests or
