@@ -1753,7 +1753,12 @@ fn prepare<'a>(ctx: &ProxyCtx<'_>, p: &ProxyPass, parts: &'a http::request::Part
     headers.push((TRACEPARENT, ctx.trace.header_value()));
     // From here on a name may repeat one above: set, not push.
     if let Some(n) = request_id_name(&settings.request_id_header) {
-        set_own(&mut headers, n, ctx.request_id.clone());
+        if n == X_REQUEST_ID {
+            // The default name is none of those above: added, not looked for.
+            headers.push((n, ctx.request_id.clone()));
+        } else {
+            set_own(&mut headers, n, ctx.request_id.clone());
+        }
     }
     let mut host_override: Option<String> = None;
     for h in &settings.proxy_set_header {
