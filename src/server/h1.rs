@@ -194,18 +194,24 @@ impl Inner {
         std::pin::pin!(fut).poll(cx)
     }
 
-    /// The next request head; `None` when the client closed between
-    /// requests.
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Head>>> {
+    /// The next request head, put in `out` (true); false when the client
+    /// closed between requests. Written into the caller's slot, not
+    /// returned: the head is a few hundred bytes, and each wrapper it would
+    /// be returned in (`Option`, `Result`, `Poll`) is another copy of it.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Option<Head>,
+    ) -> Poll<io::Result<bool>> {
         loop {
             if !self.dec.buf.is_empty() {
                 if self.first && self.dec.buf.starts_with(H2_PREFACE) {
                     self.h2c = true;
-                    return Poll::Ready(Ok(None));
+                    return Poll::Ready(Ok(false));
                 }
-                if let Some(h) = parse_head(&mut self.dec.buf)? {
+                if parse_head_into(&mut self.dec.buf, out)? {
                     self.first = false;
-                    return Poll::Ready(Ok(Some(h)));
+                    return Poll::Ready(Ok(true));
                 }
                 if self.dec.buf.len() > MAX_HEAD {
                     return Poll::Ready(Err(invalid("request head too large")));
@@ -226,7 +232,7 @@ impl Inner {
                 Poll::Ready(Ok(0)) if received => {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -312,7 +318,9 @@ fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error 
 
 /// A parsed request head and what it says about its connection.
 struct Head {
-    parts: http::request::Parts,
+    /// The request, built where it is parsed (its body set by `start`):
+    /// moved from here to the handler, not rebuilt from its parts.
+    req: Request<RequestBody>,
     framing: Framing,
     keep_alive: bool,
     upgrade: bool,
@@ -321,7 +329,16 @@ struct Head {
 
 /// A complete head at the front of `buf`, taken off it; `None` when more
 /// bytes are needed.
+#[cfg(test)]
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
+    let mut out = None;
+    parse_head_into(buf, &mut out)?;
+    Ok(out)
+}
+
+/// A complete head at the front of `buf`, taken off it into `out` (true);
+/// false when more bytes are needed.
+fn parse_head_into(buf: &mut BytesMut, out: &mut Option<Head>) -> io::Result<bool> {
     // The target and every header value share the head's bytes, taken off
     // the read buffer without a copy (the connection lets the buffer go
     // when it next waits, to the thread's spares: see `spare_buf`).
@@ -339,7 +356,7 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
                 .unwrap_or_else(|b| BytesMut::from(&b[..]));
             return match parsed {
                 Err(e) => Err(invalid(e)),
-                _ => Ok(None),
+                _ => Ok(false),
             };
         }
     };
@@ -398,18 +415,20 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
         framing = Framing::Done;
     }
     let http11 = version == Version::HTTP_11;
-    let mut parts = Request::new(()).into_parts().0;
-    parts.method = method;
-    crate::proxy::over_default(&mut parts.uri, uri);
-    parts.version = version;
-    crate::proxy::over_default(&mut parts.headers, map);
-    Ok(Some(Head {
-        parts,
+    // Made in `out` and then filled in (built first and then put there, a
+    // few hundred bytes would be copied).
+    let head = out.insert(Head {
+        req: Request::new(RequestBody::Empty),
         framing,
         keep_alive: if http11 { !close } else { keep_alive_token },
         upgrade: upgrade && http11,
         expect_continue: expect && http11 && framing != Framing::Done,
-    }))
+    });
+    *head.req.method_mut() = method;
+    crate::proxy::over_default(head.req.uri_mut(), uri);
+    *head.req.version_mut() = version;
+    crate::proxy::over_default(head.req.headers_mut(), map);
+    Ok(true)
 }
 
 /// A request body read from its connection as the handler polls it.
@@ -519,10 +538,14 @@ pub fn serve<H: Handler>(
         let stopped_before = *peek.borrow();
         let mut signal = std::pin::pin!(stopping(&mut stop));
         let mut registered: Option<std::task::Waker> = None;
+        // The next head is parsed into this slot and the request is moved
+        // out of it to the handler (see `Inner::poll_head`).
+        let mut next: Option<Head> = None;
         loop {
-            let head = std::future::poll_fn(|cx| {
-                if let Poll::Ready(h) = lock(&conn).poll_head(cx) {
-                    return Poll::Ready(Some(h));
+            let read = std::future::poll_fn(|cx| {
+                let polled = lock(&conn).poll_head(cx, &mut next);
+                if let Poll::Ready(r) = polled {
+                    return Poll::Ready(Some(r));
                 }
                 if let Some(w) = &registered
                     && w.will_wake(cx.waker())
@@ -543,13 +566,15 @@ pub fn serve<H: Handler>(
             // request borrows, are not kept in this future's state while the
             // handler runs.
             let Some(Started {
-                req,
                 upgrade_tx,
                 version,
                 head_request,
                 keep_alive,
-            }) = start(head, &conn)
+            }) = start(read, &mut next, &conn)
             else {
+                break;
+            };
+            let Some(Head { req, .. }) = next.take() else {
                 break;
             };
             let answered = handler.call(req).await;
@@ -632,45 +657,44 @@ pub fn serve<H: Handler>(
 /// A request ready for the handler, and what the loop needs of its head
 /// afterwards.
 struct Started {
-    req: Request<RequestBody>,
     upgrade_tx: Option<oneshot::Sender<Upgraded>>,
     version: Version,
     head_request: bool,
     keep_alive: bool,
 }
 
-/// The request of the head read, its body read from `conn` as the handler
-/// polls it; `None` when the connection ends instead (closed, drained, or a
-/// head that could not be read).
-fn start(head: Option<io::Result<Option<Head>>>, conn: &Shared) -> Option<Started> {
-    let head = match head {
-        None | Some(Ok(None)) => return None,
-        Some(Ok(Some(h))) => h,
+/// Make the request of the head read (in `next`) ready for the handler,
+/// its body read from `conn` as the handler polls it; `None` when the
+/// connection ends instead (closed, drained, or a head that could not be
+/// read).
+fn start(
+    read: Option<io::Result<bool>>,
+    next: &mut Option<Head>,
+    conn: &Shared,
+) -> Option<Started> {
+    match read {
+        None | Some(Ok(false)) => return None,
+        Some(Ok(true)) => {}
         Some(Err(e)) => {
             tracing::debug!(error = %e, "connection ended while reading a request head");
             return None;
         }
-    };
-    let Head {
-        parts,
-        framing,
-        keep_alive,
-        upgrade,
-        expect_continue,
-    } = head;
-    let version = parts.version;
-    let head_request = parts.method == Method::HEAD;
-    let body = if framing == Framing::Done {
-        RequestBody::Empty
-    } else {
+    }
+    let head = next.as_mut()?;
+    let req = &mut head.req;
+    let version = req.version();
+    let head_request = req.method() == Method::HEAD;
+    if head.framing != Framing::Done {
         let mut i = lock(conn);
-        i.body = framing;
-        i.expect = expect_continue.then_some(0);
+        i.body = head.framing;
+        i.expect = head.expect_continue.then_some(0);
         drop(i);
-        RequestBody::H1(H1Body { conn: conn.clone() })
-    };
-    let mut req = Request::from_parts(parts, body);
-    let upgrade_tx = if upgrade {
+        crate::proxy::over_default(
+            req.body_mut(),
+            RequestBody::H1(H1Body { conn: conn.clone() }),
+        );
+    }
+    let upgrade_tx = if head.upgrade {
         let (tx, rx) = oneshot::channel();
         req.extensions_mut().insert(OnUpgrade {
             rx: Arc::new(Mutex::new(Some(rx))),
@@ -680,11 +704,10 @@ fn start(head: Option<io::Result<Option<Head>>>, conn: &Shared) -> Option<Starte
         None
     };
     Some(Started {
-        req,
         upgrade_tx,
         version,
         head_request,
-        keep_alive,
+        keep_alive: head.keep_alive,
     })
 }
 
@@ -1231,7 +1254,7 @@ mod tests {
             use crate::proxy::headers::{head_with_values, invalid_value};
             let head = head_with_values(b"GET / HTTP/1.1\r\nHost: x\r\n", &values);
             if let Ok(Some(h)) = parse_head(&mut BytesMut::from(&head[..])) {
-                proptest::prop_assert_eq!(invalid_value(&h.parts.headers), None);
+                proptest::prop_assert_eq!(invalid_value(h.req.headers()), None);
             }
             // A value with a byte no value may hold (and no CR or LF, which
             // would end its line and leave the rest to be read as more).
@@ -1249,7 +1272,7 @@ mod tests {
     fn heads_say_their_framing_and_keep_alive() {
         let h = parse("GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n").ok().flatten();
         let h = h.expect("a complete head");
-        assert_eq!(h.parts.uri, "/a?b");
+        assert_eq!(*h.req.uri(), "/a?b");
         assert_eq!(h.framing, Framing::Done);
         assert!(h.keep_alive && !h.upgrade && !h.expect_continue);
 
@@ -1284,7 +1307,7 @@ mod tests {
             .ok()
             .flatten()
             .expect("a complete head");
-        assert_eq!(h.parts.headers["content-length"], "3");
+        assert_eq!(h.req.headers()["content-length"], "3");
         assert_eq!(&buf[..], b"abcGET");
     }
 
