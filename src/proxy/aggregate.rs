@@ -126,7 +126,8 @@ async fn one_call(
         std::time::Instant::now(),
     );
     let result = async {
-        let resp = crate::proxy::pool::request(&conn_target, req, None)
+        let (parts, body) = req.into_parts();
+        let resp = crate::proxy::pool::request(&conn_target, &parts, body, None)
             .await
             .map_err(|e| e.to_string())?;
         let status = resp.status();

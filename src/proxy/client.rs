@@ -283,6 +283,10 @@ impl Conn {
     /// neither. Both run on the connection's one timer.
     ///
     /// `answer`: how the response's headers are kept (see [`Answer`]).
+    ///
+    /// The response head is put in `out` (on `Ok`, always), not returned:
+    /// it is a few hundred bytes, and returned it would be copied at every
+    /// layer it passes (and at every `Result` it is wrapped in).
     pub async fn exchange(
         &mut self,
         parts: &http::request::Parts,
@@ -290,11 +294,12 @@ impl Conn {
         body: Body,
         (read_timeout, send_timeout): (Option<std::time::Duration>, Option<std::time::Duration>),
         answer: Answer<'_>,
-    ) -> Result<Head, ProtoError> {
+        out: &mut Option<Head>,
+    ) -> Result<(), ProtoError> {
         let phase = Phase::new(send_timeout);
         if read_timeout.is_none() && send_timeout.is_none() {
             return self
-                .exchange_untimed(parts, pass, body, &phase, answer)
+                .exchange_untimed(parts, pass, body, &phase, answer, out)
                 .await;
         }
         // The timer lives on the connection, which the exchange borrows:
@@ -303,7 +308,7 @@ impl Conn {
         let mut read_deadline = None;
         let r = {
             let mut inner =
-                std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase, answer));
+                std::pin::pin!(self.exchange_untimed(parts, pass, body, &phase, answer, &mut *out));
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inner.as_mut().poll(cx) {
                     return Poll::Ready(r);
@@ -324,9 +329,11 @@ impl Conn {
             .await
         };
         self.timer = timer;
-        let mut head = r?;
-        head.body.read_timeout = read_timeout;
-        Ok(head)
+        r?;
+        if let Some(head) = out.as_mut() {
+            head.body.read_timeout = read_timeout;
+        }
+        Ok(())
     }
 
     async fn exchange_untimed(
@@ -336,7 +343,8 @@ impl Conn {
         body: Body,
         phase: &Phase,
         answer: Answer<'_>,
-    ) -> Result<Head, ProtoError> {
+        out: &mut Option<Head>,
+    ) -> Result<(), ProtoError> {
         let head_request = parts.method == Method::HEAD;
         let written = self.write_request(parts, pass, body, phase).await;
         phase.stall.store(0, Ordering::Relaxed);
@@ -347,14 +355,15 @@ impl Conn {
             // is the better outcome.
             if (matches!(&e, ProtoError::AnsweredEarly)
                 || matches!(&e, ProtoError::Io(io) if gone(io)))
-                && let Ok(mut head) = self.read_head(head_request, answer).await
+                && self.read_head(head_request, answer, out).await.is_ok()
+                && let Some(head) = out.as_mut()
             {
                 head.body.keep_alive = false;
-                return Ok(head);
+                return Ok(());
             }
             return Err(e);
         }
-        self.read_head(head_request, answer).await
+        self.read_head(head_request, answer, out).await
     }
 
     async fn write_request(
@@ -505,12 +514,13 @@ impl Conn {
         &mut self,
         head_request: bool,
         answer: Answer<'_>,
-    ) -> Result<Head, ProtoError> {
+        out: &mut Option<Head>,
+    ) -> Result<(), ProtoError> {
         let mut received = !self.dec.buf.is_empty();
         loop {
             if !self.dec.buf.is_empty() {
-                if let Some(head) = self.dec.parse_head(head_request, answer)? {
-                    return Ok(head);
+                if self.dec.parse_head_into(head_request, answer, out)? {
+                    return Ok(());
                 }
                 if self.dec.buf.len() >= MAX_HEAD {
                     return Err(ProtoError::HeadTooLarge);
@@ -600,11 +610,25 @@ fn poll_timer(
 impl Decoder {
     /// A complete head at the front of the buffer, taken off it; `None`
     /// when more bytes are needed. Interim (1xx) responses are dropped.
+    /// (The fuzz targets' and tests' entry; the proxy's is `parse_head_into`.)
     fn parse_head(
         &mut self,
         head_request: bool,
         answer: Answer<'_>,
     ) -> Result<Option<Head>, ProtoError> {
+        let mut out = None;
+        self.parse_head_into(head_request, answer, &mut out)?;
+        Ok(out)
+    }
+
+    /// As `parse_head`, the head put in `out` (true) rather than returned
+    /// (see [`Conn::exchange`]).
+    fn parse_head_into(
+        &mut self,
+        head_request: bool,
+        answer: Answer<'_>,
+        out: &mut Option<Head>,
+    ) -> Result<bool, ProtoError> {
         loop {
             // Uninitialised slots (see the server's head parser).
             let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -619,14 +643,14 @@ impl Decoder {
                     return Err(ProtoError::HeadTooLarge);
                 }
                 httparse::Status::Complete(len) => len,
-                httparse::Status::Partial => return Ok(None),
+                httparse::Status::Partial => return Ok(false),
             };
             let code = r.code.unwrap_or(0);
             let status = StatusCode::from_u16(code).map_err(|_| ProtoError::Invalid("status"))?;
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 self.buf.advance(len);
                 if self.buf.is_empty() {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 continue;
             }
@@ -669,13 +693,10 @@ impl Decoder {
                 }
             };
             self.buf.advance(len);
-            let mut parts = http::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            super::over_default(&mut parts.headers, map);
             let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-            return Ok(Some(Head {
-                parts,
+            // Made in `out` and then filled in (not built and copied there).
+            let head = out.insert(Head {
+                parts: http::Response::new(()).into_parts().0,
                 raw,
                 body: ResponseBody {
                     framing: if upgrade { Framing::Done } else { framing },
@@ -684,7 +705,11 @@ impl Decoder {
                     read_timeout: None,
                     deadline: None,
                 },
-            }));
+            });
+            head.parts.status = status;
+            head.parts.version = version;
+            super::over_default(&mut head.parts.headers, map);
+            return Ok(true);
         }
     }
 

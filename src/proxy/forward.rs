@@ -1975,8 +1975,8 @@ async fn send(
         let had_body = sent_body.is_some();
         // The request's own map stays empty (no allocation): the gateway's
         // headers go as the list, the client's from its map.
-        let mut up_req = Request::new(sent_body.unwrap_or_else(empty));
-        *up_req.method_mut() = prep.method.clone();
+        let mut up_req = Request::new(()).into_parts().0;
+        up_req.method = prep.method.clone();
         // The last possible try takes the target; earlier ones clone it (a
         // rewritten target's first clone allocates: its bytes were a
         // `String`'s).
@@ -1985,10 +1985,11 @@ async fn send(
         } else {
             target.take()
         };
-        super::over_default(up_req.uri_mut(), uri.ok_or(ProxyError::BadRequest)?);
+        super::over_default(&mut up_req.uri, uri.ok_or(ProxyError::BadRequest)?);
         let result = crate::proxy::pool::request(
             &conn_target,
-            up_req,
+            &up_req,
+            sent_body.unwrap_or_else(empty),
             Some(crate::proxy::client::Passthrough {
                 headers: &prep.client,
                 seen: prep.seen,

@@ -77,7 +77,10 @@ pub async fn probe(
             .header(http::header::USER_AGENT, "tollgate-health-check")
             .body(crate::proxy::forward::full_body(Bytes::new()))
             .ok()?;
-        let resp = crate::proxy::pool::request(&target, req, None).await.ok()?;
+        let (parts, body) = req.into_parts();
+        let resp = crate::proxy::pool::request(&target, &parts, body, None)
+            .await
+            .ok()?;
         let ok = resp.status().is_success() || resp.status().is_redirection();
         let _ = resp.into_body().collect().await;
         Some(ok)

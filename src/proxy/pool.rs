@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use rustls_pki_types::ServerName;
 
@@ -243,8 +243,10 @@ fn checkin(key: Key, mut conn: Conn, keepalive: usize, now: Instant) {
     });
 }
 
-/// Send `req` (origin-form URI, `Host` set) over a pooled or new
-/// connection, with the client's headers `pass` passes on. A pooled
+/// Send the request `parts` and `body` (origin-form URI, `Host` set) over a
+/// pooled or new connection, with the client's headers `pass` passes on.
+/// The head by reference: the exchange only reads it, and a request moved
+/// in would be copied into this future and again out of it. A pooled
 /// connection the upstream closed while it sat idle is skipped; one that
 /// closes as the request goes out is a [`ClientError::Stale`].
 // Not an `async fn`: its arguments would sit in its state twice (the
@@ -252,7 +254,8 @@ fn checkin(key: Key, mut conn: Conn, keepalive: usize, now: Instant) {
 #[allow(clippy::manual_async_fn)] // on purpose, see above
 pub fn request<'a>(
     t: &'a Target<'_>,
-    req: Request<Body>,
+    parts: &'a http::request::Parts,
+    body: Body,
     pass: Option<Passthrough<'a>>,
 ) -> impl std::future::Future<Output = Result<Response<Box<PooledBody>>, ClientError>> + 'a {
     async move {
@@ -278,10 +281,10 @@ pub fn request<'a>(
             // is large; every request's future would carry it.
             None => (Box::pin(connect(t)).await?, false),
         };
-        let (parts, body) = req.into_parts();
+        let mut head = None;
         match conn
             .exchange(
-                &parts,
+                parts,
                 pass,
                 body,
                 (t.read_timeout, t.send_timeout),
@@ -289,34 +292,39 @@ pub fn request<'a>(
                     room: t.response_room,
                     raw: t.raw_response,
                 },
+                &mut head,
             )
             .await
         {
-            Ok(head) => {
-                // Boxed where it is made: the response then moves through
-                // the proxy's layers (and its retries) at the size of a
-                // pointer, not of the body's ~330 bytes, copied at each.
-                let mut body = Box::write(
-                    Box::new_uninit(),
-                    PooledBody {
-                        raw: head.raw,
-                        body: head.body,
-                        conn: Some(conn),
-                        failed: None,
-                        ret: Some(Return {
-                            key: t.key.clone(),
-                            keepalive: t.keepalive,
-                            since: t.now,
-                        }),
-                    },
-                );
-                if body.body.is_upgrade() {
-                    body.ret = None;
-                } else if body.body.is_done() {
-                    body.give_back();
+            // `exchange` puts a head in the slot whenever it says `Ok`.
+            Ok(()) => match head {
+                None => Err(ClientError::Http(ProtoError::Incomplete)),
+                Some(head) => {
+                    // Boxed where it is made: the response then moves through
+                    // the proxy's layers (and its retries) at the size of a
+                    // pointer, not of the body's ~330 bytes, copied at each.
+                    let mut body = Box::write(
+                        Box::new_uninit(),
+                        PooledBody {
+                            raw: head.raw,
+                            body: head.body,
+                            conn: Some(conn),
+                            failed: None,
+                            ret: Some(Return {
+                                key: t.key.clone(),
+                                keepalive: t.keepalive,
+                                since: t.now,
+                            }),
+                        },
+                    );
+                    if body.body.is_upgrade() {
+                        body.ret = None;
+                    } else if body.body.is_done() {
+                        body.give_back();
+                    }
+                    Ok(Response::from_parts(head.parts, body))
                 }
-                Ok(Response::from_parts(head.parts, body))
-            }
+            },
             Err(ProtoError::Timeout) => Err(ClientError::Timeout),
             Err(e) if reused && e.closed_early() => Err(ClientError::Stale(e)),
             Err(e) => Err(ClientError::Http(e)),
