@@ -572,10 +572,19 @@ thread_local! {
 pub fn handle<'a>(
     shared: &'a Shared,
     conn: ConnInfo,
-    mut req: Request<RequestBody>,
+    slot: &'a mut Option<Request<RequestBody>>,
     guard: Option<&'a crate::server::guard::GuardHandle>,
 ) -> Pin<Box<impl std::future::Future<Output = Answered> + 'a>> {
     Box::into_pin(Box::write(Box::new_uninit(), async move {
+        // The request, taken from the caller's slot here, in the box: moved
+        // in as an argument it would be copied into the block and then the
+        // block into the box. (Every caller fills the slot.)
+        let Some(mut req) = slot.take() else {
+            return Answered {
+                resp: error_response(StatusCode::INTERNAL_SERVER_ERROR, "No request", "", ""),
+                raw: None,
+            };
+        };
         let gw = shared.gateway.load_full();
         // Which of the names asked about below the request has (one pass).
         let mut seen = Seen::of(req.headers(), gw.request_id_name.as_ref());

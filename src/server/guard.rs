@@ -1654,7 +1654,7 @@ pub fn serve<'a>(
     guard: &'a GuardHandle,
     shared: &'a Shared,
     conn: ConnInfo,
-    req: Request<RequestBody>,
+    req: &'a mut Option<Request<RequestBody>>,
 ) -> impl std::future::Future<Output = crate::proxy::forward::Answered> + 'a {
     handle(shared, conn, req, Some(guard))
 }

@@ -194,24 +194,25 @@ impl Inner {
         std::pin::pin!(fut).poll(cx)
     }
 
-    /// The next request head, put in `out` (true); false when the client
-    /// closed between requests. Written into the caller's slot, not
-    /// returned: the head is a few hundred bytes, and each wrapper it would
-    /// be returned in (`Option`, `Result`, `Poll`) is another copy of it.
+    /// The next request head: its request put in `out`, what it says about
+    /// the connection returned; `None` when the client closed between
+    /// requests. Written into the caller's slot, not returned: the request
+    /// is a few hundred bytes, and each wrapper it would be returned in
+    /// (`Option`, `Result`, `Poll`) is another copy of it.
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-        out: &mut Option<Head>,
-    ) -> Poll<io::Result<bool>> {
+        out: &mut Option<Request<RequestBody>>,
+    ) -> Poll<io::Result<Option<Said>>> {
         loop {
             if !self.dec.buf.is_empty() {
                 if self.first && self.dec.buf.starts_with(H2_PREFACE) {
                     self.h2c = true;
-                    return Poll::Ready(Ok(false));
+                    return Poll::Ready(Ok(None));
                 }
-                if parse_head_into(&mut self.dec.buf, out)? {
+                if let Some(said) = parse_head_into(&mut self.dec.buf, out)? {
                     self.first = false;
-                    return Poll::Ready(Ok(true));
+                    return Poll::Ready(Ok(Some(said)));
                 }
                 if self.dec.buf.len() > MAX_HEAD {
                     return Poll::Ready(Err(invalid("request head too large")));
@@ -232,7 +233,7 @@ impl Inner {
                 Poll::Ready(Ok(0)) if received => {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
@@ -316,11 +317,21 @@ fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error 
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// A parsed request head and what it says about its connection.
+/// A parsed request head and what it says about its connection (the
+/// tests' view: the connection parses the request into its slot and keeps
+/// the rest as [`Said`]).
+#[cfg(test)]
 struct Head {
-    /// The request, built where it is parsed (its body set by `start`):
-    /// moved from here to the handler, not rebuilt from its parts.
     req: Request<RequestBody>,
+    framing: Framing,
+    keep_alive: bool,
+    upgrade: bool,
+    expect_continue: bool,
+}
+
+/// What a request head says about its connection.
+#[derive(Clone, Copy)]
+struct Said {
     framing: Framing,
     keep_alive: bool,
     upgrade: bool,
@@ -331,14 +342,25 @@ struct Head {
 /// bytes are needed.
 #[cfg(test)]
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Head>> {
-    let mut out = None;
-    parse_head_into(buf, &mut out)?;
-    Ok(out)
+    let mut req = None;
+    let said = parse_head_into(buf, &mut req)?;
+    Ok(said.zip(req).map(|(said, req)| Head {
+        req,
+        framing: said.framing,
+        keep_alive: said.keep_alive,
+        upgrade: said.upgrade,
+        expect_continue: said.expect_continue,
+    }))
 }
 
-/// A complete head at the front of `buf`, taken off it into `out` (true);
-/// false when more bytes are needed.
-fn parse_head_into(buf: &mut BytesMut, out: &mut Option<Head>) -> io::Result<bool> {
+/// A complete head at the front of `buf`, taken off it: its request put in
+/// `out` (built there: not built and then copied, a few hundred bytes), and
+/// what it says about the connection returned; `None` when more bytes are
+/// needed.
+fn parse_head_into(
+    buf: &mut BytesMut,
+    out: &mut Option<Request<RequestBody>>,
+) -> io::Result<Option<Said>> {
     // The target and every header value share the head's bytes, taken off
     // the read buffer without a copy (the connection lets the buffer go
     // when it next waits, to the thread's spares: see `spare_buf`).
@@ -356,7 +378,7 @@ fn parse_head_into(buf: &mut BytesMut, out: &mut Option<Head>) -> io::Result<boo
                 .unwrap_or_else(|b| BytesMut::from(&b[..]));
             return match parsed {
                 Err(e) => Err(invalid(e)),
-                _ => Ok(false),
+                _ => Ok(None),
             };
         }
     };
@@ -415,20 +437,17 @@ fn parse_head_into(buf: &mut BytesMut, out: &mut Option<Head>) -> io::Result<boo
         framing = Framing::Done;
     }
     let http11 = version == Version::HTTP_11;
-    // Made in `out` and then filled in (built first and then put there, a
-    // few hundred bytes would be copied).
-    let head = out.insert(Head {
-        req: Request::new(RequestBody::Empty),
+    let req = out.insert(Request::new(RequestBody::Empty));
+    *req.method_mut() = method;
+    crate::proxy::over_default(req.uri_mut(), uri);
+    *req.version_mut() = version;
+    crate::proxy::over_default(req.headers_mut(), map);
+    Ok(Some(Said {
         framing,
         keep_alive: if http11 { !close } else { keep_alive_token },
         upgrade: upgrade && http11,
         expect_continue: expect && http11 && framing != Framing::Done,
-    });
-    *head.req.method_mut() = method;
-    crate::proxy::over_default(head.req.uri_mut(), uri);
-    *head.req.version_mut() = version;
-    crate::proxy::over_default(head.req.headers_mut(), map);
-    Ok(true)
+    }))
 }
 
 /// A request body read from its connection as the handler polls it.
@@ -498,10 +517,12 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
 /// time: no reference counts taken and dropped per request, and no
 /// closure's future around the pipeline's.
 pub trait Handler {
-    fn call(
-        &mut self,
-        req: Request<RequestBody>,
-    ) -> impl Future<Output = crate::proxy::forward::Answered> + '_;
+    /// Answer the request in `req` (the handler takes it out of the slot:
+    /// moved in by value it would be copied into each future on the way).
+    fn call<'s>(
+        &'s mut self,
+        req: &'s mut Option<Request<RequestBody>>,
+    ) -> impl Future<Output = crate::proxy::forward::Answered> + 's;
 }
 
 /// Serve HTTP/1 on `io` until the client closes, a response ends the
@@ -538,9 +559,9 @@ pub fn serve<H: Handler>(
         let stopped_before = *peek.borrow();
         let mut signal = std::pin::pin!(stopping(&mut stop));
         let mut registered: Option<std::task::Waker> = None;
-        // The next head is parsed into this slot and the request is moved
-        // out of it to the handler (see `Inner::poll_head`).
-        let mut next: Option<Head> = None;
+        // The next request is parsed into this slot and the handler takes
+        // it from there (see `Inner::poll_head`).
+        let mut next: Option<Request<RequestBody>> = None;
         loop {
             let read = std::future::poll_fn(|cx| {
                 let polled = lock(&conn).poll_head(cx, &mut next);
@@ -574,10 +595,7 @@ pub fn serve<H: Handler>(
             else {
                 break;
             };
-            let Some(Head { req, .. }) = next.take() else {
-                break;
-            };
-            let answered = handler.call(req).await;
+            let answered = handler.call(&mut next).await;
             let mut keep = keep_alive
                 && !stopped_before
                 && !(peek.has_changed().unwrap_or(true) && *peek.borrow());
@@ -668,20 +686,19 @@ struct Started {
 /// connection ends instead (closed, drained, or a head that could not be
 /// read).
 fn start(
-    read: Option<io::Result<bool>>,
-    next: &mut Option<Head>,
+    read: Option<io::Result<Option<Said>>>,
+    next: &mut Option<Request<RequestBody>>,
     conn: &Shared,
 ) -> Option<Started> {
-    match read {
-        None | Some(Ok(false)) => return None,
-        Some(Ok(true)) => {}
+    let head = match read {
+        None | Some(Ok(None)) => return None,
+        Some(Ok(Some(said))) => said,
         Some(Err(e)) => {
             tracing::debug!(error = %e, "connection ended while reading a request head");
             return None;
         }
-    }
-    let head = next.as_mut()?;
-    let req = &mut head.req;
+    };
+    let req = next.as_mut()?;
     let version = req.version();
     let head_request = req.method() == Method::HEAD;
     if head.framing != Framing::Done {

@@ -747,10 +747,10 @@ struct Pipeline {
 }
 
 impl h1::Handler for Pipeline {
-    fn call(
-        &mut self,
-        req: hyper::Request<crate::proxy::body::RequestBody>,
-    ) -> impl std::future::Future<Output = crate::proxy::forward::Answered> + '_ {
+    fn call<'s>(
+        &'s mut self,
+        req: &'s mut Option<hyper::Request<crate::proxy::body::RequestBody>>,
+    ) -> impl std::future::Future<Output = crate::proxy::forward::Answered> + 's {
         guard::serve(&self.guard, &self.shared, self.info, req)
     }
 }
@@ -801,9 +801,10 @@ impl Conn {
             let (shared, guard) = (shared.clone(), guard.clone());
             let req = req.map(crate::proxy::body::RequestBody::Hyper);
             async move {
+                let mut req = Some(req);
                 let answered = match &guard {
-                    Some(gh) => guard::serve(gh, &shared, info, req).await,
-                    None => crate::proxy::forward::handle(&shared, info, req, None).await,
+                    Some(gh) => guard::serve(gh, &shared, info, &mut req).await,
+                    None => crate::proxy::forward::handle(&shared, info, &mut req, None).await,
                 };
                 // Passed-through header lines are for HTTP/1's writer (an
                 // HTTP/2 request never asks for them): back into the map.
