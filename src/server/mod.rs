@@ -74,7 +74,25 @@ pub fn load(
     generation: u64,
     previous: Option<&Gateway>,
 ) -> Result<Gateway, ServeError> {
-    let (config, loaded, diags) = load_config(path).map_err(|source| ServeError::Read {
+    compile_loaded(path, load_config(path), generation, previous)
+}
+
+/// The rest of [`load`], for a config already read and validated (by
+/// [`load_config`]).
+fn compile_loaded(
+    path: &Path,
+    read: Result<
+        (
+            Option<crate::config::model::Config>,
+            crate::config::parse::Loaded,
+            crate::config::diagnostics::Diagnostics,
+        ),
+        std::io::Error,
+    >,
+    generation: u64,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, ServeError> {
+    let (config, loaded, diags) = read.map_err(|source| ServeError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -108,11 +126,14 @@ fn log_warnings(diags: &Diagnostics, sources: &crate::config::source::SourceMap)
 
 /// Run the gateway until SIGTERM/SIGINT. Returns the process exit code.
 pub fn run(path: &Path) -> Result<i32, ServeError> {
-    // The thread count comes from the config, so read it once up front; the
-    // real load happens inside the runtime (policies may start tasks).
-    let threads = load_config(path)
+    // The thread count comes from the config: read and validated once, up
+    // front; compiled inside the runtime (policies may start tasks). (Read
+    // twice, a config of 10,000 locations took twice as long to serve.)
+    let read = load_config(path);
+    let threads = read
+        .as_ref()
         .ok()
-        .and_then(|(c, _, _)| c)
+        .and_then(|(c, _, _)| c.as_ref())
         .and_then(|c| c.worker_threads)
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -133,7 +154,9 @@ pub fn run(path: &Path) -> Result<i32, ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     let code = rt.block_on(async {
-        let gw = load(path, 1, None)?;
+        let gw = compile_loaded(path, read, 1, None)?;
+        memory::set_enabled(gw.config.memory_trim);
+        memory::after_load();
         serve(path.to_path_buf(), gw).await
     });
     workers.stop();
@@ -329,7 +352,9 @@ async fn serve(path: PathBuf, gw: Gateway) -> Result<i32, ServeError> {
         };
         generation += 1;
         let prev = shared.gateway.load_full();
-        match load(&path, generation, Some(&prev)) {
+        let loaded = load(&path, generation, Some(&prev));
+        memory::after_load();
+        match loaded {
             Ok(new) => {
                 let want = limits_by_addr(&new.config);
                 let mut bind_error = None;
