@@ -221,10 +221,9 @@ impl Walker<'_> {
     fn arg(&mut self, p: Pair<Rule>) -> Arg {
         let span = self.span(&p);
         let raw = p.as_str().to_string();
-        let inner = p.into_inner().next();
-        match inner {
-            Some(q) if q.as_rule() == Rule::quoted => {
-                let qs = q.into_inner().next();
+        match p.as_rule() {
+            Rule::quoted => {
+                let qs = p.into_inner().next();
                 let (quote, body, unterminated) = match qs {
                     Some(x) => {
                         let quote = if x.as_rule() == Rule::dquoted {
@@ -283,8 +282,15 @@ impl Walker<'_> {
         let mut end = End::Missing;
         for q in p.into_inner() {
             match q.as_rule() {
-                Rule::head => head = Some(self.arg(q)),
-                Rule::arg => args.push(self.arg(q)),
+                // The first is the name (`head`), the others its arguments.
+                Rule::word | Rule::quoted => {
+                    let a = self.arg(q);
+                    if head.is_none() {
+                        head = Some(a);
+                    } else {
+                        args.push(a);
+                    }
+                }
                 Rule::COMMENT => self.comment(&q),
                 Rule::semi => end = End::Semi,
                 Rule::missing_semi => end = End::Missing,
