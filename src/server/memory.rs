@@ -23,8 +23,8 @@
 //! worker: it walks the arenas under their locks (about a millisecond for
 //! tens of MiB), so a worker allocating meanwhile waits that long at most.
 //! `memory_trim off;` (top level) turns it off; a reload applies it.
-//! The same trim follows every config load ([`after_load`]): parsing a
-//! large config frees far more than the compiled config keeps.
+//! The same trim follows every config load ([`dispose_after_load`]):
+//! parsing a large config frees far more than the compiled config keeps.
 //! Counted in `gateway_memory_trims_total` and
 //! `gateway_memory_released_bytes_total` (resident bytes before minus
 //! after). Built with mimalloc (`--features mimalloc`) the worker whose
@@ -97,30 +97,55 @@ impl Drop for InFlight {
     }
 }
 
-/// Give back what loading a config freed. Parsing builds a token queue and
-/// a syntax tree far larger than the compiled config (a config of 10,000
-/// locations peaked at ~40 MiB of heap for ~10 MiB kept), and glibc keeps
-/// the freed pages: without this the process stayed at the load's peak
-/// for as long as it ran. Called on the thread that loaded (startup and
-/// every reload, applied or rejected); with mimalloc that thread's heap is
-/// the one that holds the freed pages. `memory_trim off;` turns it off with
-/// the trim after bursts.
-pub fn after_load() {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return;
-    }
+/// Whether the trims are on (`memory_trim` of the config being served).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Drop what a config load leaves behind (its syntax tree and sources)
+/// and give back what parsing freed (`trim`: `memory_trim` of the config
+/// that will be served). Parsing builds a token queue and a syntax tree
+/// far larger than the compiled config (a config of 10,000 locations
+/// peaked at ~40 MiB of heap for ~10 MiB kept), and glibc keeps freed
+/// pages: without the trim the process stayed at the load's peak for as
+/// long as it ran. With glibc both happen on a thread of their own, off
+/// the load's path (dropping that tree took 10–15 ms); with mimalloc on
+/// the loading thread, whose heap holds the freed pages.
+pub fn dispose_after_load<T: Send + 'static>(garbage: T, trim: bool) {
     #[cfg(not(feature = "mimalloc"))]
-    released(release);
-    #[cfg(feature = "mimalloc")]
-    released(|| {
-        // SAFETY: as in `mi::collect_soon`: no pointer, no precondition;
-        // it collects the calling thread's heap.
-        #[allow(unsafe_code)]
-        unsafe {
-            libmimalloc_sys::mi_collect(true);
+    {
+        let spawned = std::thread::Builder::new()
+            .name("tollgate-unload".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                drop(garbage);
+                if trim {
+                    released(release);
+                }
+            });
+        if let Err(e) = spawned {
+            // The closure (and the garbage with it) is dropped already.
+            tracing::warn!(error = %e, "cannot start a thread to give memory back; trimming here");
+            if trim {
+                released(release);
+            }
         }
-        true
-    });
+    }
+    #[cfg(feature = "mimalloc")]
+    {
+        drop(garbage);
+        if trim {
+            released(|| {
+                // SAFETY: as in `mi::collect_soon`: no pointer, no
+                // precondition; it collects the calling thread's heap.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libmimalloc_sys::mi_collect(true);
+                }
+                true
+            });
+        }
+    }
 }
 
 /// The counter after one request ended, and whether a burst just did.
