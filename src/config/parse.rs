@@ -324,7 +324,7 @@ impl Walker<'_> {
         }
         let Some(head) = head else { return };
         let mut d = Directive {
-            name: head.text(),
+            name: head.value,
             name_span: head.span,
             args,
             block,
@@ -342,7 +342,7 @@ impl Walker<'_> {
             let mut rest = rest.into_iter();
             let Some(new_head) = rest.next() else { break };
             let next = Directive {
-                name: new_head.text(),
+                name: new_head.value,
                 name_span: new_head.span,
                 args: rest.collect(),
                 block: d.block.take(),
